@@ -1,0 +1,32 @@
+"""fusejax: FuseLLM knowledge fusion in JAX/Flax NNX.
+
+Where things live (read top-down):
+  config.py           typed, frozen run configuration; YAML with `base:` inheritance; dotted overrides
+  cli.py              the `fusejax` console command, one subcommand per stage
+  sharding.py         logical axis names -> mesh axes (`data`, `fsdp`, `tensor`): the one rules table
+  tokenizer.py        load_tokenizer (ids equal to each model's own tokenizer), word-start markers, fingerprints
+  models/             Flax NNX decoder models (Llama family, GPT-NeoX, MPT, GPT-2) and HF checkpoint I/O
+
+Public names are imported lazily so that host-only modules (tokenizer, alignment) never pull in JAX.
+"""
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "load_pretrained": "fusejax.models.hf_io",
+    "save_pretrained": "fusejax.models.hf_io",
+    "load_tokenizer": "fusejax.tokenizer",
+    "make_mesh": "fusejax.sharding",
+    "load_config": "fusejax.config",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'fusejax' has no attribute {name!r}")
