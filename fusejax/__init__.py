@@ -6,6 +6,9 @@ Where things live (read top-down):
   sharding.py         logical axis names -> mesh axes (`data`, `fsdp`, `tensor`): the one rules table
   tokenizer.py        load_tokenizer (ids equal to each model's own tokenizer), word-start markers, fingerprints
   models/             Flax NNX decoder models (Llama family, GPT-NeoX, MPT, GPT-2) and HF checkpoint I/O
+  represent.py        stage: top-k logits and cross-entropy of each source model on the corpus
+  fusion.py           the sparse fusion loss (MinCE / AvgCE) inside jax.jit
+  train.py            fused continual training: jitted sharded step, deterministic data, Orbax checkpoints
 
 Public names are imported lazily so that host-only modules (tokenizer, alignment) never pull in JAX.
 """
@@ -21,6 +24,9 @@ _EXPORTS = {
     "load_tokenizer": "fusejax.tokenizer",
     "make_mesh": "fusejax.sharding",
     "load_config": "fusejax.config",
+    "fusion_loss": "fusejax.fusion",
+    "lm_weight_schedule": "fusejax.fusion",
+    "extract_topk": "fusejax.represent",
 }
 
 __all__ = sorted(_EXPORTS)
