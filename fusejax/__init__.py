@@ -4,7 +4,7 @@ Where things live (read top-down):
   config.py           typed, frozen run configuration; YAML with `base:` inheritance; dotted overrides
   cli.py              the `fusejax` console command, one subcommand per stage
   sharding.py         logical axis names -> mesh axes (`data`, `fsdp`, `tensor`): the one rules table
-  tokenizer.py        load_tokenizer (ids equal to each model's own tokenizer), word-start markers, fingerprints
+  tokenizer.py        load_tokenizer (ids equal to each model's own tokenizer), tokenizer fingerprints
   models/             Flax NNX decoder models (Llama family, GPT-NeoX, MPT, GPT-2) and HF checkpoint I/O
   represent.py        stage: top-k logits and cross-entropy of each source model on the corpus
   fusion.py           the sparse fusion loss (MinCE / AvgCE) inside jax.jit
