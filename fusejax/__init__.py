@@ -6,6 +6,7 @@ Where things live (read top-down):
   sharding.py         logical axis names -> mesh axes (`data`, `fsdp`, `tensor`): the one rules table
   tokenizer.py        load_tokenizer (ids equal to each model's own tokenizer), tokenizer fingerprints
   models/             Flax NNX decoder models (Llama family, GPT-NeoX, MPT, GPT-2) and HF checkpoint I/O
+  align.py            host-side vocab maps (MinED/exact) and token alignment (DTW), numpy only
   represent.py        stage: top-k logits and cross-entropy of each source model on the corpus
   fusion.py           the sparse fusion loss (MinCE / AvgCE) inside jax.jit
   train.py            fused continual training: jitted sharded step, deterministic data, Orbax checkpoints
@@ -27,6 +28,10 @@ _EXPORTS = {
     "fusion_loss": "fusejax.fusion",
     "lm_weight_schedule": "fusejax.fusion",
     "extract_topk": "fusejax.represent",
+    "vocab_map": "fusejax.align",
+    "vocab_map_summary": "fusejax.align",
+    "align_tokens": "fusejax.align",
+    "align_topk": "fusejax.align",
 }
 
 __all__ = sorted(_EXPORTS)
