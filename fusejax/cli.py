@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from fusejax import __version__
 from fusejax.config import ConfigError, iter_fields, load_config, to_yaml
+from fusejax.distributed import initialize
 
 # stage subcommand -> ("module:function", help). The function takes the resolved Config and returns None or an
 # exit code. Add one entry when a stage's module lands (none are listed before their module exists).
@@ -90,6 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = _resolve(DEMO)(args.output)
         else:
             cfg = _config_from(args)
+            initialize()  # join the other processes of a pod / cluster before any JAX use
             result = _resolve(STAGES[args.command][0])(cfg)
     except ConfigError as e:
         print(f"fusejax: error: {e}", file=sys.stderr)
