@@ -22,7 +22,10 @@ from fusejax.distributed import initialize
 
 # stage subcommand -> ("module:function", help). The function takes the resolved Config and returns None or an
 # exit code. Add one entry when a stage's module lands (none are listed before their module exists).
-STAGES: dict[str, tuple[str, str]] = {}
+STAGES: dict[str, tuple[str, str]] = {
+    "prepare": ("fusejax.corpus:run", "cut the corpus into blocks of target tokens (writes <output_dir>/corpus)"),
+    "represent": ("fusejax.represent:run", "top-k logits and CE of every source model (writes <output_dir>/represent)"),
+}
 
 DEMO = "fusejax.demo:main"
 

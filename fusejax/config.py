@@ -90,7 +90,6 @@ class CorpusConfig:
     txt_split: Literal["file", "blank_line"] = opt("file", "txt documents: one per file, or split at blank lines")
     block_size: int = opt(2048, "target-model tokens per training block", POSITIVE)
     holdout_fraction: float = opt(0.0, "fraction of documents held out for evaluation", HOLDOUT)
-    max_docs: int | None = opt(None, "read at most this many documents; null: all", POSITIVE)
 
 
 @section

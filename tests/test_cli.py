@@ -57,7 +57,7 @@ def test_fields_lists_every_field(capsys):
         assert f"\n    {help_text}\n" in out
     assert "train.lr: float = 1e-05\n" in out
     assert "train.fusion: 'min_ce' | 'avg_ce' | 'avg_ce_norm' = \"min_ce\"\n" in out
-    assert "corpus.max_docs: int | null = null\n" in out
+    assert "corpus.holdout_fraction: float = 0.0\n" in out
 
 
 @pytest.mark.parametrize(

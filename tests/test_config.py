@@ -133,7 +133,6 @@ def test_overrides_parse_yaml_scalars_by_type():
             "train.steps=100",
             "train.clip_norm=2",  # int accepted for float
             "vocab_map.co_occurrence=true",
-            "corpus.max_docs=null",
             "train.fusion=avg_ce",
             "run.name=2024",  # a string setting keeps the text
             "corpus.inputs=[a.txt, b.jsonl]",
@@ -141,7 +140,7 @@ def test_overrides_parse_yaml_scalars_by_type():
     )
     assert cfg.train.lr == 2e-5 and isinstance(cfg.train.lr, float)
     assert cfg.train.steps == 100 and cfg.train.clip_norm == 2.0 and isinstance(cfg.train.clip_norm, float)
-    assert cfg.vocab_map.co_occurrence is True and cfg.corpus.max_docs is None
+    assert cfg.vocab_map.co_occurrence is True
     assert cfg.train.fusion == "avg_ce" and cfg.run.name == "2024"
     assert cfg.corpus.inputs == ("a.txt", "b.jsonl")
 

@@ -1,0 +1,524 @@
+"""Corpus preparation: local documents -> blocks of at most ``block_size`` target tokens in a store.
+
+Host-only (no JAX). :func:`prepare_corpus` reads documents one at a time, cuts each into blocks of text and
+writes them to a store of kind ``"corpus"`` (see :mod:`fusejax.store`). Every later stage (source top-k,
+alignment, training) tokenizes exactly a block's ``text``, so all models see the same characters.
+
+Inputs (``fmt="auto"`` decides per path; a folder that is no dataset is searched recursively, sorted, for
+``.txt`` / ``.jsonl`` / ``.parquet`` files, hidden ones ignored):
+
+* ``.txt``: the whole file is one document (``txt_split="file"``), or each run of non-blank lines is one
+  (``txt_split="blank_line"``; a blank line is empty or whitespace-only; the last line ending is dropped);
+* ``.jsonl``: one JSON object per line, the document in ``text_field``;
+* ``.parquet``: column ``text_field`` (string or binary);
+* a Hugging Face ``datasets.save_to_disk`` folder (``state.json``, or ``dataset_dict.json`` + one folder
+  per split), read from its Arrow files with pyarrow, splits in the listed order;
+* a TFDS prepared folder (``features.json`` + ``dataset_info.json``), through
+  ``tfds.builder_from_directory(...).as_data_source()``, splits sorted (needs the ``tfds`` extra).
+
+Document ids: ``<name>:<index>``, where ``<name>`` is the path relative to the folder that holds the given
+input (plus ``/<split>`` for datasets) and ``<index>`` the 0-based record / line / blank-line-block index.
+
+Bad documents are skipped and counted by reason in the summary, never dropped silently: ``empty``
+(empty, whitespace-only or null), ``invalid_utf8`` (bytes that are not UTF-8, or a string with lone
+surrogates), ``invalid_json`` (a ``.jsonl`` line that is not a JSON object). The first ``max_warnings``
+are logged with file and record. A record without ``text_field`` or with a non-text value raises.
+
+Cutting: the document is tokenized once with character offsets; a block ends where a token ends, never
+inside a character (tokens whose offsets overlap are not separated). Characters no token's offsets cover
+(whitespace that byte-level tokenizers trim from offsets) go to the next block, whose first token they
+usually lead. Blocks cover the document exactly: block ``k`` is ``text[start_k:end_k]``,
+``end_k = start_{k+1}``, the last one ends at the end of the text. Among the last ``boundary_window`` token boundaries before the limit (at most half the block),
+a cut right after a newline is preferred, then one next to whitespace, the latest one in each class.
+Each block is then tokenized on its own (tokenization is not concatenation-stable); if it has more than
+``block_size`` tokens the cut moves back by the excess and is retried. ``n_tokens`` is that count.
+
+Store fields: ``id`` (int64 block id: the first 8 bytes, little-endian signed, of
+``sha256(f"{doc_id}\\0{start}\\0{end}")``),
+``doc_id`` (str), ``span`` (int64 [2], start/end in Unicode code points of the document), ``text`` (UTF-8
+bytes), ``n_tokens`` (int32), ``n_bytes`` (int64), ``split`` (uint8 index into ``SPLITS``). A document
+goes wholly to ``heldout`` when the hash of (seed, document id) falls below ``holdout_fraction``.
+
+Resume / idempotence: the store meta holds the target tokenizer fingerprint, the cutting parameters and
+the inputs (name, format, size in bytes); a rerun with other values is refused. A rerun reads the inputs
+again but does not tokenize documents whose blocks are all complete, checks that regenerated blocks of
+the last complete document match the stored ids, and writes only the missing blocks; an interrupted and
+resumed run gives a byte-identical store. Memory holds one document and one shard of blocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+import re
+from collections import Counter, deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fusejax.store import Field, StoreError, StoreWriter, open_store
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "heldout")
+FIELDS = (
+    Field("doc_id", "str"),
+    Field("span", "int64", (2,)),
+    Field("text", "bytes"),
+    Field("n_tokens", "int32"),
+    Field("n_bytes", "int64"),
+    Field("split", "uint8"),
+)
+FORMATS = ("txt", "jsonl", "parquet", "hf", "tfds")
+_SUFFIX_FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
+_SAFE_NAME = re.compile(r"[^/\\]+\Z")
+
+
+@dataclass(frozen=True)
+class _Input:
+    path: Path
+    name: str  # relative name used in document ids
+    fmt: str
+
+
+@dataclass
+class _Record:
+    doc_id: str
+    value: Any  # str, bytes, None, or a _Skip reason
+    where: str  # file and record for messages
+
+
+class _Skip(str):
+    """A reader-level skip reason (e.g. invalid JSON) passed in place of a value."""
+
+
+def block_id(doc_id: str, start: int, end: int) -> int:
+    """Stable int64 id of the block ``[start, end)`` (code points) of document ``doc_id``."""
+    digest = hashlib.sha256(f"{doc_id}\x00{start}\x00{end}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little", signed=True)
+
+
+def is_heldout(doc_id: str, seed: int, fraction: float) -> bool:
+    """Whether document ``doc_id`` goes to the held-out split (deterministic in seed and id)."""
+    digest = hashlib.sha256(f"{seed}\x00{doc_id}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") / 2.0**64 < fraction
+
+
+def _count_tokens(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+
+def split_document(text: str, tokenizer, block_size: int, *, boundary_window: int = 32) -> list[tuple[int, int, int]]:
+    """Cut ``text`` into blocks of <= ``block_size`` tokens of ``tokenizer`` (rules in the module docstring).
+
+    Returns ``[(start, end, n_tokens)]``: code-point spans covering the text in order, and each block's
+    token count when tokenized alone (no special tokens). Raises ValueError if no valid cut exists.
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    except NotImplementedError as err:
+        raise TypeError(f"{type(tokenizer).__name__}: corpus preparation needs a fast tokenizer with offsets") from err
+    starts = [s for s, _ in enc["offset_mapping"]]
+    ends = [e for _, e in enc["offset_mapping"]]
+    n = len(starts)
+
+    def score(j: int) -> int:
+        """2: the cut follows a newline; 1: it touches whitespace; 0: otherwise."""
+        p = ends[j - 1]
+        return 2 if text[p - 1] == "\n" else int(text[p - 1].isspace() or text[p].isspace())
+
+    def cut(c: int, i: int, hi: int) -> tuple[int, int]:
+        """Token index j in (i, i + hi] and char position p of the cut ending a block that starts at (c, i)."""
+        if i + hi == n:
+            return n, len(text)
+        window_lo = i + hi - min(boundary_window, hi // 2)
+        best = None
+        for j in range(i + hi, i, -1):
+            if c < ends[j - 1] <= starts[j]:  # a boundary between characters
+                if j <= window_lo:
+                    best = best or j  # nothing valid in the window: the latest valid boundary
+                    break
+                if best is None or score(j) > score(best):
+                    best = j
+        if best is None:
+            raise ValueError(
+                f"cannot cut a block of <= {block_size} tokens at character {c}: no token boundary between "
+                f"characters in the next {hi} tokens (block_size too small for this text)"
+            )
+        return best, ends[best - 1]
+
+    blocks: list[tuple[int, int, int]] = []
+    c, i = 0, 0
+    while c < len(text):
+        hi = min(block_size, n - i)
+        while True:
+            j, p = cut(c, i, hi)
+            m = _count_tokens(tokenizer, text[c:p])
+            if m <= block_size:
+                break
+            hi = (j - i) - max(1, m - block_size)  # on its own the block has more tokens: move the cut back
+            if hi < 1:
+                raise ValueError(
+                    f"cannot cut a block of <= {block_size} tokens at character {c}: even one token's text "
+                    f"tokenizes to {m} tokens on its own"
+                )
+        blocks.append((c, p, m))
+        c, i = p, j
+    return blocks
+
+
+def _expand_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], fmt: str) -> list[_Input]:
+    if fmt != "auto" and fmt not in FORMATS:
+        raise ValueError(f"fmt {fmt!r} is not 'auto' or one of {FORMATS}")
+    paths = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    if not paths:
+        raise ValueError("prepare_corpus: no inputs given")
+    out: list[_Input] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise FileNotFoundError(f"corpus input {path} does not exist")
+        base_name = path.resolve().name
+        kind = _dataset_kind(path) if path.is_dir() else None
+        if path.is_dir() and (fmt in ("hf", "tfds") or (fmt == "auto" and kind)):
+            out.append(_Input(path, base_name, fmt if fmt != "auto" else kind))
+        elif path.is_dir():
+            files = sorted(
+                p for p in path.rglob("*")
+                if p.is_file()
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                and _SUFFIX_FORMATS.get(p.suffix) in ((fmt,) if fmt != "auto" else FORMATS)
+            )
+            if not files:
+                raise ValueError(f"corpus input folder {path} holds no .txt/.jsonl/.parquet files for fmt={fmt!r}")
+            out += [
+                _Input(p, f"{base_name}/{p.relative_to(path).as_posix()}", _SUFFIX_FORMATS[p.suffix]) for p in files
+            ]
+        else:
+            file_fmt = fmt if fmt != "auto" else _SUFFIX_FORMATS.get(path.suffix)
+            if file_fmt not in ("txt", "jsonl", "parquet"):
+                raise ValueError(
+                    f"corpus input {path}: cannot tell the format from suffix {path.suffix!r} "
+                    f"(fmt={fmt!r}; files must be .txt, .jsonl or .parquet)"
+                )
+            out.append(_Input(path, base_name, file_fmt))
+    names = Counter(inp.name for inp in out)
+    dups = sorted(name for name, k in names.items() if k > 1)
+    if dups:
+        raise ValueError(f"corpus inputs have the same relative names {dups}; document ids would collide")
+    return out
+
+
+def _dataset_kind(folder: Path) -> str | None:
+    if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
+        return "hf"
+    if (folder / "features.json").is_file() and (folder / "dataset_info.json").is_file():
+        return "tfds"
+    return None
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file())
+
+
+def _read_txt(inp: _Input, txt_split: str) -> Iterator[_Record]:
+    if txt_split == "file":
+        yield _Record(f"{inp.name}:0", inp.path.read_bytes(), f"{inp.path}")
+        return
+    index, lines = 0, []
+    with open(inp.path, "rb") as f:
+        for line in itertools.chain(f, [b"\n"]):  # a final blank line closes the last block
+            if line.strip():
+                lines.append(line)
+            elif lines:
+                doc = b"".join(lines)
+                doc = doc[:-2] if doc.endswith(b"\r\n") else doc.removesuffix(b"\n")
+                yield _Record(f"{inp.name}:{index}", doc, f"{inp.path} block {index}")
+                index, lines = index + 1, []
+
+
+def _text_of(obj: dict, field: str, where: str) -> Any:
+    if field not in obj:
+        raise KeyError(f"{where}: no field {field!r} (fields: {sorted(obj)[:20]}); set text_field")
+    return obj[field]
+
+
+def _read_jsonl(inp: _Input, text_field: str) -> Iterator[_Record]:
+    with open(inp.path, "rb") as f:
+        for index, line in enumerate(f):
+            where = f"{inp.path} line {index + 1}"
+            doc_id = f"{inp.name}:{index}"
+            try:
+                obj = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                yield _Record(doc_id, _Skip("invalid_utf8"), where)
+                continue
+            except ValueError:
+                yield _Record(doc_id, _Skip("invalid_json" if line.strip() else "empty"), where)
+                continue
+            if not isinstance(obj, dict):
+                yield _Record(doc_id, _Skip("invalid_json"), where)
+                continue
+            yield _Record(doc_id, _text_of(obj, text_field, where), where)
+
+
+def _arrow_column(batch, field: str, where: str):
+    import pyarrow as pa
+
+    if field not in batch.schema.names:
+        raise KeyError(f"{where}: no column {field!r} (columns: {batch.schema.names}); set text_field")
+    column = batch.column(batch.schema.get_field_index(field))
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+            or pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+        raise TypeError(f"{where}: column {field!r} has type {column.type}, expected string or binary")
+    return column.to_pylist()
+
+
+def _read_parquet(inp: _Input, text_field: str) -> Iterator[_Record]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(inp.path)
+    if text_field not in pf.schema_arrow.names:
+        raise KeyError(f"{inp.path}: no column {text_field!r} (columns: {pf.schema_arrow.names}); set text_field")
+    index = 0
+    for batch in pf.iter_batches(batch_size=256, columns=[text_field]):
+        for value in _arrow_column(batch, text_field, str(inp.path)):
+            yield _Record(f"{inp.name}:{index}", value, f"{inp.path} row {index}")
+            index += 1
+
+
+def _read_json_file(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: cannot read JSON: {err}") from None
+
+
+def _safe_child(folder: Path, name: Any, what: str) -> Path:
+    if not isinstance(name, str) or not _SAFE_NAME.match(name) or name in (".", ".."):
+        raise ValueError(f"{folder}: invalid {what} name {name!r}")
+    return folder / name
+
+
+def _read_hf(inp: _Input, text_field: str) -> Iterator[_Record]:
+    import pyarrow as pa
+
+    if (inp.path / "dataset_dict.json").is_file():
+        splits = _read_json_file(inp.path / "dataset_dict.json").get("splits")
+        if not isinstance(splits, list):
+            raise ValueError(f"{inp.path / 'dataset_dict.json'}: no 'splits' list")
+        parts = [(_safe_child(inp.path, s, "split"), f"{inp.name}/{s}") for s in splits]
+    else:
+        parts = [(inp.path, inp.name)]
+    for folder, name in parts:
+        state = _read_json_file(folder / "state.json")
+        files = [_safe_child(folder, f.get("filename") if isinstance(f, dict) else f, "data file")
+                 for f in state.get("_data_files", [])]
+        if not files:
+            raise ValueError(f"{folder / 'state.json'}: no _data_files")
+        index = 0
+        for path in files:
+            with pa.memory_map(str(path)) as source:
+                try:
+                    reader = pa.ipc.open_stream(source)
+                    batches = iter(reader)
+                except pa.ArrowInvalid:
+                    reader = pa.ipc.open_file(source)
+                    batches = (reader.get_batch(k) for k in range(reader.num_record_batches))
+                for batch in batches:
+                    for value in _arrow_column(batch, text_field, str(path)):
+                        yield _Record(f"{name}:{index}", value, f"{path} row {index}")
+                        index += 1
+
+
+def _read_tfds(inp: _Input, text_field: str) -> Iterator[_Record]:
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise ImportError(
+            f"corpus input {inp.path} is a TFDS folder: install the extra with `pip install 'fusejax[tfds]'`"
+        ) from None
+    sources = tfds.builder_from_directory(str(inp.path)).as_data_source()
+    for split in sorted(sources):
+        source = sources[split]
+        for index in range(len(source)):
+            where = f"{inp.path} split {split} record {index}"
+            yield _Record(f"{inp.name}/{split}:{index}", _text_of(source[index], text_field, where), where)
+
+
+def _records(inp: _Input, text_field: str, txt_split: str) -> Iterator[_Record]:
+    if inp.fmt == "txt":
+        return _read_txt(inp, txt_split)
+    if inp.fmt == "jsonl":
+        return _read_jsonl(inp, text_field)
+    if inp.fmt == "parquet":
+        return _read_parquet(inp, text_field)
+    if inp.fmt == "hf":
+        return _read_hf(inp, text_field)
+    return _read_tfds(inp, text_field)
+
+
+def _decode(record: _Record) -> tuple[str | None, str | None]:
+    """(text, None) for a good document, (None, skip reason) for a bad one."""
+    value = record.value
+    if isinstance(value, _Skip):
+        return None, str(value)
+    if value is None:
+        return None, "empty"
+    if isinstance(value, (bytes, bytearray, np.bytes_)):
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            return None, "invalid_utf8"
+    if not isinstance(value, str):
+        raise TypeError(f"{record.where}: document is a {type(value).__name__}, expected text")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return None, "invalid_utf8"
+    return (value, None) if value.strip() else (None, "empty")
+
+
+def prepare_corpus(
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    tokenizer: Any,
+    out_dir: str | os.PathLike,
+    *,
+    block_size: int,
+    fmt: str = "auto",
+    text_field: str = "text",
+    txt_split: str = "file",
+    holdout_fraction: float = 0.0,
+    seed: int = 0,
+    boundary_window: int = 32,
+    rows_per_shard: int = 4096,
+    max_warnings: int = 20,
+) -> dict[str, Any]:
+    """Read ``inputs``, cut documents into blocks of <= ``block_size`` target tokens, write a corpus store.
+
+    ``tokenizer``: a transformers fast tokenizer or a tokenizer folder (``fusejax.tokenizer.load_tokenizer``).
+    Returns ``{"documents", "skipped": {reason: n}, "blocks", "tokens", "bytes", "heldout_blocks",
+    "resumed_blocks"}``; blocks/tokens/bytes count the whole store, ``resumed_blocks`` those found complete.
+    """
+    from fusejax.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+    if txt_split not in ("file", "blank_line"):
+        raise ValueError(f"txt_split must be 'file' or 'blank_line', got {txt_split!r}")
+    if not 0.0 <= holdout_fraction <= 1.0:
+        raise ValueError(f"holdout_fraction must be in [0, 1], got {holdout_fraction}")
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    tok = load_tokenizer(tokenizer)
+    found = _expand_inputs(inputs, fmt)
+    meta = {
+        "tokenizer_fingerprint": tokenizer_fingerprint(tok),
+        "block_size": block_size,
+        "boundary_window": boundary_window,
+        "text_field": text_field,
+        "txt_split": txt_split,
+        "holdout_fraction": holdout_fraction,
+        "seed": seed,
+        "splits": list(SPLITS),
+        "inputs": [{"name": inp.name, "format": inp.fmt, "bytes": _size(inp.path)} for inp in found],
+    }
+    skipped: Counter[str] = Counter()
+    documents = 0
+    with StoreWriter(out_dir, kind="corpus", meta=meta, fields=FIELDS, rows_per_shard=rows_per_shard) as writer:
+        resumed = writer.num_rows
+        last_doc, pending = _resume_point(out_dir, resumed)
+        for inp in found:
+            for record in _records(inp, text_field, txt_split):
+                text, reason = _decode(record)
+                if reason:
+                    skipped[reason] += 1
+                    if sum(skipped.values()) <= max_warnings:
+                        log.warning("skipping %s document at %s", reason, record.where)
+                    continue
+                documents += 1
+                if last_doc is not None:  # resuming: documents before the last complete one are done
+                    if record.doc_id != last_doc:
+                        continue
+                    last_doc = None
+                split = SPLITS.index("heldout" if is_heldout(record.doc_id, seed, holdout_fraction) else "train")
+                for start, end, n_tokens in split_document(text, tok, block_size, boundary_window=boundary_window):
+                    bid = block_id(record.doc_id, start, end)
+                    if pending:  # complete blocks of the last resumed document
+                        stored = pending.popleft()
+                        if stored != bid:
+                            raise StoreError(
+                                f"{out_dir}: a stored block of {record.doc_id} has id {stored}, the inputs now "
+                                f"give {bid} ({record.where}); the store was written from other data"
+                            )
+                        continue
+                    data = text[start:end].encode("utf-8")
+                    writer.add(
+                        bid, doc_id=record.doc_id, span=np.array([start, end], np.int64), text=data,
+                        n_tokens=n_tokens, n_bytes=len(data), split=split,
+                    )
+        if last_doc is not None or pending:
+            raise StoreError(
+                f"{out_dir}: holds {resumed} blocks up to document {last_doc!r} that the inputs do not reproduce"
+            )
+    if sum(skipped.values()) > max_warnings:
+        log.warning("%d more skipped documents not logged", sum(skipped.values()) - max_warnings)
+    store = open_store(out_dir)
+    totals = Counter()
+    for shard in store.shards:
+        totals["tokens"] += int(np.sum(shard.column("n_tokens"), dtype=np.int64))
+        totals["bytes"] += int(np.sum(shard.column("n_bytes"), dtype=np.int64))
+        totals["heldout"] += int(np.count_nonzero(shard.column("split") == SPLITS.index("heldout")))
+    return {
+        "documents": documents,
+        "skipped": dict(sorted(skipped.items())),
+        "blocks": len(store),
+        "tokens": totals["tokens"],
+        "bytes": totals["bytes"],
+        "heldout_blocks": totals["heldout"],
+        "resumed_blocks": resumed,
+    }
+
+
+def _resume_point(out_dir: str | os.PathLike, resumed: int) -> tuple[str | None, deque[int]]:
+    """Document id of the last complete block and the ids of that document's complete blocks, in order."""
+    if not resumed:
+        return None, deque()
+    store = open_store(out_dir)
+    last = store.row(resumed - 1)["doc_id"]
+    first = resumed - 1
+    while first > 0 and store.row(first - 1)["doc_id"] == last:
+        first -= 1
+    return last, deque(int(i) for i in store.ids[first:resumed])
+
+
+def run(cfg) -> dict[str, Any]:
+    """Stage ``prepare``: the corpus store at ``<run.output_dir>/corpus`` cut with the target's tokenizer.
+
+    Returns the :func:`prepare_corpus` summary (also written to ``corpus/summary.json``).
+    """
+    import json
+
+    from fusejax.config import save_resolved
+
+    c = cfg.corpus
+    if not c.inputs:
+        raise ValueError("corpus.inputs is empty: list the files or folders to read")
+    out = Path(cfg.run.output_dir) / "corpus"
+    summary = prepare_corpus(
+        list(c.inputs), cfg.target.tokenizer_path, out, block_size=c.block_size, fmt=c.format,
+        text_field=c.text_field, txt_split=c.txt_split, holdout_fraction=c.holdout_fraction, seed=cfg.run.seed,
+    )
+    if summary["blocks"] == 0:
+        raise ValueError(f"corpus.inputs {list(c.inputs)} gave no blocks (skipped documents: {summary['skipped']})")
+    save_resolved(cfg, out)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    return summary
