@@ -1,0 +1,413 @@
+"""`ModelConfig`: one frozen dataclass describing every supported decoder (Llama/Mistral, GPT-NeoX, MPT, GPT-2).
+
+Architectures differ by fields, not subclasses. :meth:`ModelConfig.from_hf` reads a Hugging Face
+``config.json`` dict (transformers v4 and v5 layouts) and :meth:`ModelConfig.to_hf` writes one that
+transformers v5 loads. Options we do not implement raise :class:`ModelConfigError` naming the file and field.
+
+Remat policies (``remat``), applied per scanned layer with ``jax.checkpoint``:
+  ``none``           no rematerialisation (store every activation)
+  ``full``           save nothing inside a layer; recompute it all in the backward pass
+  ``dots``           save the outputs of matrix multiplications (``jax.checkpoint_policies.dots_saveable``)
+  ``dots_no_batch``  save matmul outputs without batch dimensions (``dots_with_no_batch_dims_saveable``)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+ARCHS = ("llama", "gpt_neox", "mpt", "gpt2")
+# Hugging Face model_type -> our arch
+HF_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "gpt_neox": "gpt_neox", "mpt": "mpt", "gpt2": "gpt2"}
+HF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "gpt_neox": "GPTNeoXForCausalLM",
+    "mpt": "MptForCausalLM",
+    "gpt2": "GPT2LMHeadModel",
+}
+NORMS = ("rms", "layer")
+POSITIONS = ("rope", "alibi", "learned")
+MLPS = ("gated", "plain")  # gated: act(x W_gate) * (x W_up) (SwiGLU); plain: act(x W_up)
+# Hugging Face activation names we implement (see transformer.ACTIVATIONS)
+ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ModelConfigError(ValueError):
+    """A model configuration that is malformed or uses an option fusejax does not implement."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture hyper-parameters plus dtypes and remat policy; ``None`` fields are resolved in ``__post_init__``."""
+
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int | None = None  # None: num_heads (no grouped-query attention)
+    head_dim: int | None = None  # None: hidden_size // num_heads
+    max_position_embeddings: int = 2048
+    norm: str = "rms"
+    norm_eps: float = 1e-6
+    norm_bias: bool = False
+    position: str = "rope"
+    rope_theta: float = 10000.0
+    rotary_dim: int | None = None  # None: head_dim (full rotary); fewer dims rotate only the first ones
+    parallel_residual: bool = False  # x + attn(ln1(x)) + mlp(ln2(x)) (GPT-NeoX) instead of sequential
+    mlp: str = "gated"
+    activation: str = "silu"
+    attention_bias: bool = False  # biases on q, k, v and output projections
+    mlp_bias: bool = False
+    tie_embeddings: bool = False
+    sliding_window: int | None = None  # a query sees keys with q - k < sliding_window (Mistral)
+    alibi_bias_max: int = 8
+    softmax_scale: float | None = None  # None: head_dim ** -0.5
+    vocab_multiple: int = 128  # embedding rows padded to a multiple of this (sharding over "vocab")
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+    model_type: str | None = None  # Hugging Face model_type written by to_hf; None: the arch's own
+    dtype: str = "float32"  # compute dtype of activations (attention softmax and logits are always float32)
+    param_dtype: str = "float32"
+    remat: str = "none"
+
+    def __post_init__(self):
+        def check(field, value, allowed):
+            if value not in allowed:
+                raise ModelConfigError(f"ModelConfig.{field}={value!r}: expected one of {allowed}")
+
+        check("arch", self.arch, ARCHS)
+        check("norm", self.norm, NORMS)
+        check("position", self.position, POSITIONS)
+        check("mlp", self.mlp, MLPS)
+        check("activation", self.activation, ACTIVATIONS)
+        check("remat", self.remat, REMAT_POLICIES)
+        check("dtype", self.dtype, DTYPES)
+        check("param_dtype", self.param_dtype, DTYPES)
+        if self.model_type is None:
+            object.__setattr__(self, "model_type", self.arch)
+        elif HF_MODEL_TYPES.get(self.model_type) != self.arch:
+            raise ModelConfigError(f"ModelConfig.model_type={self.model_type!r} is not a {self.arch!r} model type")
+        for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "vocab_multiple"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                raise ModelConfigError(f"ModelConfig.{field}={value!r}: expected a positive integer")
+        if self.num_kv_heads is None:
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ModelConfigError(
+                    f"ModelConfig: hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
+                )
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.rotary_dim is None:
+            object.__setattr__(self, "rotary_dim", self.head_dim)
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        if self.num_heads % self.num_kv_heads:
+            raise ModelConfigError(
+                f"ModelConfig: num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        if self.position == "rope" and (self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim):
+            raise ModelConfigError(
+                f"ModelConfig.rotary_dim={self.rotary_dim}: expected an even number in (0, head_dim={self.head_dim}]"
+            )
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ModelConfigError(f"ModelConfig.sliding_window={self.sliding_window!r}: expected None or >= 1")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """``vocab_size`` rounded up to a multiple of ``vocab_multiple`` (rows of the embedding table)."""
+        return math.ceil(self.vocab_size / self.vocab_multiple) * self.vocab_multiple
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_hf(cls, config: Mapping[str, Any], source: str = "config.json", **overrides) -> ModelConfig:
+        """Our config from a Hugging Face ``config.json`` dict; ``overrides`` set fields such as dtype or remat."""
+        model_type = config.get("model_type")
+        if model_type not in HF_MODEL_TYPES:
+            raise ModelConfigError(
+                f"{source}: model_type={model_type!r} is not supported; supported: {sorted(HF_MODEL_TYPES)}"
+            )
+        fields = _PARSERS[HF_MODEL_TYPES[model_type]](_Reader(config, source))
+        fields.update(
+            model_type=model_type,
+            bos_token_id=config.get("bos_token_id"),
+            eos_token_id=config.get("eos_token_id"),
+            pad_token_id=config.get("pad_token_id"),
+        )
+        fields.update(overrides)
+        try:
+            return cls(**fields)
+        except ModelConfigError as e:
+            raise ModelConfigError(f"{source}: {e}") from None
+
+    def to_hf(self) -> dict[str, Any]:
+        """A Hugging Face ``config.json`` dict (transformers v5 layout) for this model, without vocab padding."""
+        out = _WRITERS[self.arch](self)
+        out.update(
+            model_type=self.model_type,
+            architectures=[HF_ARCHITECTURES[self.model_type]],
+            vocab_size=self.vocab_size,
+            tie_word_embeddings=self.tie_embeddings,
+            bos_token_id=self.bos_token_id,
+            eos_token_id=list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+            dtype=self.param_dtype,
+        )
+        return out
+
+
+_REQUIRED = object()
+
+
+class _Reader:
+    """Typed access to a config.json dict; errors name the file and the field."""
+
+    def __init__(self, config: Mapping[str, Any], source: str):
+        self.config, self.source = config, source
+
+    def get(self, key: str, default: Any = _REQUIRED, types: type | tuple[type, ...] = object, within=None):
+        where = within if within is not None else self.config
+        if key not in where or where[key] is None:
+            if default is _REQUIRED:
+                raise ModelConfigError(f"{self.source}: required field {key!r} is missing")
+            return default
+        value = where[key]
+        if types is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, types) or (isinstance(value, bool) and types in (int, float)):
+            raise ModelConfigError(f"{self.source}: field {key!r}={value!r} has the wrong type (expected {types})")
+        return value
+
+    def unsupported(self, key: str, value: Any, why: str = "") -> ModelConfigError:
+        return ModelConfigError(f"{self.source}: field {key!r}={value!r} is not supported by fusejax{why}")
+
+    def activation(self, key: str, default: str) -> str:
+        value = self.get(key, default, str)
+        if value not in ACTIVATIONS:
+            raise self.unsupported(key, value, f" (activations: {ACTIVATIONS})")
+        return value
+
+
+def _rope(r: _Reader, head_dim: int, default_partial: float, v4_theta: str, v4_partial: str) -> dict[str, Any]:
+    """rope_theta and rotary_dim from v5 ``rope_parameters`` or v4 fields (``rope_theta``/``rope_scaling``...)."""
+    params = dict(r.get("rope_parameters", {}, dict))
+    scaling = r.get("rope_scaling", None, dict)
+    if scaling is not None:  # v4 layout: rope_scaling holds only the scaling part
+        params = {**scaling, **params}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        field = "rope_scaling" if scaling is not None and r.config.get("rope_parameters") is None else "rope_parameters"
+        raise r.unsupported(field, params, f" (rope_type {rope_type!r}; only 'default' RoPE is implemented)")
+    theta = r.get("rope_theta", None, float, within=params)
+    theta = r.get(v4_theta, 10000.0, float) if theta is None else theta
+    partial = r.get("partial_rotary_factor", None, float, within=params)
+    partial = r.get(v4_partial, default_partial, float) if partial is None else partial
+    return {"position": "rope", "rope_theta": theta, "rotary_dim": int(head_dim * partial)}
+
+
+def _llama(r: _Reader) -> dict[str, Any]:
+    hidden, heads = r.get("hidden_size", types=int), r.get("num_attention_heads", types=int)
+    head_dim = r.get("head_dim", None, int) or hidden // heads
+    mistral = r.config.get("model_type") == "mistral"
+    fields = dict(
+        arch="llama",
+        vocab_size=r.get("vocab_size", types=int),
+        hidden_size=hidden,
+        intermediate_size=r.get("intermediate_size", types=int),
+        num_layers=r.get("num_hidden_layers", types=int),
+        num_heads=heads,
+        num_kv_heads=r.get("num_key_value_heads", heads, int),
+        head_dim=head_dim,
+        max_position_embeddings=r.get("max_position_embeddings", 2048, int),
+        norm="rms",
+        norm_eps=r.get("rms_norm_eps", 1e-6, float),
+        **_rope(r, head_dim, 1.0, "rope_theta", "partial_rotary_factor"),
+        mlp="gated",
+        activation=r.activation("hidden_act", "silu"),
+        tie_embeddings=r.get("tie_word_embeddings", False, bool),
+    )
+    if mistral:  # MistralConfig has no bias options; its own default window is 4096 when the field is absent
+        fields["sliding_window"] = r.get("sliding_window", None, int) if "sliding_window" in r.config else 4096
+    else:
+        fields["attention_bias"] = r.get("attention_bias", False, bool)
+        fields["mlp_bias"] = r.get("mlp_bias", False, bool)
+    return fields
+
+
+def _gpt_neox(r: _Reader) -> dict[str, Any]:
+    hidden, heads = r.get("hidden_size", types=int), r.get("num_attention_heads", types=int)
+    if hidden % heads:
+        raise ModelConfigError(f"{r.source}: hidden_size={hidden} is not divisible by num_attention_heads={heads}")
+    return dict(
+        arch="gpt_neox",
+        vocab_size=r.get("vocab_size", types=int),
+        hidden_size=hidden,
+        intermediate_size=r.get("intermediate_size", types=int),
+        num_layers=r.get("num_hidden_layers", types=int),
+        num_heads=heads,
+        max_position_embeddings=r.get("max_position_embeddings", 2048, int),
+        norm="layer",
+        norm_eps=r.get("layer_norm_eps", 1e-5, float),
+        norm_bias=True,
+        **_rope(r, hidden // heads, 0.25, "rotary_emb_base", "rotary_pct"),
+        parallel_residual=r.get("use_parallel_residual", True, bool),
+        mlp="plain",
+        activation=r.activation("hidden_act", "gelu"),
+        attention_bias=r.get("attention_bias", True, bool),
+        mlp_bias=True,
+        tie_embeddings=r.get("tie_word_embeddings", False, bool),
+    )
+
+
+# MPT options fusejax does not implement: field -> value that is supported
+_MPT_ATTN_DEFAULTS = {
+    "attn_type": "multihead_attention",
+    "clip_qkv": None,
+    "qk_ln": False,
+    "prefix_lm": False,
+    "attn_uses_sequence_id": False,
+    "alibi": True,
+}
+
+
+def _mpt(r: _Reader) -> dict[str, Any]:
+    attn = r.get("attn_config", {}, dict)
+    for key, supported in _MPT_ATTN_DEFAULTS.items():
+        if attn.get(key, supported) != supported:
+            raise r.unsupported(f"attn_config.{key}", attn[key], f" (only {supported!r})")
+    for key, supported in (("logit_scale", None), ("no_bias", True), ("embedding_fraction", 1.0)):
+        if r.config.get(key, supported) != supported:
+            raise r.unsupported(key, r.config[key], f" (only {supported!r})")
+    hidden = r.get("d_model", types=int)
+    return dict(
+        arch="mpt",
+        vocab_size=r.get("vocab_size", types=int),
+        hidden_size=hidden,
+        intermediate_size=r.get("expansion_ratio", 4, int) * hidden,
+        num_layers=r.get("n_layers", types=int),
+        num_heads=r.get("n_heads", types=int),
+        max_position_embeddings=r.get("max_seq_len", 2048, int),
+        norm="layer",
+        norm_eps=r.get("layer_norm_epsilon", 1e-5, float),
+        norm_bias=False,
+        position="alibi",
+        alibi_bias_max=r.get("alibi_bias_max", 8, int, within=attn),
+        softmax_scale=r.get("softmax_scale", None, float, within=attn),
+        mlp="plain",
+        activation="gelu",
+        tie_embeddings=r.get("tie_word_embeddings", True, bool),
+    )
+
+
+def _gpt2(r: _Reader) -> dict[str, Any]:
+    for key in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
+        if r.config.get(key):
+            raise r.unsupported(key, r.config[key], " (only false)")
+    hidden = r.get("n_embd", types=int)
+    return dict(
+        arch="gpt2",
+        vocab_size=r.get("vocab_size", types=int),
+        hidden_size=hidden,
+        intermediate_size=r.get("n_inner", 4 * hidden, int),
+        num_layers=r.get("n_layer", types=int),
+        num_heads=r.get("n_head", types=int),
+        max_position_embeddings=r.get("n_positions", 1024, int),
+        norm="layer",
+        norm_eps=r.get("layer_norm_epsilon", 1e-5, float),
+        norm_bias=True,
+        position="learned",
+        softmax_scale=None if r.get("scale_attn_weights", True, bool) else 1.0,
+        mlp="plain",
+        activation=r.activation("activation_function", "gelu_new"),
+        attention_bias=True,
+        mlp_bias=True,
+        tie_embeddings=r.get("tie_word_embeddings", True, bool),
+    )
+
+
+_PARSERS = {"llama": _llama, "gpt_neox": _gpt_neox, "mpt": _mpt, "gpt2": _gpt2}
+
+
+def _rope_parameters(c: ModelConfig) -> dict[str, Any]:
+    params = {"rope_type": "default", "rope_theta": c.rope_theta}
+    if c.rotary_dim != c.head_dim:
+        params["partial_rotary_factor"] = c.rotary_dim / c.head_dim
+    return params
+
+
+def _write_llama(c: ModelConfig) -> dict[str, Any]:
+    out = dict(
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads,
+        head_dim=c.head_dim,
+        max_position_embeddings=c.max_position_embeddings,
+        rms_norm_eps=c.norm_eps,
+        rope_parameters=_rope_parameters(c),
+        hidden_act=c.activation,
+        attention_bias=c.attention_bias,
+        mlp_bias=c.mlp_bias,
+    )
+    if c.model_type == "mistral":
+        if c.attention_bias or c.mlp_bias:
+            raise ModelConfigError("ModelConfig: model_type 'mistral' has no attention_bias/mlp_bias in transformers")
+        del out["attention_bias"], out["mlp_bias"]
+        out["sliding_window"] = c.sliding_window
+    return out
+
+
+def _write_gpt_neox(c: ModelConfig) -> dict[str, Any]:
+    return dict(
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        max_position_embeddings=c.max_position_embeddings,
+        layer_norm_eps=c.norm_eps,
+        rope_parameters={**_rope_parameters(c), "partial_rotary_factor": c.rotary_dim / c.head_dim},
+        use_parallel_residual=c.parallel_residual,
+        hidden_act=c.activation,
+        attention_bias=c.attention_bias,
+    )
+
+
+def _write_mpt(c: ModelConfig) -> dict[str, Any]:
+    return dict(
+        d_model=c.hidden_size,
+        n_heads=c.num_heads,
+        n_layers=c.num_layers,
+        expansion_ratio=c.intermediate_size // c.hidden_size,
+        max_seq_len=c.max_position_embeddings,
+        layer_norm_epsilon=c.norm_eps,
+        no_bias=True,
+        attn_config={**_MPT_ATTN_DEFAULTS, "alibi_bias_max": c.alibi_bias_max, "softmax_scale": c.softmax_scale},
+    )
+
+
+def _write_gpt2(c: ModelConfig) -> dict[str, Any]:
+    return dict(
+        n_embd=c.hidden_size,
+        n_inner=c.intermediate_size,
+        n_layer=c.num_layers,
+        n_head=c.num_heads,
+        n_positions=c.max_position_embeddings,
+        layer_norm_epsilon=c.norm_eps,
+        activation_function=c.activation,
+        scale_attn_weights=c.softmax_scale is None,
+    )
+
+
+_WRITERS = {"llama": _write_llama, "gpt_neox": _write_gpt_neox, "mpt": _write_mpt, "gpt2": _write_gpt2}

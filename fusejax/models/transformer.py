@@ -1,0 +1,253 @@
+"""One generic decoder-only Transformer in Flax NNX covering Llama/Mistral, GPT-NeoX/Pythia, MPT and GPT-2.
+
+Per-layer parameters are stacked along a leading ``layers`` axis (module :class:`Layers`) and applied with
+``jax.lax.scan``, under ``jax.checkpoint`` when ``config.remat`` is not ``"none"``. Every ``nnx.Param`` carries
+``logical_axes`` metadata (names from :mod:`fusejax.sharding`); activations are constrained by logical names.
+
+Weight layouts (``L`` layers, ``D`` hidden, ``H``/``K`` query/kv heads, ``E`` head_dim, ``F`` mlp, ``V`` padded vocab):
+  embed [V, D]; pos_embed [P, D] (learned positions); lm_head [D, V] (absent when tied)
+  layers.wq [L, D, H, E]; wk, wv [L, D, K, E]; wo [L, H, E, D]; bq [L, H, E]; bk, bv [L, K, E]; bo [L, D]
+  layers.w_gate, w_up [L, D, F]; w_down [L, F, D]; b_gate, b_up [L, F]; b_down [L, D]
+  layers.{attn,mlp}_norm_{scale,bias} [L, D]; final_norm_{scale,bias} [D]
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fusejax.models.config import ModelConfig
+from fusejax.sharding import constrain
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_fast": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+INIT_STD = 0.02
+
+
+def _param(rngs: nnx.Rngs | None, shape, axes, dtype, init: str = "normal") -> nnx.Param:
+    """An ``nnx.Param`` of ``shape`` initialised with N(0, 0.02) / ones / zeros, tagged with ``logical_axes``."""
+    if init == "normal":
+        value = INIT_STD * jax.random.normal(rngs.params(), shape, dtype)
+    else:
+        value = (jnp.ones if init == "ones" else jnp.zeros)(shape, dtype)
+    return nnx.Param(value, logical_axes=tuple(axes))
+
+
+class Layers(nnx.Module):
+    """The parameters of all decoder layers, each stacked with a leading ``layers`` axis."""
+
+    def __init__(self, c: ModelConfig, rngs: nnx.Rngs):
+        L, D, H, K, E, F = c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
+        dt = jnp.dtype(c.param_dtype)
+        p = functools.partial(_param, rngs, dtype=dt)
+        for norm in ("attn_norm", "mlp_norm"):
+            setattr(self, f"{norm}_scale", p((L, D), ("layers", "norm"), init="ones"))
+            if c.norm_bias:
+                setattr(self, f"{norm}_bias", p((L, D), ("layers", "norm"), init="zeros"))
+        self.wq = p((L, D, H, E), ("layers", "embed", "heads", "head_dim"))
+        self.wk = p((L, D, K, E), ("layers", "embed", "kv_heads", "head_dim"))
+        self.wv = p((L, D, K, E), ("layers", "embed", "kv_heads", "head_dim"))
+        self.wo = p((L, H, E, D), ("layers", "heads", "head_dim", "embed"))
+        if c.attention_bias:
+            self.bq = p((L, H, E), ("layers", "heads", "head_dim"), init="zeros")
+            self.bk = p((L, K, E), ("layers", "kv_heads", "head_dim"), init="zeros")
+            self.bv = p((L, K, E), ("layers", "kv_heads", "head_dim"), init="zeros")
+            self.bo = p((L, D), ("layers", "embed"), init="zeros")
+        mlp_in = ("w_gate", "w_up") if c.mlp == "gated" else ("w_up",)
+        for name in mlp_in:
+            setattr(self, name, p((L, D, F), ("layers", "embed", "mlp")))
+        self.w_down = p((L, F, D), ("layers", "mlp", "embed"))
+        if c.mlp_bias:
+            for name in mlp_in:
+                setattr(self, "b" + name[1:], p((L, F), ("layers", "mlp"), init="zeros"))
+            self.b_down = p((L, D), ("layers", "embed"), init="zeros")
+
+    def arrays(self) -> dict[str, jax.Array]:
+        """``{name: stacked array}`` for every parameter (the pytree that ``lax.scan`` slices per layer)."""
+        return {k: v[...] for k, v in vars(self).items() if isinstance(v, nnx.Param)}
+
+
+class Transformer(nnx.Module):
+    """Decoder-only LM: ``model(input_ids [B,T] int32, attention_mask [B,T] | None) -> logits [B,T,Vp] float32``."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c = self.config = config
+        dt = jnp.dtype(c.param_dtype)
+        D, V = c.hidden_size, c.padded_vocab_size
+        # rows past vocab_size are padding: zero, never looked up, their logits are masked to -inf
+        embed = INIT_STD * jax.random.normal(rngs.params(), (V, D), dt)
+        embed = jnp.where(jnp.arange(V)[:, None] < c.vocab_size, embed, 0)
+        self.embed = nnx.Param(embed, logical_axes=("vocab", "embed"))
+        if c.position == "learned":
+            self.pos_embed = _param(rngs, (c.max_position_embeddings, D), (None, "embed"), dt)
+        self.layers = Layers(c, rngs)
+        self.final_norm_scale = _param(None, (D,), ("norm",), dt, init="ones")
+        if c.norm_bias:
+            self.final_norm_bias = _param(None, (D,), ("norm",), dt, init="zeros")
+        if not c.tie_embeddings:
+            self.lm_head = _param(rngs, (D, V), ("embed", "vocab"), dt)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        c = self.config
+        B, T = input_ids.shape
+        if c.position == "learned" and T > c.max_position_embeddings:
+            raise ValueError(f"sequence length {T} exceeds max_position_embeddings={c.max_position_embeddings}")
+        dt = jnp.dtype(c.dtype)
+        key_valid = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
+        mask = _attention_mask(key_valid, c.sliding_window)  # [B, T, T]
+        positions = jnp.arange(T)  # HF default positions; right padding keeps them correct
+
+        x = jnp.take(self.embed[...], input_ids, axis=0).astype(dt)
+        if c.position == "learned":
+            x = x + self.pos_embed[...][:T].astype(dt)
+        x = constrain(x, ("batch", "length", "embed"))
+        rope = _rope_tables(positions, c.rotary_dim, c.rope_theta) if c.position == "rope" else None
+        alibi = _alibi_bias(c.num_heads, T, c.alibi_bias_max) if c.position == "alibi" else None
+
+        def body(h, p):
+            return _layer(c, p, h, mask, rope, alibi), None
+
+        policy = REMAT_POLICIES[c.remat]
+        if c.remat != "none":
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        x, _ = jax.lax.scan(body, x, self.layers.arrays())
+
+        x = _norm(c, x, self.final_norm_scale[...], self.final_norm_bias[...] if c.norm_bias else None)
+        if c.tie_embeddings:
+            logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(dt), preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(dt), preferred_element_type=jnp.float32)
+        logits = jnp.where(jnp.arange(c.padded_vocab_size) < c.vocab_size, logits, -jnp.inf)
+        return constrain(logits, ("batch", "length", "vocab"))
+
+
+def _attention_mask(key_valid: jax.Array, sliding_window: int | None) -> jax.Array:
+    """[B, T, T] bool: query t may attend key s iff s <= t, key s is a token, and t - s < sliding_window."""
+    T = key_valid.shape[1]
+    q, k = jnp.arange(T)[:, None], jnp.arange(T)[None, :]
+    allowed = k <= q
+    if sliding_window is not None:
+        allowed &= q - k < sliding_window
+    return allowed[None] & key_valid[:, None, :]
+
+
+def _rope_tables(positions: jax.Array, rotary_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [T, rotary_dim] float32 in the HF rotate-half layout (frequencies repeated twice)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
+    freqs = positions[:, None].astype(jnp.float32) * inv_freq[None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate the first ``rotary_dim`` features of x [B, T, heads, E] (rotate-half); the rest pass through."""
+    rd = cos.shape[-1]
+    rot, rest = x[..., :rd], x[..., rd:]
+    half = rd // 2
+    rotated = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
+    cos, sin = cos[:, None, :].astype(x.dtype), sin[:, None, :].astype(x.dtype)
+    return jnp.concatenate([rot * cos + rotated * sin, rest], axis=-1)
+
+
+def alibi_slopes(num_heads: int, alibi_bias_max: float) -> np.ndarray:
+    """Per-head ALiBi slopes [H] float32 in MPT's ordering (non-power-of-two head counts interleaved)."""
+    n2 = 2 ** math.ceil(math.log2(num_heads))
+    slopes = 1.0 / np.power(2.0, np.arange(1, n2 + 1) * (alibi_bias_max / n2))
+    if n2 != num_heads:
+        slopes = np.concatenate([slopes[1::2], slopes[::2]])[:num_heads]
+    return slopes.astype(np.float32)
+
+
+def _alibi_bias(num_heads: int, T: int, alibi_bias_max: float) -> jax.Array:
+    """[H, T, T] float32: slope_h * (k - q); it differs from MPT's slope_h * (k - T + 1) by a per-row constant."""
+    dist = jnp.arange(T)[None, :] - jnp.arange(T)[:, None]
+    return jnp.asarray(alibi_slopes(num_heads, alibi_bias_max))[:, None, None] * dist[None].astype(jnp.float32)
+
+
+def _norm(c: ModelConfig, x: jax.Array, scale: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """RMSNorm or LayerNorm over the last axis, computed in float32, returned in x's dtype."""
+    xf = x.astype(jnp.float32)
+    if c.norm == "layer":
+        xf = xf - xf.mean(-1, keepdims=True)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + c.norm_eps)
+    if c.norm == "rms":  # HF Llama casts back to the input dtype before the scale
+        return scale.astype(x.dtype) * y.astype(x.dtype)
+    y = y * scale.astype(jnp.float32)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def _attention(c: ModelConfig, p: dict, h: jax.Array, mask: jax.Array, rope, alibi) -> jax.Array:
+    """Grouped-query self-attention of h [B, T, D] -> [B, T, D]; softmax in float32."""
+    dt = h.dtype
+    B, T, _ = h.shape
+    q = jnp.einsum("btd,dhe->bthe", h, p["wq"].astype(dt))
+    k = jnp.einsum("btd,dke->btke", h, p["wk"].astype(dt))
+    v = jnp.einsum("btd,dke->btke", h, p["wv"].astype(dt))
+    if c.attention_bias:
+        q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
+    if rope is not None:
+        q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
+    q = constrain(q, ("batch", "length", "heads", "head_dim"))
+    k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
+    K, G = c.num_kv_heads, c.num_heads // c.num_kv_heads
+    q = q.reshape(B, T, K, G, c.head_dim)
+    scale = c.head_dim**-0.5 if c.softmax_scale is None else c.softmax_scale
+    scores = jnp.einsum("btkge,bske->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    if alibi is not None:
+        scores = scores + alibi.reshape(K, G, T, T)
+    # a finite floor (not -inf) keeps rows without any visible key (fully padded rows) free of NaN
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out = jnp.einsum("bkgts,bske->btkge", probs, v).reshape(B, T, c.num_heads, c.head_dim)
+    out = jnp.einsum("bthe,hed->btd", out, p["wo"].astype(dt))
+    if c.attention_bias:
+        out = out + p["bo"].astype(dt)
+    return out
+
+
+def _mlp(c: ModelConfig, p: dict, h: jax.Array) -> jax.Array:
+    """act(h W_up) W_down, or act(h W_gate) * (h W_up) W_down for gated MLPs; h [B, T, D] -> [B, T, D]."""
+    dt = h.dtype
+    act = ACTIVATIONS[c.activation]
+
+    def proj(name):
+        y = jnp.einsum("btd,df->btf", h, p["w" + name].astype(dt))
+        return y + p["b" + name].astype(dt) if c.mlp_bias else y
+
+    u = act(proj("_gate")) * proj("_up") if c.mlp == "gated" else act(proj("_up"))
+    u = constrain(u, ("batch", "length", "mlp"))
+    out = jnp.einsum("btf,fd->btd", u, p["w_down"].astype(dt))
+    return out + p["b_down"].astype(dt) if c.mlp_bias else out
+
+
+def _layer(c: ModelConfig, p: dict, x: jax.Array, mask, rope, alibi) -> jax.Array:
+    """One pre-norm decoder layer on x [B, T, D] with this layer's parameters ``p`` (sliced by scan)."""
+    attn_in = _norm(c, x, p["attn_norm_scale"], p.get("attn_norm_bias"))
+    attn = _attention(c, p, attn_in, mask, rope, alibi)
+    if c.parallel_residual:
+        x = x + attn + _mlp(c, p, _norm(c, x, p["mlp_norm_scale"], p.get("mlp_norm_bias")))
+    else:
+        x = x + attn
+        x = x + _mlp(c, p, _norm(c, x, p["mlp_norm_scale"], p.get("mlp_norm_bias")))
+    return constrain(x, ("batch", "length", "embed"))

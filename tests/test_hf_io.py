@@ -1,0 +1,203 @@
+"""Checkpoint I/O: bad input raises a clear error naming the file and field/tensor; bf16 and sharded files work."""
+
+import copy
+import json
+import pickle
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from fusejax.models import CheckpointError, ModelConfigError, load_pretrained, save_pretrained
+
+LLAMA = dict(vocab_size=130, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=32)
+
+
+@pytest.fixture(scope="module")
+def hf_llama(tmp_path_factory):
+    """(folder, HF model): a tiny random Llama saved as config.json + model.safetensors."""
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).eval()
+    folder = tmp_path_factory.mktemp("llama")
+    model.save_pretrained(folder)
+    return folder, model
+
+
+@pytest.fixture
+def ckpt(hf_llama, tmp_path):
+    """A private copy of the tiny Llama checkpoint folder, free to break."""
+    return shutil.copytree(hf_llama[0], tmp_path / "ckpt")
+
+
+def _edit_config(folder, **changes):
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _params(model):
+    return {".".join(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(model))}
+
+
+def test_missing_config(ckpt):
+    (ckpt / "config.json").unlink()
+    with pytest.raises(CheckpointError, match=r"config\.json.*missing"):
+        load_pretrained(ckpt)
+
+
+def test_missing_safetensors(ckpt):
+    (ckpt / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"no model\.safetensors"):
+        load_pretrained(ckpt)
+
+
+def test_index_lists_missing_file(ckpt):
+    index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors"}}
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    match = r"index\.json: lists model-00001-of-00002\.safetensors, which is missing"
+    with pytest.raises(CheckpointError, match=match):
+        load_pretrained(ckpt)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_safetensors(ckpt, damage):
+    file = ckpt / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) - 100] if damage == "truncate" else b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(CheckpointError, match=rf"{file}: not a readable safetensors file"):
+        load_pretrained(ckpt)
+
+
+def test_missing_tensor(ckpt):
+    tensors = load_file(ckpt / "model.safetensors")
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    match = r"model\.safetensors: tensor 'model\.layers\.1\.mlp\.down_proj\.weight' is missing"
+    with pytest.raises(CheckpointError, match=match):
+        load_pretrained(ckpt)
+
+
+def test_shape_disagrees_with_config(ckpt):
+    _edit_config(ckpt, intermediate_size=64)
+    match = (r"model\.safetensors: tensor 'model\.layers\.0\.mlp\.down_proj\.weight' has shape \(32, 48\), "
+             r"but .*config\.json implies \(32, 64\)")
+    with pytest.raises(CheckpointError, match=match):
+        load_pretrained(ckpt)
+
+
+@pytest.mark.parametrize("changes,match", [
+    (dict(model_type="bloom"), r"config\.json: model_type='bloom' is not supported"),
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}),
+     r"config\.json: field 'rope_parameters'.*yarn"),
+    (dict(rope_parameters=None, rope_scaling={"type": "linear", "factor": 2.0}),
+     r"config\.json: field 'rope_scaling'.*linear"),
+    (dict(hidden_act="swish_glu"), r"config\.json: field 'hidden_act'='swish_glu' is not supported"),
+    (dict(num_hidden_layers=None), r"config\.json: required field 'num_hidden_layers' is missing"),
+    (dict(hidden_size="64"), r"config\.json: field 'hidden_size'='64' has the wrong type"),
+])
+def test_bad_config(ckpt, changes, match):
+    _edit_config(ckpt, **changes)
+    with pytest.raises(ModelConfigError, match=match):
+        load_pretrained(ckpt)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("attn_config.clip_qkv", 6.0), ("attn_config.qk_ln", True), ("attn_config.prefix_lm", True),
+    ("attn_config.alibi", False), ("logit_scale", 0.5), ("no_bias", False),
+])
+def test_unsupported_mpt_options(tmp_path, field, value):
+    config = transformers.MptConfig(d_model=32, n_heads=4, n_layers=1, vocab_size=100).to_dict()
+    if field.startswith("attn_config."):
+        config["attn_config"][field.split(".")[1]] = value
+    else:
+        config[field] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelConfigError, match=rf"config\.json: field '{field}'={value!r} is not supported"):
+        load_pretrained(tmp_path)
+
+
+def test_pickle_checkpoint_is_refused_not_unpickled(tmp_path, hf_llama):
+    shutil.copy(hf_llama[0] / "config.json", tmp_path / "config.json")
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (tmp_path / "pytorch_model.bin").write_bytes(pickle.dumps(Evil()))
+    match = r"only pickle checkpoints \['pytorch_model\.bin'\]; fusejax never unpickles"
+    with pytest.raises(CheckpointError, match=match):
+        load_pretrained(tmp_path)
+    assert not marker.exists()
+
+
+def test_bfloat16_checkpoint_loads_exact_values(hf_llama, tmp_path):
+    folder, model = hf_llama
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(tmp_path)
+    ours = load_pretrained(tmp_path, dtype="bfloat16")
+    assert ours.embed.get_value().dtype == jnp.bfloat16
+    ref = model.model.embed_tokens.weight.detach().to(torch.bfloat16).float().numpy()
+    np.testing.assert_array_equal(np.asarray(ours.embed.get_value(), np.float32)[:130], ref)
+    ref_q = model.model.layers[1].self_attn.q_proj.weight.detach().to(torch.bfloat16).float().numpy()
+    np.testing.assert_array_equal(np.asarray(ours.layers.wq.get_value(), np.float32)[1].reshape(32, 32), ref_q.T)
+    # and written back as bfloat16 that transformers reads
+    save_pretrained(ours, tmp_path / "out")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert back.model.embed_tokens.weight.dtype == torch.bfloat16
+    np.testing.assert_array_equal(back.model.embed_tokens.weight.float().detach().numpy(), ref)
+
+
+def test_sharded_save_and_load(hf_llama, tmp_path):
+    folder, model = hf_llama
+    ours = load_pretrained(folder)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"stale")  # an earlier single-file save must disappear
+    save_pretrained(ours, out, max_shard_bytes=20_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    assert sorted(p.name for p in out.iterdir()) == sorted([*files, "config.json", "model.safetensors.index.json"])
+    reloaded = _params(load_pretrained(out))
+    for name, value in _params(ours).items():
+        np.testing.assert_array_equal(reloaded[name], value, err_msg=name)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out)
+    for name, p in model.state_dict().items():
+        np.testing.assert_array_equal(hf.state_dict()[name].numpy(), p.numpy(), err_msg=name)
+
+
+def test_loads_hf_sharded_checkpoint(hf_llama, tmp_path):
+    folder, model = hf_llama
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    np.testing.assert_array_equal(
+        np.asarray(load_pretrained(tmp_path).layers.w_down.get_value())[1],
+        model.model.layers[1].mlp.down_proj.weight.detach().numpy().T,
+    )
+
+
+def test_gpt2_without_transformer_prefix(tmp_path):
+    """Hub GPT-2 checkpoints name tensors 'h.0.attn.c_attn.weight' (no 'transformer.' prefix)."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, n_positions=16, vocab_size=100)
+    model = transformers.GPT2LMHeadModel(config)
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    save_file({k.removeprefix("transformer."): v for k, v in tensors.items()}, tmp_path / "model.safetensors")
+    ours = load_pretrained(tmp_path)
+    np.testing.assert_array_equal(np.asarray(ours.pos_embed.get_value()), model.transformer.wpe.weight.detach().numpy())
+
+
+def test_unused_tensor_warns(ckpt):
+    tensors = load_file(ckpt / "model.safetensors")
+    tensors["model.layers.0.self_attn.q_proj.bias"] = np.zeros(32, np.float32)
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    match = r"1 tensors not used by the model: \['model\.layers\.0\.self_attn\.q_proj\.bias'\]"
+    with pytest.warns(UserWarning, match=match):
+        load_pretrained(ckpt)

@@ -1,0 +1,197 @@
+"""Parity of fusejax.models with Hugging Face transformers (PyTorch) on tiny random models, in float32.
+
+For every architecture: a random HF model -> save_pretrained -> fusejax load_pretrained -> same logits on a
+right-padded batch; fusejax save_pretrained -> transformers loads it -> same logits again.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from fusejax.models import ModelConfig, Transformer, load_pretrained, save_pretrained
+
+TOL = 1e-4
+VOCAB = 300  # not a multiple of 128: the embedding is padded to 384
+LENGTHS = (10, 7, 4, 1)  # right padding
+T = max(LENGTHS)
+
+COMMON = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+LLAMA = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=64, **COMMON)
+NEOX = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=64, hidden_act="gelu", **COMMON)
+CASES = {
+    "llama_gqa": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(LLAMA, num_key_value_heads=2)),
+    "llama_bias_tied": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(
+        LLAMA, num_key_value_heads=1, head_dim=24, attention_bias=True, mlp_bias=True, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0})),
+    "mistral_window": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(
+        LLAMA, num_key_value_heads=2, sliding_window=3)),
+    "gpt_neox_parallel": (transformers.GPTNeoXConfig, transformers.GPTNeoXForCausalLM, dict(
+        NEOX, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})),
+    "gpt_neox_sequential": (transformers.GPTNeoXConfig, transformers.GPTNeoXForCausalLM, dict(
+        NEOX, use_parallel_residual=False, hidden_act="gelu_new")),
+    "mpt": (transformers.MptConfig, transformers.MptForCausalLM, dict(
+        d_model=48, n_heads=6, n_layers=2, max_seq_len=64, **COMMON)),  # 6 heads: non-power-of-two ALiBi slopes
+    "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel, dict(
+        n_embd=64, n_layer=2, n_head=4, n_positions=32, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, **COMMON)),
+}
+
+
+def _batch():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, VOCAB, size=(len(LENGTHS), T)).astype(np.int32)
+    mask = (np.arange(T)[None, :] < np.asarray(LENGTHS)[:, None]).astype(np.int32)
+    return np.where(mask == 1, ids, 0), mask
+
+
+def _hf_logits(model, ids, mask):
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long())
+    return out.logits.float().numpy()
+
+
+def _assert_close_at_tokens(ours, ref, mask):
+    ours, ref = np.asarray(ours), np.asarray(ref)
+    sel = mask.astype(bool)
+    diff = np.abs(ours[..., :VOCAB][sel] - ref[sel]).max()
+    assert diff <= TOL, f"max abs logit difference {diff} > {TOL}"
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request, tmp_path_factory):
+    """(name, HF model folder, reference logits) for one random tiny HF model whose every weight is perturbed."""
+    name = request.param
+    config_cls, model_cls, kwargs = CASES[name]
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**kwargs, attn_implementation="eager")).eval()
+    with torch.no_grad():  # norms start at 1 and biases at 0: perturb so that their mapping is tested
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    folder = tmp_path_factory.mktemp(name)
+    model.save_pretrained(folder)
+    ids, mask = _batch()
+    return name, folder, _hf_logits(model, ids, mask)
+
+
+def test_logits_match_transformers(case):
+    name, folder, ref = case
+    ids, mask = _batch()
+    model = load_pretrained(folder)
+    logits = model(jnp.asarray(ids), jnp.asarray(mask))
+    assert logits.dtype == jnp.float32 and logits.shape == (*ids.shape, 384)
+    _assert_close_at_tokens(logits, ref, mask)
+    assert np.all(np.isneginf(np.asarray(logits)[..., VOCAB:])), "padded vocab ids must have -inf logits"
+    assert np.isfinite(np.asarray(logits)[..., :VOCAB]).all()
+
+
+def test_save_then_transformers_loads(case, tmp_path):
+    name, folder, ref = case
+    ids, mask = _batch()
+    save_pretrained(load_pretrained(folder), tmp_path)
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, attn_implementation="eager", output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert type(hf).__name__ == CASES[name][1].__name__
+    _assert_close_at_tokens(_hf_logits(hf.eval(), ids, mask), ref, mask)
+
+
+@pytest.mark.parametrize("name,edit", [
+    ("llama_gqa", lambda c: c.update(rope_theta=c.pop("rope_parameters")["rope_theta"], rope_scaling=None)),
+    ("gpt_neox_parallel", lambda c: c.update(rotary_emb_base=c["rope_parameters"]["rope_theta"],
+                                             rotary_pct=c.pop("rope_parameters")["partial_rotary_factor"])),
+])
+def test_v4_config_layout_loads(name, edit, tmp_path_factory):
+    """A config.json hand-edited to the transformers v4 layout gives the same model."""
+    config_cls, model_cls, kwargs = CASES[name]
+    folder = tmp_path_factory.mktemp(f"v4_{name}")
+    torch.manual_seed(1)
+    model = model_cls(config_cls(**kwargs, attn_implementation="eager")).eval()
+    model.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    edit(config)
+    assert "rope_parameters" not in config
+    (folder / "config.json").write_text(json.dumps(config))
+    ids, mask = _batch()
+    logits = load_pretrained(folder)(jnp.asarray(ids), jnp.asarray(mask))
+    _assert_close_at_tokens(logits, _hf_logits(model, ids, mask), mask)
+
+
+def _tiny(**kw):
+    return ModelConfig(**{**dict(arch="llama", vocab_size=200, hidden_size=32, intermediate_size=48, num_layers=2,
+                                 num_heads=4, num_kv_heads=2), **kw})
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return Transformer(_tiny(), rngs=nnx.Rngs(0))
+
+
+@nnx.jit
+def _forward(model, ids, mask=None):
+    return model(ids, mask)
+
+
+def test_fully_padded_row_is_finite(tiny):
+    ids = jnp.zeros((2, 6), jnp.int32)
+    mask = jnp.asarray([[1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0]])
+    assert np.isfinite(np.asarray(_forward(tiny, ids, mask))[..., :200]).all()
+
+
+def test_padding_does_not_change_token_logits(tiny):
+    """Logits at real tokens do not depend on the ids at padded positions (the padding mask is applied)."""
+    ids = jnp.asarray([[5, 6, 7, 8, 9, 10]])
+    mask = jnp.asarray([[1, 1, 1, 1, 0, 0]])
+    a, b = _forward(tiny, ids, mask), _forward(tiny, ids.at[0, 4:].set(3), mask)
+    np.testing.assert_array_equal(np.asarray(a)[:, :4], np.asarray(b)[:, :4])
+    changed_token = _forward(tiny, ids.at[0, 2].set(3))
+    assert not np.allclose(np.asarray(_forward(tiny, ids))[:, :4], np.asarray(changed_token)[:, :4])
+
+
+def test_remat_policies_give_same_loss_and_grads():
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 200, (2, 8)), jnp.int32)
+
+    @nnx.jit
+    def loss_and_grad(m):
+        return nnx.value_and_grad(lambda m: jax.nn.log_softmax(m(ids)[..., :200]).mean())(m)
+
+    l0, g0 = loss_and_grad(Transformer(_tiny(), rngs=nnx.Rngs(0)))
+    for remat in ("full", "dots", "dots_no_batch"):
+        l1, g1 = loss_and_grad(Transformer(_tiny(remat=remat), rngs=nnx.Rngs(0)))
+        np.testing.assert_allclose(l0, l1, rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_params_carry_logical_axes_and_are_stacked(tiny):
+    for path, var in nnx.to_flat_state(nnx.state(tiny, nnx.Param)):
+        axes = var.get_metadata()["logical_axes"]
+        assert len(axes) == var.get_value().ndim, path
+        if path[0] == "layers":
+            assert axes[0] == "layers" and var.get_value().shape[0] == 2, path
+    assert tiny.embed.get_value().shape == (256, 32)
+    np.testing.assert_array_equal(np.asarray(tiny.embed.get_value())[200:], 0)
+
+
+def test_sliding_window_limits_attention():
+    """One layer with window 2: position 5 sees positions 4 and 5 only, position 4 sees 3 and 4."""
+    model = Transformer(_tiny(num_layers=1, sliding_window=2), rngs=nnx.Rngs(0))
+    ids = jnp.asarray([[5, 6, 7, 8, 9, 10]])
+    a, b = np.asarray(_forward(model, ids)), np.asarray(_forward(model, ids.at[0, :4].set(3)))
+    np.testing.assert_array_equal(a[0, 5], b[0, 5])
+    assert not np.allclose(a[0, 4], b[0, 4])
+
+
+def test_bfloat16_compute_stays_close_and_returns_float32(tiny):
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, 200, (2, 8)), jnp.int32)
+    low = Transformer(_tiny(dtype="bfloat16"), rngs=nnx.Rngs(0))
+    ref, out = np.asarray(_forward(tiny, ids))[..., :200], _forward(low, ids)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out)[..., :200], ref, atol=2e-2)
