@@ -1,0 +1,214 @@
+"""Source representations: top-k next-token logits and cross-entropy of a source model on the corpus.
+
+``extract_topk`` is the jitted core: one forward pass, then top-k and per-token cross-entropy on the device;
+the full ``[B, T, V]`` logits never leave it. The stage (``run``) streams corpus blocks through it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def topk_and_ce(logits: jax.Array, input_ids: jax.Array, attention_mask: jax.Array, k: int, vocab_size: int):
+    """Top-k and next-token cross-entropy from logits.
+
+    logits [B,T,Vp] (ids >= vocab_size are vocabulary padding), input_ids [B,T] int, attention_mask [B,T]
+    (1 = token). Position t scores token t+1. Returns (topk_logits [B,T,k] f32, topk_ids [B,T,k] i32,
+    token_ce [B,T] f32 (0 where t+1 is padding or past the end), seq_ce [B] f32 (mean over scored
+    positions, 0 for a sequence with none), nonfinite [B] int32 (count of non-finite logits at real tokens)).
+    """
+    logits = logits[..., :vocab_size].astype(jnp.float32)
+    mask = attention_mask.astype(bool)
+    scored = mask & jnp.pad(mask[:, 1:], ((0, 0), (0, 1)))
+    next_ids = jnp.pad(input_ids[:, 1:], ((0, 0), (0, 1)))
+    topk_logits, topk_ids = jax.lax.top_k(logits, k)
+    target = jnp.take_along_axis(logits, next_ids[..., None], axis=-1)[..., 0]
+    token_ce = jnp.where(scored, jax.nn.logsumexp(logits, axis=-1) - target, 0.0)
+    n_scored = scored.sum(axis=-1)
+    seq_ce = token_ce.sum(axis=-1) / jnp.maximum(n_scored, 1)
+    nonfinite = jnp.sum(~jnp.isfinite(logits) & mask[..., None], axis=(1, 2)).astype(jnp.int32)
+    return topk_logits, topk_ids.astype(jnp.int32), token_ce, seq_ce, nonfinite
+
+
+@functools.partial(nnx.jit, static_argnames="k")
+def _extract(model, input_ids, attention_mask, k):
+    logits = model(input_ids, attention_mask)
+    return topk_and_ce(logits, input_ids, attention_mask, k, model.config.vocab_size)
+
+
+def extract_topk(model, input_ids, attention_mask, k: int = 10):
+    """Top-k logits/ids and cross-entropies of ``model`` on a padded batch.
+
+    model: a fusejax ``Transformer``; input_ids [B,T] int32; attention_mask [B,T] (1 = token, 0 = pad).
+    Returns ``(topk_logits [B,T,k] float32, topk_ids [B,T,k] int32, token_ce [B,T] float32,
+    seq_ce [B] float32)``: position t scores token t+1; padding and the last real token get CE 0 and are
+    excluded from ``seq_ce``.
+    """
+    vocab = model.config.vocab_size
+    if not 0 < k <= vocab:
+        raise ValueError(f"k={k} must be between 1 and the model's vocabulary size {vocab}")
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    attention_mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+    return _extract(model, input_ids, attention_mask, k)[:4]
+
+
+def _bucket(n: int, limit: int) -> int:
+    """Padded length for a batch whose longest sequence has ``n`` tokens: the next power of two >= 16,
+    capped at ``limit`` (a few fixed shapes, so the jitted step compiles a few times at most)."""
+    return min(max(16, 1 << (n - 1).bit_length()), limit)
+
+
+def _source_ids(tok, text: str) -> list[int]:
+    """The source tokenizer's ids for a block's text, with its EOS appended (as the reference does)."""
+    ids = tok.encode(text, add_special_tokens=False)
+    return ids + [tok.eos_token_id] if tok.eos_token_id is not None else ids
+
+
+def represent_source(
+    model,
+    tokenizer,
+    corpus_dir,
+    out_dir,
+    *,
+    name: str,
+    k: int = 10,
+    batch_size: int = 8,
+    logits_dtype: str = "bfloat16",
+    rows_per_shard: int = 1024,
+    process_index: int = 0,
+    num_processes: int = 1,
+    progress: bool = True,
+) -> dict:
+    """Write the top-k store of one source model over a prepared corpus store; resumable, deterministic.
+
+    Each corpus block's text is tokenized with the source's own tokenizer (+ EOS), run through ``model`` in
+    fixed-shape padded batches, and stored as one row keyed by the block id with fields ``input_ids [T]``
+    int32, ``topk_ids [T,k]`` int32, ``topk_logits [T,k]`` ``logits_dtype``, ``token_ce [T]`` float32,
+    ``seq_ce`` float32 and ``nonfinite`` int32 (count of NaN/inf logits in the block; the fusion stage skips
+    blocks where it is non-zero). Process ``process_index`` of ``num_processes`` handles a contiguous slice
+    of the blocks and writes its own shards. Returns a summary dict.
+    """
+    import time
+
+    import numpy as np
+    from tqdm import tqdm
+
+    from fusejax.distributed import process_slice
+    from fusejax.store import Field, StoreError, StoreWriter, open_store
+    from fusejax.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+    tok = load_tokenizer(tokenizer)
+    vocab = model.config.vocab_size
+    if len(tok) > vocab:
+        raise ValueError(f"source {name!r}: tokenizer has {len(tok)} tokens but the model's vocabulary is {vocab}")
+    if not 0 < k <= vocab:
+        raise ValueError(f"represent.k={k} must be between 1 and the vocabulary size {vocab} of source {name!r}")
+    corpus = open_store(corpus_dir)
+    # shards hold whole batches, so a resumed run batches (and pads) exactly like an uninterrupted one
+    rows_per_shard = -(-rows_per_shard // batch_size) * batch_size
+    context = model.config.max_position_embeddings
+    start, stop = process_slice(len(corpus), process_index, num_processes)
+    fields = [
+        Field("input_ids", "int32", (), ragged=True),
+        Field("topk_ids", "int32", (k,), ragged=True),
+        Field("topk_logits", logits_dtype, (k,), ragged=True),
+        Field("token_ce", "float32", (), ragged=True),
+        Field("seq_ce", "float32"),
+        Field("nonfinite", "int32"),
+    ]
+    meta = {
+        "source": name,
+        "tokenizer_fingerprint": tokenizer_fingerprint(tok),
+        "vocab_size": vocab,
+        "k": k,
+        "logits_dtype": logits_dtype,
+        "corpus": corpus.meta,
+        "eos_appended": tok.eos_token_id is not None,
+    }
+    stats = {"blocks": 0, "tokens": 0, "nonfinite_blocks": 0}
+    t0 = time.perf_counter()
+    with StoreWriter(out_dir, kind="topk", meta=meta, fields=fields, rows_per_shard=rows_per_shard,
+                     process_index=process_index) as writer:
+        done = writer.completed_ids()
+        if len(done) and not np.array_equal(done, [corpus.row(i)["id"] for i in range(start, start + len(done))]):
+            raise StoreError(f"{out_dir}: stored blocks of source {name!r} do not follow corpus {corpus_dir}")
+        bar = tqdm(total=stop - start, initial=len(done), disable=not progress, unit="block", desc=f"represent {name}")
+        for first in range(start + len(done), stop, batch_size):
+            rows = [corpus.row(i) for i in range(first, min(first + batch_size, stop))]
+            seqs = [_source_ids(tok, row["text"].decode("utf-8")) for row in rows]
+            longest = max(len(s) for s in seqs)
+            if longest > context:
+                bad = rows[[len(s) for s in seqs].index(longest)]["id"]
+                raise ValueError(
+                    f"block {bad} has {longest} tokens for source {name!r}, more than its context of {context}; "
+                    f"lower corpus.block_size"
+                )
+            length = _bucket(longest, context)
+            ids = np.zeros((batch_size, length), np.int32)  # fixed batch size: short last batch padded
+            mask = np.zeros((batch_size, length), np.int32)
+            for b, s in enumerate(seqs):
+                ids[b, : len(s)], mask[b, : len(s)] = s, 1
+            out = jax.device_get(_extract(model, jnp.asarray(ids), jnp.asarray(mask), k))
+            tk_logits, tk_ids, token_ce, seq_ce, nonfinite = out
+            for b, (row, s) in enumerate(zip(rows, seqs)):
+                n = len(s)
+                writer.add(
+                    int(row["id"]), input_ids=np.asarray(s, np.int32), topk_ids=tk_ids[b, :n],
+                    topk_logits=tk_logits[b, :n], token_ce=token_ce[b, :n], seq_ce=seq_ce[b],
+                    nonfinite=nonfinite[b],
+                )
+                stats["blocks"] += 1
+                stats["tokens"] += n
+                stats["nonfinite_blocks"] += int(nonfinite[b] > 0)
+            bar.update(len(rows))
+            bar.set_postfix(tok_s=f"{stats['tokens'] / (time.perf_counter() - t0):.0f}")
+        bar.close()
+    stats["seconds"] = time.perf_counter() - t0
+    stats["stored_blocks"] = stop - start
+    if stats["nonfinite_blocks"]:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "source %s: %d blocks had NaN/inf logits; they are flagged (field 'nonfinite') and skipped by fusion",
+            name, stats["nonfinite_blocks"],
+        )
+    return stats
+
+
+def run(cfg) -> dict:
+    """Stage ``represent``: a top-k store per source at ``<run.output_dir>/represent/<name>``.
+
+    Reads the corpus store at ``<run.output_dir>/corpus`` (stage ``prepare``). Each source model is loaded
+    onto this process's local devices; in a multi-process run each process handles its slice of the blocks.
+    Returns ``{source name: summary}`` (also written to ``represent/summary.json`` by process 0).
+    """
+    import json
+    from pathlib import Path
+
+    from fusejax.config import save_resolved
+    from fusejax.distributed import is_main_process
+    from fusejax.models import load_pretrained
+    from fusejax.sharding import make_mesh
+
+    out = Path(cfg.run.output_dir)
+    if not cfg.sources:
+        raise ValueError("the config lists no sources: add entries under 'sources:'")
+    # each process runs its own slice on its own devices: no cross-host traffic in this stage
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=jax.local_devices())
+    summaries = {}
+    for src in cfg.sources:
+        model = load_pretrained(src.path, mesh=mesh, rules=cfg.mesh.rules or None)
+        summaries[src.name] = represent_source(
+            model, src.tokenizer_path, out / "corpus", out / "represent" / src.name, name=src.name,
+            k=cfg.represent.k, batch_size=cfg.represent.batch_size, logits_dtype=cfg.represent.logits_dtype,
+            rows_per_shard=cfg.represent.shard_size, process_index=jax.process_index(),
+            num_processes=jax.process_count(),
+        )
+    if is_main_process():
+        save_resolved(cfg, out / "represent")
+        (out / "represent" / "summary.json").write_text(json.dumps(summaries, indent=2, sort_keys=True))
+    return summaries

@@ -1,0 +1,170 @@
+"""The representation stage: extract_topk against transformers (PyTorch), and the resumable top-k store."""
+
+import pydoc_data.topics
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+import fusejax.represent as represent
+from fusejax.corpus import prepare_corpus
+from fusejax.models import ModelConfig, Transformer, load_pretrained, save_pretrained
+from fusejax.represent import extract_topk, represent_source
+from fusejax.store import StoreMismatchError, open_store
+
+TEXTS = [t for t in pydoc_data.topics.topics.values() if len(t) > 400][:12]
+
+
+def _hf_tokenizer(folder, kind: str, vocab: int):
+    """Train a tiny BPE (byte-level "Ġ" or Metaspace "▁") on pydoc text and save it as an HF folder."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>" if kind == "metaspace" else None))
+    if kind == "bytelevel":
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+        alphabet = []
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=alphabet)
+    tok.train_from_iterator(TEXTS, trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(folder)
+    return fast
+
+
+def _tiny_model(folder, arch: str, vocab: int, seed: int):
+    extra = {
+        "llama": dict(),
+        "gpt_neox": dict(norm="layer", norm_bias=True, parallel_residual=True, rotary_dim=4, mlp="plain",
+                         activation="gelu", attention_bias=True, mlp_bias=True),
+        "gpt2": dict(norm="layer", norm_bias=True, position="learned", mlp="plain", activation="gelu_new",
+                     attention_bias=True, mlp_bias=True, tie_embeddings=True),
+    }[arch]
+    cfg = ModelConfig(arch=arch, vocab_size=vocab, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                      max_position_embeddings=256, eos_token_id=2, **extra)
+    save_pretrained(Transformer(cfg, rngs=nnx.Rngs(seed)), folder)
+    return load_pretrained(folder)
+
+
+def test_extract_topk_matches_transformers(tmp_path):
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, attn_implementation="eager")).eval()
+    hf.save_pretrained(tmp_path)
+    lengths = np.array([12, 9, 3, 1])
+    rng = np.random.default_rng(0)
+    mask = (np.arange(12)[None] < lengths[:, None]).astype(np.int32)
+    ids = np.where(mask == 1, rng.integers(0, 300, (4, 12)), 0).astype(np.int32)
+    k = 7
+    tk_logits, tk_ids, token_ce, seq_ce = map(np.asarray, extract_topk(load_pretrained(tmp_path), ids, mask, k))
+
+    with torch.no_grad():
+        logits = hf(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long()).logits
+    ref_vals, ref_ids = torch.topk(logits, k, dim=-1)
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), torch.from_numpy(ids[:, 1:]).long(),
+                                           reduction="none").numpy()
+    real = mask.astype(bool)
+    np.testing.assert_allclose(tk_logits[real], ref_vals.numpy()[real], atol=1e-4)
+    np.testing.assert_array_equal(tk_ids[real], ref_ids.numpy()[real])
+    for b, n in enumerate(lengths):
+        np.testing.assert_allclose(token_ce[b, : n - 1], ce[b, : n - 1], atol=1e-4)
+        assert np.all(token_ce[b, n - 1:] == 0)  # last real token and padding score nothing
+        expected = ce[b, : n - 1].mean() if n > 1 else 0.0
+        np.testing.assert_allclose(seq_ce[b], expected, atol=1e-4)
+
+
+def test_extract_topk_rejects_k_beyond_vocab(tmp_path):
+    model = _tiny_model(tmp_path, "llama", 100, 0)
+    with pytest.raises(ValueError, match="k=101"):
+        extract_topk(model, np.zeros((1, 4), np.int32), None, k=101)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A corpus store cut with a byte-level target tokenizer, and three sources with different tokenizers."""
+    root = tmp_path_factory.mktemp("represent")
+    target_tok = _hf_tokenizer(root / "tok_target", "bytelevel", 400)
+    for i, text in enumerate(TEXTS):
+        (root / "docs").mkdir(exist_ok=True)
+        (root / "docs" / f"{i:02d}.txt").write_text(text)
+    prepare_corpus(root / "docs", target_tok, root / "corpus", block_size=96)
+    sources = {}
+    for name, arch, kind, vocab in [("llama", "llama", "metaspace", 350), ("neox", "gpt_neox", "bytelevel", 420),
+                                    ("gpt2", "gpt2", "bytelevel", 300)]:
+        tok = _hf_tokenizer(root / f"tok_{name}", kind, vocab)
+        sources[name] = (_tiny_model(root / f"model_{name}", arch, len(tok), seed=len(sources)), tok)
+    return root, sources
+
+
+def _files(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_store_rows_equal_unbatched_extraction(setup):
+    root, sources = setup
+    corpus = open_store(root / "corpus")
+    for name, (model, tok) in sources.items():
+        summary = represent_source(model, tok, root / "corpus", root / "rep" / name, name=name, k=5, batch_size=4,
+                                   logits_dtype="float32", rows_per_shard=8, progress=False)
+        store = open_store(root / "rep" / name)
+        assert summary["blocks"] == len(store) == len(corpus) and summary["nonfinite_blocks"] == 0
+        assert store.meta["k"] == 5 and store.meta["vocab_size"] == len(tok)
+        for pos in (0, len(corpus) // 2, len(corpus) - 1):
+            block = corpus.row(pos)
+            row = store.get(int(block["id"]))
+            ids = tok.encode(block["text"].decode("utf-8"), add_special_tokens=False) + [tok.eos_token_id]
+            np.testing.assert_array_equal(row["input_ids"], ids)
+            vals, tk, ce, sce = map(np.asarray, extract_topk(model, np.asarray([ids], np.int32), None, k=5))
+            np.testing.assert_allclose(row["topk_logits"], vals[0], atol=1e-5)
+            np.testing.assert_array_equal(row["topk_ids"], tk[0])
+            np.testing.assert_allclose(row["token_ce"], ce[0], atol=1e-5)
+            np.testing.assert_allclose(row["seq_ce"], sce[0], atol=1e-5)
+
+
+def test_resume_after_interruption_is_byte_identical(setup, monkeypatch):
+    root, sources = setup
+    model, tok = sources["neox"]
+    kwargs = dict(name="neox", k=4, batch_size=2, rows_per_shard=4, progress=False)
+    represent_source(model, tok, root / "corpus", root / "straight", **kwargs)
+
+    calls = {"n": 0}
+    real = represent._extract
+
+    def dies_on_fifth_batch(*args):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt("simulated kill")
+        return real(*args)
+
+    monkeypatch.setattr(represent, "_extract", dies_on_fifth_batch)
+    with pytest.raises(KeyboardInterrupt):
+        represent_source(model, tok, root / "corpus", root / "resumed", **kwargs)
+    assert 0 < len(open_store(root / "resumed")) < len(open_store(root / "corpus"))
+    monkeypatch.setattr(represent, "_extract", real)
+    represent_source(model, tok, root / "corpus", root / "resumed", **kwargs)
+    assert _files(root / "resumed") == _files(root / "straight")
+
+
+def test_store_refuses_other_k_or_tokenizer(setup):
+    root, sources = setup
+    model, tok = sources["gpt2"]
+    represent_source(model, tok, root / "corpus", root / "refuse", name="gpt2", k=3, progress=False)
+    with pytest.raises(StoreMismatchError, match="k"):
+        represent_source(model, tok, root / "corpus", root / "refuse", name="gpt2", k=4, progress=False)
+    other_model, other_tok = sources["neox"]
+    with pytest.raises(StoreMismatchError, match="tokenizer_fingerprint"):
+        represent_source(other_model, other_tok, root / "corpus", root / "refuse", name="gpt2", k=3, progress=False)
+
+
+def test_nonfinite_logits_are_counted_and_flagged(setup, tmp_path):
+    root, sources = setup
+    _, tok = sources["llama"]
+    model = _tiny_model(tmp_path / "nan_model", "llama", len(tok), seed=5)
+    model.embed[...] = model.embed[...].at[tok.eos_token_id].set(np.nan)  # every block ends in EOS: all go NaN
+    summary = represent_source(model, tok, root / "corpus", tmp_path / "nan", name="llama", k=3, progress=False)
+    store = open_store(tmp_path / "nan")
+    assert summary["nonfinite_blocks"] == len(store) > 0
+    assert all(store.row(i)["nonfinite"] > 0 for i in range(len(store)))
