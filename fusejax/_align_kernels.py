@@ -6,7 +6,8 @@ the columns ``row_lo[i] .. row_lo[i] + row_len[i] - 1``; every other cell counts
 """
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import intrinsic
 
 INF = np.int64(1) << 62
 
@@ -38,22 +39,126 @@ def levenshtein(codes_a, a0, a1, codes_b, b0, b1, buf):
     return buf[lb]
 
 
-@njit(cache=True)
-def dtw_rows(codes_s, offs_s, seq_s, codes_t, offs_t, seq_t, lo, hi, threshold):
-    """Cumulative DTW costs, restricted to columns lo[i]..hi[i] of row i and to values <= threshold.
+@intrinsic
+def _popcount(typingctx, x):
+    """Number of set bits of a uint64 (the CPU's popcount instruction)."""
 
-    seq_s [n] / seq_t [m]: indices into the token tables (offs_*). Cells whose exact value exceeds
-    ``threshold``, or outside the allowed columns, are INF. Returns (values int64, row_start [n+1],
-    row_lo [n], row_len [n]). Cell cost: Levenshtein distance, memoised per (seq_s value, seq_t value).
+    def codegen(context, builder, signature, args):
+        return builder.ctpop(args[0])
+
+    return types.uint64(types.uint64), codegen
+
+
+@njit(cache=True)
+def char_masks(codes, offs, seq):
+    """uint64 [len(seq)]: per token, a 64-bit set of (hashed) characters it contains."""
+    out = np.zeros(seq.shape[0], np.uint64)
+    for p in range(seq.shape[0]):
+        mask = np.uint64(0)
+        for q in range(offs[seq[p]], offs[seq[p] + 1]):
+            mask |= np.uint64(1) << np.uint64((np.uint32(codes[q]) * np.uint32(2654435761)) >> np.uint32(26) & np.uint32(63))
+        out[p] = mask
+    return out
+
+
+@njit(cache=True, inline="always")
+def _cheap_cost(key_a, len_a, mask_a, key_b, len_b, mask_b):
+    """A lower bound on the Levenshtein distance of two tokens (see cost_to_go_bound), as int32."""
+    c = max(np.int32(abs(len_a - len_b)), np.int32(_popcount(mask_a & ~mask_b)), np.int32(_popcount(mask_b & ~mask_a)),
+            np.int32(1))
+    return np.int32(0) if key_a == key_b else c
+
+
+@njit(cache=True)
+def _row_costs(key_a, len_a, mask_a, key_b, len_b, mask_b, out):
+    """out[j] = _cheap_cost of token a against each token j of b (a loop from 0 that LLVM vectorises)."""
+    for j in range(out.shape[0]):
+        out[j] = _cheap_cost(key_a, len_a, mask_a, key_b[j], len_b[j], mask_b[j])
+
+
+@njit(cache=True)
+def cost_to_go_bound(key_s, len_s, mask_s, key_t, len_t, mask_t, cap, out):
+    """Lower bounds on the DTW cost still to pay after cell (i, j) to reach (n-1, m-1), capped at ``cap``.
+
+    The exact backward DP over a per-cell cost that never exceeds the Levenshtein distance of the two tokens:
+    0 for equal tokens (same ``key``), else the largest of 1, the length difference and the number of
+    character hashes (``mask``) that either token has and the other lacks (each needs its own edit).
+    Only cells below ``cap`` are computed: row i holds them in ``out[i, lo[i]:hi[i] + 1]`` (``out``: int16
+    or int32 [n, m], the rest left untouched); every other cell's bound is ``cap``. Returns (lo, hi) int64 [n].
+    """
+    n = key_s.shape[0]
+    m = key_t.shape[0]
+    lo = np.full(n, m, np.int64)
+    hi = np.full(n, -1, np.int64)
+    top = np.int32(cap)
+    below = np.full(m + 1, top, np.int32)  # cell cost + bound of row i + 1 (top outside blo..bhi)
+    here = np.full(m + 1, top, np.int32)
+    cost = np.empty(m, np.int32)
+    below[m] = 0  # a virtual successor of (n-1, m-1) that ends the path
+    blo, bhi = m - 1, m
+    for i in range(n - 1, -1, -1):
+        ks = key_s[i]
+        ls = np.int32(len_s[i])
+        ms = mask_s[i]
+        start = min(bhi, m - 1)
+        stop = max(blo - 1, 0)
+        _row_costs(ks, ls, ms, key_t[stop : start + 1], len_t[stop : start + 1], mask_t[stop : start + 1],
+                   cost[stop : start + 1])
+        right = top
+        row = out[i]
+        for j in range(start, stop - 1, -1):  # cells with a successor in the row below
+            best = min(right, min(below[j], below[j + 1]))
+            row[j] = best
+            right = min(best + cost[j], top)
+            here[j] = right
+        j = stop - 1
+        while j >= 0 and right < top:  # cells further left, reached along the row
+            out[i, j] = right
+            right = min(right + _cheap_cost(ks, ls, ms, key_t[j], len_t[j], mask_t[j]), top)
+            here[j] = right
+            j -= 1
+        # a cell whose cost + bound reaches top cannot lie on a path of cost < top: its bound may say top
+        first, last = j + 1, min(bhi, m - 1)
+        while last >= first and here[last] >= top:
+            last -= 1
+        while first <= last and here[first] >= top:
+            first += 1
+        lo[i], hi[i] = first, last
+        for k in range(blo, bhi + 1):  # ``below`` becomes the next row's scratch: back to top
+            below[k] = top
+        below, here = here, below
+        blo, bhi = first, last
+        if first > last:
+            break  # every earlier row is at top too
+    return lo, hi
+
+
+@njit(cache=True)
+def pair_memo(seq_s, seq_t, cheap):
+    """The cell-cost cache shared by DTW passes: (rs [n], rt [m], memo int32 [distinct s, distinct t] of -1,
+    cheap) where ``cheap`` = (key_s, len_s, mask_s, key_t, len_t, mask_t) describes each position's token."""
+    us = np.unique(seq_s)
+    ut = np.unique(seq_t)
+    memo = np.full((us.shape[0], ut.shape[0]), -1, np.int32)
+    return np.searchsorted(us, seq_s), np.searchsorted(ut, seq_t), memo, cheap
+
+
+@njit(cache=True)
+def dtw_rows(codes_s, offs_s, seq_s, codes_t, offs_t, seq_t, memo, lo, hi, threshold, bound, bound_lo, bound_hi):
+    """Cumulative DTW costs, restricted to columns lo[i]..hi[i] of row i and to cells that can lie on a path
+    of cost <= threshold.
+
+    seq_s [n] / seq_t [m]: indices into the token tables (offs_*). ``bound``: (values [n, m], lo [n], hi [n]):
+    lower bounds on the cost to go after each cell, as cost_to_go_bound leaves them (``threshold + 1`` outside
+    lo..hi), or n = 0 for none. A cell is INF when it
+    lies outside the allowed columns or when its value plus its bound exceeds ``threshold``; every other
+    cell holds its value given the INF cells. Returns (values int64, row_start [n+1],
+    row_lo [n], row_len [n]). Cell cost: Levenshtein distance, memoised in ``memo`` (see pair_memo).
     """
     n = seq_s.shape[0]
     m = seq_t.shape[0]
-    # memo of costs keyed by distinct token pairs
-    us = np.unique(seq_s)
-    ut = np.unique(seq_t)
-    rs = np.searchsorted(us, seq_s)
-    rt = np.searchsorted(ut, seq_t)
-    memo = np.full((us.shape[0], ut.shape[0]), -1, np.int32)
+    use_bound = bound.shape[0] > 0
+    rs, rt, memo, (key_s, len_s, mask_s, key_t, len_t, mask_t) = memo
     maxlen = 1
     for t in range(offs_t.shape[0] - 1):
         if offs_t[t + 1] - offs_t[t] + 1 > maxlen:
@@ -97,6 +202,8 @@ def dtw_rows(codes_s, offs_s, seq_s, codes_t, offs_t, seq_t, lo, hi, threshold):
                     best = values[row_start[i - 1] + k]
                 if 0 <= k - 1 < prev_len and values[row_start[i - 1] + k - 1] < best:
                     best = values[row_start[i - 1] + k - 1]
+            if use_bound and best < INF and (j < bound_lo[i] or j > bound_hi[i] or best + bound[i, j] > threshold):
+                best = INF  # even a free cell here could not lie on a path of cost <= threshold
             if best >= INF:
                 if j > phi + 1:
                     break  # nothing further right can be reached in this row
@@ -107,11 +214,13 @@ def dtw_rows(codes_s, offs_s, seq_s, codes_t, offs_t, seq_t, lo, hi, threshold):
                 continue
             c = memo[rs[i], rt[j]]
             if c < 0:
-                a, b = seq_s[i], seq_t[j]
-                c = levenshtein(codes_s, offs_s[a], offs_s[a + 1], codes_t, offs_t[b], offs_t[b + 1], buf)
+                c = _cheap_cost(key_s[i], len_s[i], mask_s[i], key_t[j], len_t[j], mask_t[j])
+                if c > 0 and c < max(len_s[i], len_t[j]):  # else the lower bound meets the upper bound
+                    a, b = seq_s[i], seq_t[j]
+                    c = levenshtein(codes_s, offs_s[a], offs_s[a + 1], codes_t, offs_t[b], offs_t[b + 1], buf)
                 memo[rs[i], rt[j]] = c
             v = best + c
-            if v > threshold:
+            if v + (bound[i, j] if use_bound else 0) > threshold:  # (a cell outside lo..hi is INF by now)
                 v = INF
             else:
                 if j < flo:

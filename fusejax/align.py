@@ -23,7 +23,10 @@ Pure numpy + rapidfuzz + numba (never JAX). Every public function takes ``mode``
   * a matching position whose projection resolves nothing falls back as well (no empty rows).
 
 Public API: :func:`word_start_marker`, :func:`token_strings`, :func:`token_texts`, :func:`vocab_map`,
-:func:`vocab_map_summary`, :func:`align_tokens`, :func:`align_topk` and :class:`AlignStats`.
+:func:`vocab_map_summary`, :func:`align_tokens`, :func:`align_topk` and :class:`AlignStats`; the pipeline
+stages :func:`run_vocab_maps` (``fusejax vocab-map``) and :func:`run_align` (``fusejax align``), which read
+the corpus and top-k stores and write the aligned store (JAX is imported there only to reuse the top-k
+stage's tokenization helper).
 """
 
 from __future__ import annotations
@@ -169,6 +172,13 @@ class _Vocab:
             self._codes[kind] = (flat, offsets)
         return self._codes[kind]
 
+    def keys(self, kind: str) -> np.ndarray:
+        """int32 [V]: one number per distinct string of ``kind`` (see :meth:`codes`), shared by all vocabularies."""
+        if ("keys", kind) not in self._codes:
+            strings = (t.replace(self.marker, "") for t in self.tokens) if kind == "stripped" else self.texts
+            self._codes["keys", kind] = np.array([_KEYS.setdefault(x, len(_KEYS)) for x in strings], np.int32)
+        return self._codes["keys", kind]
+
 
 def _spell(v: _Vocab) -> list[bytes]:
     """The bytes each token of ``v`` spells (see the module docstring, default mode)."""
@@ -197,6 +207,7 @@ def _spell(v: _Vocab) -> list[bytes]:
     return texts
 
 
+_KEYS: dict = {}  # token string (str or bytes) -> key shared by every vocabulary (see _Vocab.keys)
 _VOCABS: dict = {}  # id(tokenizer object) or tokenizer folder -> _Vocab
 
 
@@ -255,9 +266,12 @@ def _map_strings(s: _Vocab, t: _Vocab, mode: str) -> tuple[list[str], list[str],
 
 
 def _exact_ids(s: _Vocab, t: _Vocab, mode: str) -> np.ndarray:
-    """int32 [|V_source|]: the target id spelling/reading the same as each source token, else -1."""
-    keys_s, _, lookup = _map_strings(s, t, mode)
-    return np.array([lookup.get(k, -1) for k in keys_s], np.int32)
+    """int32 [|V_source|]: the target id spelling/reading the same as each source token, else -1 (cached)."""
+    key = ("exact", id(t), mode)
+    if key not in s._codes:
+        keys_s, _, lookup = _map_strings(s, t, mode)
+        s._codes[key] = np.array([lookup.get(k, -1) for k in keys_s], np.int32)
+    return s._codes[key].copy()
 
 
 def _cache_path(cache_dir, s: _Vocab, t: _Vocab, method: str, mode: str, co_occurrence) -> Path:
@@ -372,7 +386,7 @@ def vocab_map_summary(target_ids: np.ndarray, distances: np.ndarray) -> dict:
 
 def _byte_offsets(v: _Vocab, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(start, end) byte offsets of each token of ``ids`` in the text they spell together."""
-    lengths = np.fromiter((len(v.texts[i]) for i in ids.tolist()), np.int64, ids.size)
+    lengths = np.diff(v.codes("texts")[1])[ids]
     end = np.cumsum(lengths)
     return end - lengths, end
 
@@ -381,10 +395,21 @@ def align_tokens(source_tokenizer, source_ids, target_tokenizer, target_ids, mod
     """DTW alignment of two token sequences (see the module docstring for the cost of each mode).
 
     Returns int32 [len(target_ids)]: the source position paired with each target position when the path pairs
-    it with exactly one source position, else -1. Identical to the full O(n*m) DP: a first pass restricted to
-    a band around the byte-offset diagonal gives an upper bound F on the optimal cost; the second pass computes
-    every cell whose exact value is <= F (the only cells an optimal path or the backtrack's choices can use)
-    and treats the rest as infinite.
+    it with exactly one source position, else -1. Identical to the full O(n*m) DP, in three compiled passes:
+
+    1. a DP restricted to a band around the byte-offset diagonal: the cost F of one path, >= the optimum;
+    2. backward over the matrix, a lower bound h(cell) on the cost still to pay after each cell, from per-cell
+       costs that never exceed the Levenshtein distance (0 for equal tokens, else the largest of 1, the length
+       difference and the number of hashed characters one token has and the other lacks), computed only
+       where it stays <= F;
+    3. the exact DP, where a cell whose value plus h exceeds F counts as infinite (and its Levenshtein
+       distance is never computed).
+
+    Why the backtrack cannot change: every cell of an optimal path has value + h <= optimum <= F, so it is
+    kept with its exact value (its optimal predecessor is kept too); at each step the backtrack compares
+    the neighbours of a cell on an optimal path, and a neighbour that ties with the minimum lies on an
+    optimal path itself, so it is kept, while a neighbour above the minimum stays above it when made
+    infinite. Hence the same moves and the same tie-breaking as the full DP.
     """
     from fusejax import _align_kernels as K
 
@@ -405,11 +430,18 @@ def align_tokens(source_tokenizer, source_ids, target_tokenizer, target_ids, mod
     lo[0], hi[-1] = 0, m - 1
     lo = np.minimum(lo, np.concatenate([[0], hi[:-1] + 1]))  # consecutive rows overlap or touch
     hi = np.maximum(hi, lo)
-    band = K.dtw_rows(codes_s, offs_s, src, codes_t, offs_t, tgt, lo, hi, K.INF)
-    bound = K._cell(*band, n - 1, m - 1)
+    none = np.zeros((0, 0), np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    cheap = (s.keys(kind)[src], np.diff(offs_s).astype(np.int32)[src], K.char_masks(codes_s, offs_s, src),
+             t.keys(kind)[tgt], np.diff(offs_t).astype(np.int32)[tgt], K.char_masks(codes_t, offs_t, tgt))
+    memo = K.pair_memo(src, tgt, cheap)
+    band = K.dtw_rows(codes_s, offs_s, src, codes_t, offs_t, tgt, memo, lo, hi, K.INF, *none)
+    upper = K._cell(*band, n - 1, m - 1)  # the cost of a path: an upper bound on the optimal cost
 
+    cap = min(upper + 1, 2**31 - 1)
+    to_go = np.empty((n, m), np.int16 if cap <= np.iinfo(np.int16).max else np.int32)
+    to_go_lo, to_go_hi = K.cost_to_go_bound(*cheap, cap, to_go)
     full_lo, full_hi = np.zeros(n, np.int64), np.full(n, m - 1, np.int64)
-    rows = K.dtw_rows(codes_s, offs_s, src, codes_t, offs_t, tgt, full_lo, full_hi, bound)
+    rows = K.dtw_rows(codes_s, offs_s, src, codes_t, offs_t, tgt, memo, full_lo, full_hi, upper, to_go, to_go_lo, to_go_hi)
     partner, ok = K.backtrack(*rows, n, m)
     assert ok, "the pruned DTW lost the end cell"
     return partner
@@ -480,9 +512,16 @@ def align_topk(
     if next_target_id is not None:
         _ids([next_target_id], t, "next_target_id")
 
+    partner = align_tokens(s.tok, src, t.tok, tgt, mode=mode)
+    out_ids, out_logits, stats = _project(s, t, src, tgt, top_ids, top_logits, partner, vocab_map, fallback, mode,
+                                          next_target_id)
+    return (out_ids, out_logits, stats) if return_stats else (out_ids, out_logits)
+
+
+def _project(s: _Vocab, t: _Vocab, src, tgt, top_ids, top_logits, partner, vocab_map, fallback, mode, next_target_id):
+    """align_topk's rows given the alignment ``partner`` (checked inputs); returns (ids, logits, stats)."""
     # projection of a source id onto a target id (-1: does not resolve)
     project = _exact_ids(s, t, mode) if vocab_map is None else vocab_map.astype(np.int64)
-    partner = align_tokens(s.tok, src, t.tok, tgt, mode=mode)
     if mode == "reference":
         src_keys = [s.tokens[i].replace(s.marker, t.marker) for i in src.tolist()]
         tgt_keys = [t.tokens[i] for i in tgt.tolist()]
@@ -502,7 +541,7 @@ def align_topk(
                 stats.matched += 1
                 row = []
                 for sid, logit in zip(top_ids[j].tolist(), top_logits[j].tolist()):
-                    tid = int(project[sid])
+                    tid = int(project[sid]) if sid < project.size else -1  # ids past the tokenizer: model padding
                     if tid >= 0 and tid not in row:
                         row.append(tid)
                         out_logits[i, len(row) - 1] = logit
@@ -519,7 +558,7 @@ def align_topk(
             stats.empty += 1
             continue
         out_logits[i, 0] = 1.0
-    return (out_ids, out_logits, stats) if return_stats else (out_ids, out_logits)
+    return out_ids, out_logits, stats
 
 
 def _matches(s: _Vocab, t: _Vocab, mode: str, i: int, src_key, tgt_key, src_id: int, tgt_id: int, vocab_map) -> bool:
@@ -550,3 +589,270 @@ def _replaced_index(s: _Vocab, t: _Vocab) -> dict[str, int]:
             index.setdefault(tok.replace(s.marker, t.marker), i)
         s.replaced[t.marker] = index
     return s.replaced[t.marker]
+
+
+# ------------------------------------------------------------------------------------------------- the stage
+
+ALIGNED_KIND = "aligned"
+_COUNTS = ("positions", "one_to_one", "matched", "fallback", "empty")  # AlignStats fields, in order
+
+
+def _process_slot() -> tuple[int, int]:
+    """(process index, process count) of this run, from the same settings as fusejax.distributed.initialize."""
+    from fusejax.distributed import plan
+
+    found = plan()
+    if found is None:
+        return 0, 1
+    if found["process_id"] is None or found["num_processes"] is None:  # a TPU pod: JAX knows the layout
+        import jax
+
+        return jax.process_index(), jax.process_count()
+    return found["process_id"], found["num_processes"]
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _source_names(cfg) -> list[str]:
+    names = [src.name for src in cfg.sources]
+    if not names:
+        raise ValueError("config: `sources` is empty; the alignment needs at least one source")
+    for k, name in enumerate(names):
+        if not name or "/" in name or name in names[:k]:
+            raise ValueError(f"config: sources.{k}.name={name!r} must be a unique, non-empty name without '/'")
+    return names
+
+
+def _vocab_map_file(cfg, name: str) -> Path:
+    return Path(cfg.run.output_dir) / "vocab_maps" / f"{name}.npz"
+
+
+def _vocab_map_meta(cfg, source_fp: str, target_fp: str) -> dict:
+    return {"source_fingerprint": source_fp, "target_fingerprint": target_fp, "method": cfg.vocab_map.method,
+            "mode": cfg.vocab_map.mode, "co_occurrence": cfg.vocab_map.co_occurrence}
+
+
+def _load_vocab_map(cfg, name: str, source_fp: str, target_fp: str) -> np.ndarray | None:
+    """The stored map of source ``name`` (int32 [|V_source|]) if it was built for these settings, else None."""
+    path = _vocab_map_file(cfg, name)
+    if not path.is_file():
+        return None
+    with np.load(path) as f:
+        if json.loads(str(f["meta"])) != _vocab_map_meta(cfg, source_fp, target_fp):
+            return None
+        return f["target_ids"]
+
+
+def _co_occurrence(cfg, name: str, src_tok, tgt_tok) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(source ids, target ids, counts) of the token pairs that align_tokens pairs 1-to-1 over the corpus."""
+    from fusejax.tokenizer import encode_block
+    from fusejax.store import open_store
+
+    out = Path(cfg.run.output_dir)
+    corpus, topk = open_store(out / "corpus"), open_store(out / "represent" / name)
+    pairs = []
+    for row in corpus:
+        src = np.asarray(topk.get(row["id"])["input_ids"])
+        tgt = np.asarray(encode_block(tgt_tok, row["text"].decode("utf-8")))
+        partner = align_tokens(src_tok, src, tgt_tok, tgt, mode=cfg.vocab_map.mode)
+        ok = partner >= 0
+        pairs.append(np.stack([src[partner[ok]], tgt[ok]], axis=1))
+    unique, counts = np.unique(np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int64), axis=0, return_counts=True)
+    return unique[:, 0], unique[:, 1], counts
+
+
+def run_vocab_maps(cfg) -> dict:
+    """The ``fusejax vocab-map`` stage: one map per source onto the target vocabulary.
+
+    Writes ``<run.output_dir>/vocab_maps/<source name>.npz`` (``target_ids``, ``distances`` int32
+    [|V_source|], ``meta``: both tokenizer fingerprints and the settings; a map with the same meta is reused)
+    and ``vocab_maps/summary.json`` (per source: exact-match rate, mean distance, ...). ``vocab_map.
+    co_occurrence`` breaks distance ties by 1-to-1 alignment counts over the corpus (needs the top-k stores).
+    Returns the summary.
+    """
+    from fusejax.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+    names = _source_names(cfg)
+    tgt_tok = load_tokenizer(cfg.target.tokenizer_path)
+    target_fp = tokenizer_fingerprint(tgt_tok)
+    summary = {}
+    for name, source in zip(names, cfg.sources):
+        src_tok = load_tokenizer(source.tokenizer_path)
+        source_fp = tokenizer_fingerprint(src_tok)
+        meta = _vocab_map_meta(cfg, source_fp, target_fp)
+        path = _vocab_map_file(cfg, name)
+        if _load_vocab_map(cfg, name, source_fp, target_fp) is None:
+            counts = _co_occurrence(cfg, name, src_tok, tgt_tok) if cfg.vocab_map.co_occurrence else None
+            ids, dist = vocab_map(src_tok, tgt_tok, method=cfg.vocab_map.method, mode=cfg.vocab_map.mode,
+                                  co_occurrence=counts)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
+            np.savez(tmp, target_ids=ids, distances=dist, meta=np.array(json.dumps(meta, sort_keys=True)))
+            os.replace(tmp, path)
+        with np.load(path) as f:
+            summary[name] = {**vocab_map_summary(f["target_ids"], f["distances"]), **meta}
+    _write_json(path.parent / "summary.json", summary)
+    return summary
+
+
+def _check_meta(store, key: str, found, expected, what: str) -> None:
+    if found != expected:
+        raise ValueError(
+            f"store {store.path}: meta key {key!r} is {found!r}, expected {expected!r} ({what}); "
+            f"rebuild that store or fix the config"
+        )
+
+
+def _aligned_summary(path: Path, names: list[str]) -> dict:
+    """Per-source rates over every block in the aligned store at ``path``."""
+    from fusejax.store import open_store
+
+    store = open_store(path)
+    counts = np.zeros((len(names), len(_COUNTS)), np.int64)
+    skipped = 0
+    for shard in store.shards:
+        counts += np.asarray(shard.column("align_counts"), np.int64).sum(axis=0)
+        skipped += int(np.count_nonzero(shard.column("skip")))
+    per_source = {}
+    for name, row in zip(names, counts):
+        stats = AlignStats(*(int(x) for x in row))
+        per_source[name] = {**dataclasses.asdict(stats), **stats.rates()}
+    return {"blocks": len(store), "skipped_blocks": skipped, "sources": per_source}
+
+
+def run_align(cfg) -> dict:
+    """The ``fusejax align`` stage: every source's top-k store, aligned to the target's tokens, in one store.
+
+    Reads the corpus store ``<run.output_dir>/corpus`` and the top-k stores ``represent/<source name>``;
+    writes ``<run.output_dir>/aligned`` (kind ``"aligned"``), one row per corpus block (same id, corpus order),
+    with S sources in config order:
+
+    * ``input_ids`` [T] int32: the target tokenizer's ids of the block text + EOS (as the top-k stage does);
+    * ``table_ids`` / ``table_logits`` [T, S, k] int32 / float32: align_topk of each source (target-vocab
+      ids, -1 padded; logits 0 there); ``seq_ce`` [S] float32: each source's mean CE over the block;
+    * ``token_ce`` [T, S] float32: the CE of the source token paired 1-to-1 with target position t; positions
+      without a 1-to-1 partner get the source's ``seq_ce`` (its mean, so they favour no source);
+    * ``byte_ce`` [S] float32: the sum of the source's token CE over the block / UTF-8 bytes of the block;
+    * ``n_bytes`` int32, ``split`` uint8 (from the corpus), ``skip`` bool: a source had non-finite logits;
+    * ``align_counts`` [S, 5] int32: AlignStats counts (positions, one_to_one, matched, fallback, empty).
+
+    ``align.use_vocab_map`` uses the maps of ``fusejax vocab-map`` (``soft``; built here when missing), else
+    ``hard``. Process i of n (fusejax.distributed settings) writes a contiguous slice of the blocks; a rerun
+    resumes; top-k stores built for another corpus, tokenizer or k are refused. Writes the per-source rates
+    to ``<run.output_dir>/aligned_summary.json`` and returns them.
+    """
+    from fusejax.distributed import process_slice
+    from fusejax.store import Field, StoreError, StoreWriter, open_store
+    from fusejax.tokenizer import encode_block, load_tokenizer, tokenizer_fingerprint
+
+    names = _source_names(cfg)
+    out = Path(cfg.run.output_dir)
+    k = cfg.represent.k
+    corpus = open_store(out / "corpus")
+    _check_meta(corpus, "kind", corpus.kind, "corpus", "the corpus store")
+    tgt_tok = load_tokenizer(cfg.target.tokenizer_path)
+    target_fp = tokenizer_fingerprint(tgt_tok)
+    _check_meta(corpus, "tokenizer_fingerprint", corpus.meta.get("tokenizer_fingerprint"), target_fp,
+                f"the target tokenizer {cfg.target.tokenizer_path}")
+    src_toks, stores, maps, fingerprints = [], [], [], []
+    for name, source in zip(names, cfg.sources):
+        tok = load_tokenizer(source.tokenizer_path)
+        fp = tokenizer_fingerprint(tok)
+        store = open_store(out / "represent" / name)
+        _check_meta(store, "kind", store.kind, "topk", f"the top-k store of source {name!r}")
+        _check_meta(store, "tokenizer_fingerprint", store.meta.get("tokenizer_fingerprint"), fp,
+                    f"the tokenizer {source.tokenizer_path} of source {name!r}")
+        _check_meta(store, "k", store.meta.get("k"), k, "represent.k")
+        _check_meta(store, "corpus", store.meta.get("corpus"), corpus.meta, f"the corpus store {corpus.path}")
+        if cfg.align.use_vocab_map:
+            if _load_vocab_map(cfg, name, fp, target_fp) is None:
+                run_vocab_maps(cfg)
+            maps.append(_load_vocab_map(cfg, name, fp, target_fp))
+        else:
+            maps.append(None)
+        src_toks.append(tok)
+        stores.append(store)
+        fingerprints.append(fp)
+
+    S = len(names)
+    fields = [
+        Field("input_ids", "int32", (), ragged=True),
+        Field("table_ids", "int32", (S, k), ragged=True),
+        Field("table_logits", "float32", (S, k), ragged=True),
+        Field("seq_ce", "float32", (S,)),
+        Field("token_ce", "float32", (S,), ragged=True),
+        Field("byte_ce", "float32", (S,)),
+        Field("n_bytes", "int32"),
+        Field("split", "uint8"),
+        Field("skip", "bool"),
+        Field("align_counts", "int32", (S, len(_COUNTS))),
+    ]
+    meta = {
+        "sources": names,
+        "source_fingerprints": fingerprints,
+        "target_fingerprint": target_fp,
+        "k": k,
+        "mode": cfg.align.mode,
+        "fallback": cfg.align.fallback,
+        "vocab_map": {key: getattr(cfg.vocab_map, key) for key in ("method", "mode", "co_occurrence")}
+        if cfg.align.use_vocab_map
+        else None,
+        "corpus": corpus.meta,
+    }
+    process, processes = _process_slot()
+    start, stop = process_slice(len(corpus), process, processes)
+    path = out / "aligned"
+    with StoreWriter(path, kind=ALIGNED_KIND, meta=meta, fields=fields, rows_per_shard=cfg.represent.shard_size,
+                     process_index=process) as writer:
+        done = writer.completed_ids()
+        if len(done) and not np.array_equal(done, [corpus.row(i)["id"] for i in range(start, start + len(done))]):
+            raise StoreError(f"{path}: stored blocks do not follow the corpus {corpus.path}")
+        t = _vocab(tgt_tok)
+        for position in range(start + len(done), stop):
+            block = corpus.row(position)
+            tgt = np.asarray(encode_block(tgt_tok, block["text"].decode("utf-8")), np.int32)
+            n_bytes = int(block["n_bytes"])
+            T = tgt.size
+            table_ids = np.full((T, S, k), -1, np.int32)
+            table_logits = np.zeros((T, S, k), np.float32)
+            token_ce = np.zeros((T, S), np.float32)
+            seq_ce, byte_ce = np.zeros(S, np.float32), np.zeros(S, np.float32)
+            counts = np.zeros((S, len(_COUNTS)), np.int32)
+            skip = False
+            for n, (name, tok, store, vmap) in enumerate(zip(names, src_toks, stores, maps)):
+                try:
+                    row = store.get(block["id"])
+                except KeyError:
+                    raise StoreError(f"{store.path}: block {block['id']} of the corpus is missing (source {name!r})")
+                src = np.asarray(row["input_ids"], np.int64)
+                top_ids = np.asarray(row["topk_ids"])
+                top_logits = np.asarray(row["topk_logits"], np.float32)
+                ce = np.asarray(row["token_ce"], np.float32)
+                if top_ids.shape != (src.size, k) or ce.shape != (src.size,):
+                    raise StoreError(
+                        f"{store.path}: block {block['id']} has {src.size} input_ids but topk_ids {top_ids.shape} "
+                        f"and token_ce {ce.shape}"
+                    )
+                s = _vocab(tok)
+                partner = align_tokens(tok, src, tgt_tok, tgt, mode=cfg.align.mode)
+                ids, logits, stats = _project(s, t, src, tgt.astype(np.int64), top_ids, top_logits, partner, vmap,
+                                              cfg.align.fallback, cfg.align.mode, None)
+                table_ids[:, n], table_logits[:, n] = ids, logits
+                seq_ce[n] = row["seq_ce"]
+                token_ce[:, n] = np.where(partner >= 0, ce[np.maximum(partner, 0)], seq_ce[n])
+                byte_ce[n] = ce.sum(dtype=np.float64) / max(n_bytes, 1)
+                counts[n] = dataclasses.astuple(stats)
+                skip |= int(row["nonfinite"]) > 0
+            writer.add(
+                int(block["id"]), input_ids=tgt, table_ids=table_ids, table_logits=table_logits, seq_ce=seq_ce,
+                token_ce=token_ce, byte_ce=byte_ce, n_bytes=n_bytes, split=block["split"], skip=skip,
+                align_counts=counts,
+            )
+    summary = {**_aligned_summary(path, names), "corpus_blocks": len(corpus)}
+    _write_json(out / "aligned_summary.json", summary)
+    return summary

@@ -17,14 +17,19 @@ import sys
 from collections.abc import Sequence
 
 from fusejax import __version__
-from fusejax.config import ConfigError, iter_fields, load_config, to_yaml
+from fusejax.config import iter_fields, load_config, to_yaml
 from fusejax.distributed import initialize
+from fusejax.errors import debug, user_error_message
 
 # stage subcommand -> ("module:function", help). The function takes the resolved Config and returns None or an
 # exit code. Add one entry when a stage's module lands (none are listed before their module exists).
 STAGES: dict[str, tuple[str, str]] = {
     "prepare": ("fusejax.corpus:run", "cut the corpus into blocks of target tokens (writes <output_dir>/corpus)"),
     "represent": ("fusejax.represent:run", "top-k logits and CE of every source model (writes <output_dir>/represent)"),
+    "eval": ("fusejax.evaluate:run", "held-out loss and bits per byte of the target before and after training"),
+    "run": ("fusejax.pipeline:run", "every stage in order, skipping finished ones (see docs/pipeline.md)"),
+    "vocab-map": ("fusejax.align:run_vocab_maps", "map each source vocabulary onto the target's (writes <output_dir>/vocab_maps)"),
+    "align": ("fusejax.align:run_align", "align every source's top-k to the target tokens (writes <output_dir>/aligned)"),
 }
 
 DEMO = "fusejax.demo:main"
@@ -81,7 +86,7 @@ def _print_fields() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``fusejax`` command on ``argv`` (default: ``sys.argv[1:]``); returns the exit code
-    (2 with a one-line message on stderr for a bad config)."""
+    (2 with a one-line message on stderr for a user error, see :mod:`fusejax.errors`)."""
     args = build_parser().parse_args(argv)
     try:
         if args.command == "config":
@@ -96,8 +101,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = _config_from(args)
             initialize()  # join the other processes of a pod / cluster before any JAX use
             result = _resolve(STAGES[args.command][0])(cfg)
-    except ConfigError as e:
-        print(f"fusejax: error: {e}", file=sys.stderr)
+    except Exception as e:  # a user error is one line and exit code 2; a bug keeps its traceback
+        message = None if debug() else user_error_message(e)
+        if message is None:
+            raise
+        print(f"fusejax: error: {message}", file=sys.stderr)
         return 2
     return result if isinstance(result, int) else 0
 

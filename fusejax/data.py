@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from fusejax.store import open_store
+from fusejax.tokenizer import encode_block
 
 SPLITS = ("train", "heldout")  # the corpus store's split codes
 
@@ -111,10 +112,9 @@ class TokenBatches:
         ids = np.zeros((n, T), np.int32)
         mask = np.zeros((n, T), np.int32)
         n_bytes = np.zeros(n, np.int32)
-        eos = [] if self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
         for b, i in enumerate(indices):
             row = self.store.row(int(self.positions[i]))
-            seq = self.tokenizer.encode(row["text"].decode("utf-8"), add_special_tokens=False) + eos
+            seq = encode_block(self.tokenizer, row["text"].decode("utf-8"))
             if len(seq) > T:
                 raise ValueError(f"block {row['id']} has {len(seq)} tokens with this tokenizer, more than seq_len={T}")
             ids[b, : len(seq)], mask[b, : len(seq)] = seq, 1

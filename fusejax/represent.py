@@ -62,12 +62,6 @@ def _bucket(n: int, limit: int) -> int:
     return min(max(16, 1 << (n - 1).bit_length()), limit)
 
 
-def _source_ids(tok, text: str) -> list[int]:
-    """The source tokenizer's ids for a block's text, with its EOS appended (as the reference does)."""
-    ids = tok.encode(text, add_special_tokens=False)
-    return ids + [tok.eos_token_id] if tok.eos_token_id is not None else ids
-
-
 def represent_source(
     model,
     tokenizer,
@@ -99,7 +93,7 @@ def represent_source(
 
     from fusejax.distributed import process_slice
     from fusejax.store import Field, StoreError, StoreWriter, open_store
-    from fusejax.tokenizer import load_tokenizer, tokenizer_fingerprint
+    from fusejax.tokenizer import encode_block, load_tokenizer, tokenizer_fingerprint
 
     tok = load_tokenizer(tokenizer)
     vocab = model.config.vocab_size
@@ -107,7 +101,7 @@ def represent_source(
         raise ValueError(f"source {name!r}: tokenizer has {len(tok)} tokens but the model's vocabulary is {vocab}")
     if not 0 < k <= vocab:
         raise ValueError(f"represent.k={k} must be between 1 and the vocabulary size {vocab} of source {name!r}")
-    corpus = open_store(corpus_dir)
+    corpus = open_store(corpus_dir, verify=True)  # a corrupted corpus shard is named, never read
     # shards hold whole batches, so a resumed run batches (and pads) exactly like an uninterrupted one
     rows_per_shard = -(-rows_per_shard // batch_size) * batch_size
     context = model.config.max_position_embeddings
@@ -136,37 +130,38 @@ def represent_source(
         done = writer.completed_ids()
         if len(done) and not np.array_equal(done, [corpus.row(i)["id"] for i in range(start, start + len(done))]):
             raise StoreError(f"{out_dir}: stored blocks of source {name!r} do not follow corpus {corpus_dir}")
-        bar = tqdm(total=stop - start, initial=len(done), disable=not progress, unit="block", desc=f"represent {name}")
-        for first in range(start + len(done), stop, batch_size):
-            rows = [corpus.row(i) for i in range(first, min(first + batch_size, stop))]
-            seqs = [_source_ids(tok, row["text"].decode("utf-8")) for row in rows]
-            longest = max(len(s) for s in seqs)
-            if longest > context:
-                bad = rows[[len(s) for s in seqs].index(longest)]["id"]
-                raise ValueError(
-                    f"block {bad} has {longest} tokens for source {name!r}, more than its context of {context}; "
-                    f"lower corpus.block_size"
-                )
-            length = _bucket(longest, context)
-            ids = np.zeros((batch_size, length), np.int32)  # fixed batch size: short last batch padded
-            mask = np.zeros((batch_size, length), np.int32)
-            for b, s in enumerate(seqs):
-                ids[b, : len(s)], mask[b, : len(s)] = s, 1
-            out = jax.device_get(_extract(model, jnp.asarray(ids), jnp.asarray(mask), k))
-            tk_logits, tk_ids, token_ce, seq_ce, nonfinite = out
-            for b, (row, s) in enumerate(zip(rows, seqs)):
-                n = len(s)
-                writer.add(
-                    int(row["id"]), input_ids=np.asarray(s, np.int32), topk_ids=tk_ids[b, :n],
-                    topk_logits=tk_logits[b, :n], token_ce=token_ce[b, :n], seq_ce=seq_ce[b],
-                    nonfinite=nonfinite[b],
-                )
-                stats["blocks"] += 1
-                stats["tokens"] += n
-                stats["nonfinite_blocks"] += int(nonfinite[b] > 0)
-            bar.update(len(rows))
-            bar.set_postfix(tok_s=f"{stats['tokens'] / (time.perf_counter() - t0):.0f}")
-        bar.close()
+        # a with block closes the bar on errors too, so that an error message starts on its own line
+        with tqdm(total=stop - start, initial=len(done), disable=not progress, unit="block",
+                  desc=f"represent {name}") as bar:
+            for first in range(start + len(done), stop, batch_size):
+                rows = [corpus.row(i) for i in range(first, min(first + batch_size, stop))]
+                seqs = [encode_block(tok, row["text"].decode("utf-8")) for row in rows]
+                longest = max(len(s) for s in seqs)
+                if longest > context:
+                    bad = rows[[len(s) for s in seqs].index(longest)]["id"]
+                    raise ValueError(
+                        f"block {bad} has {longest} tokens for source {name!r}, more than its context of {context}; "
+                        f"lower corpus.block_size"
+                    )
+                length = _bucket(longest, context)
+                ids = np.zeros((batch_size, length), np.int32)  # fixed batch size: short last batch padded
+                mask = np.zeros((batch_size, length), np.int32)
+                for b, s in enumerate(seqs):
+                    ids[b, : len(s)], mask[b, : len(s)] = s, 1
+                out = jax.device_get(_extract(model, jnp.asarray(ids), jnp.asarray(mask), k))
+                tk_logits, tk_ids, token_ce, seq_ce, nonfinite = out
+                for b, (row, s) in enumerate(zip(rows, seqs)):
+                    n = len(s)
+                    writer.add(
+                        int(row["id"]), input_ids=np.asarray(s, np.int32), topk_ids=tk_ids[b, :n],
+                        topk_logits=tk_logits[b, :n], token_ce=token_ce[b, :n], seq_ce=seq_ce[b],
+                        nonfinite=nonfinite[b],
+                    )
+                    stats["blocks"] += 1
+                    stats["tokens"] += n
+                    stats["nonfinite_blocks"] += int(nonfinite[b] > 0)
+                bar.update(len(rows))
+                bar.set_postfix(tok_s=f"{stats['tokens'] / (time.perf_counter() - t0):.0f}")
     stats["seconds"] = time.perf_counter() - t0
     stats["stored_blocks"] = stop - start
     if stats["nonfinite_blocks"]:

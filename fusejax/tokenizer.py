@@ -212,3 +212,10 @@ def _byte_level_bpe_backend(folder: Path, add_prefix_space: bool) -> Tokenizer:
     backend.decoder = decoders.ByteLevel()
     backend.post_processor = processors.ByteLevel(trim_offsets=False)
     return backend
+
+
+def encode_block(tok, text: str) -> list[int]:
+    """A block's ids as every stage sees them: ``tok``'s ids of ``text`` (no BOS) with its EOS appended
+    (as the FuseLLM reference does); no EOS when the tokenizer has none."""
+    ids = tok.encode(text, add_special_tokens=False)
+    return ids + [tok.eos_token_id] if tok.eos_token_id is not None else ids

@@ -226,6 +226,61 @@ def test_align_tokens_ties_on_repetitive_text(toks):
         np.testing.assert_array_equal(align.align_tokens(s, ids_a, t, ids_b, mode="reference"), naive_dtw_partner(a, b))
 
 
+TIE_SRC = ["a", "aa", "ab", "b", "Ġa", "Ġb", "ĠĠ", "Ċ", "ba"]
+TIE_TGT = ["▁", "a", "▁a", "aa", "b", "▁b", "▁▁", "<0x0A>", "ab", "▁ab"]
+
+
+@pytest.mark.parametrize("mode", ["reference", "default"])
+def test_align_tokens_pruning_keeps_ties_on_tiny_alphabets(mode):
+    """Short random sequences over a few similar tokens: many equal-cost paths and cells whose pruning
+    bound is tight; the pruned DP must still break every tie like the full one."""
+    s, t = _hand_tok(TIE_SRC, True), _hand_tok(TIE_TGT, False)
+    rng = np.random.default_rng(1)
+    for _ in range(150):
+        n, m = rng.integers(1, 30, 2)
+        ids_s, ids_t = rng.integers(0, len(TIE_SRC), n), rng.integers(0, len(TIE_TGT), m)
+        if mode == "reference":
+            a, b = reference_strings(s, ids_s, "Ġ"), reference_strings(t, ids_t, "▁")
+        else:
+            a = [x.decode("latin-1") for x in align.token_texts(s, ids_s)]
+            b = [x.decode("latin-1") for x in align.token_texts(t, ids_t)]
+        np.testing.assert_array_equal(align.align_tokens(s, ids_s, t, ids_t, mode=mode), naive_dtw_partner(a, b))
+
+
+def test_cost_to_go_bound_is_a_lower_bound():
+    """The pruning bound never exceeds the exact DTW cost still to pay (naive backward DP with Levenshtein)."""
+    from fusejax import _align_kernels as K
+
+    rng = np.random.default_rng(2)
+    words = ["the", "then", "he", "a", "an", "and", "na", "", "x", "éé", "ab" * 4]
+    keys = {w: k for k, w in enumerate(words)}
+    informative = 0
+    for _ in range(20):
+        n, m = rng.integers(1, 25, 2)
+        a, b = [words[i] for i in rng.integers(0, len(words), n)], [words[i] for i in rng.integers(0, len(words), m)]
+        G = np.full((n + 1, m + 1), np.inf)  # exact cost to go after each cell
+        G[n - 1, m - 1] = 0
+        for i in range(n - 1, -1, -1):
+            for j in range(m - 1, -1, -1):
+                if (i, j) != (n - 1, m - 1):
+                    G[i, j] = min(Levenshtein.distance(a[x], b[y]) + G[x, y]
+                                  for x, y in ((i + 1, j), (i, j + 1), (i + 1, j + 1)) if x < n and y < m)
+        codes_a = np.frombuffer("".join(a).encode("utf-32-le"), np.uint32).astype(np.int32)
+        codes_b = np.frombuffer("".join(b).encode("utf-32-le"), np.uint32).astype(np.int32)
+        offs_a, offs_b = np.cumsum([0] + [len(w) for w in a]), np.cumsum([0] + [len(w) for w in b])
+        cap = 10**6
+        out = np.zeros((n, m), np.int32)
+        lo, hi = K.cost_to_go_bound(
+            np.array([keys[w] for w in a]), np.diff(offs_a), K.char_masks(codes_a, offs_a, np.arange(n)),
+            np.array([keys[w] for w in b]), np.diff(offs_b), K.char_masks(codes_b, offs_b, np.arange(m)), cap, out)
+        bound = np.full((n, m), cap)
+        for i in range(n):
+            bound[i, lo[i] : hi[i] + 1] = out[i, lo[i] : hi[i] + 1]
+        assert (bound <= G[:n, :m]).all() and bound[n - 1, m - 1] == 0
+        informative += (bound > 0).sum()
+    assert informative > 0
+
+
 def test_vocab_map_reference_equals_brute_force(toks):
     s, t = toks
     keys_s = [x.replace("Ġ", "▁") for x in s.convert_ids_to_tokens(list(range(len(s))))]

@@ -1,0 +1,208 @@
+"""The `vocab-map` and `align` stages on a tiny corpus and fake top-k stores of three sources (no model)."""
+
+import json
+import shutil
+
+import ml_dtypes
+import numpy as np
+import pytest
+from pydoc_data.topics import topics
+
+from fusejax import align
+from fusejax.config import load_config
+from fusejax.corpus import prepare_corpus
+from fusejax.store import Field, StoreWriter, open_store
+from fusejax.tokenizer import load_tokenizer, tokenizer_fingerprint
+from tests.test_align import _byte_level_tok, _sentencepiece_tok
+
+K = 4
+NAMES = ["bytes400", "spm300", "bytes300"]
+
+
+def _fake_topk(tok, corpus, out_dir, name, seed, nonfinite_block=None):
+    """A top-k store with represent_source's fields and meta, random but deterministic values."""
+    fields = [
+        Field("input_ids", "int32", (), ragged=True),
+        Field("topk_ids", "int32", (K,), ragged=True),
+        Field("topk_logits", "bfloat16", (K,), ragged=True),
+        Field("token_ce", "float32", (), ragged=True),
+        Field("seq_ce", "float32"),
+        Field("nonfinite", "int32"),
+    ]
+    meta = {"source": name, "tokenizer_fingerprint": tokenizer_fingerprint(tok), "vocab_size": len(tok), "k": K,
+            "logits_dtype": "bfloat16", "corpus": corpus.meta, "eos_appended": True}
+    rng = np.random.default_rng(seed)
+    with StoreWriter(out_dir, kind="topk", meta=meta, fields=fields, rows_per_shard=4) as w:
+        for position in range(len(corpus)):
+            row = corpus.row(position)
+            text = row["text"].decode("utf-8")
+            ids = np.asarray(tok.encode(text, add_special_tokens=False) + [tok.eos_token_id], np.int32)
+            T = ids.size
+            topk = rng.integers(0, len(tok), (T, K)).astype(np.int32)
+            topk[:-1, 0] = ids[1:]  # the true next token first, as a trained model would often have it
+            logits = -np.sort(rng.exponential(2.0, (T, K)), axis=1).astype(ml_dtypes.bfloat16)
+            ce = rng.exponential(3.0, T).astype(np.float32)
+            ce[-1] = 0
+            w.add(int(row["id"]), input_ids=ids, topk_ids=topk, topk_logits=logits, token_ce=ce,
+                  seq_ce=np.float32(ce[:-1].mean()), nonfinite=int(row["id"] == nonfinite_block))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage")
+    toks = {"target": _sentencepiece_tok(350), NAMES[0]: _byte_level_tok(400), NAMES[1]: _sentencepiece_tok(300),
+            NAMES[2]: _byte_level_tok(300)}
+    for name, tok in toks.items():
+        tok.save_pretrained(root / "tok" / name)
+    docs = root / "docs"
+    docs.mkdir()
+    for key in ("assignment", "if", "while", "for"):
+        (docs / f"{key}.txt").write_text(topics[key][:700] + "\témoji 😀 漢字\n", encoding="utf-8")
+    out = root / "run"
+    prepare_corpus(docs, root / "tok" / "target", out / "corpus", block_size=64)
+    corpus = open_store(out / "corpus")
+    assert len(corpus) > 6
+    skip_block = int(corpus.row(2)["id"])
+    for seed, name in enumerate(NAMES):
+        tok = load_tokenizer(root / "tok" / name)
+        _fake_topk(tok, corpus, out / "represent" / name, name, seed, skip_block if seed == 1 else None)
+    return root, skip_block
+
+
+def _config(root, *overrides):
+    data = {
+        "run": {"output_dir": str(root / "run")},
+        "target": {"tokenizer": str(root / "tok" / "target")},
+        "sources": [{"name": n, "tokenizer": str(root / "tok" / n)} for n in NAMES],
+        "represent": {"k": K, "shard_size": 3},
+    }
+    return load_config(data=data, overrides=list(overrides))
+
+
+def _shard_files(path):
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def aligned(run_dir):
+    root, _ = run_dir
+    cfg = _config(root)
+    summary = align.run_align(cfg)
+    return cfg, summary
+
+
+def test_rows_equal_align_topk(run_dir, aligned):
+    root, skip_block = run_dir
+    cfg, _ = aligned
+    out = root / "run"
+    corpus, store = open_store(out / "corpus"), open_store(out / "aligned")
+    assert store.kind == "aligned" and store.meta["sources"] == NAMES and store.meta["k"] == K
+    assert list(store.ids) == list(corpus.ids)  # one row per block, corpus order
+    tgt_tok = load_tokenizer(root / "tok" / "target")
+    src_toks = [load_tokenizer(root / "tok" / n) for n in NAMES]
+    maps = [np.load(out / "vocab_maps" / f"{n}.npz")["target_ids"] for n in NAMES]
+    topk = [open_store(out / "represent" / n) for n in NAMES]
+    for row, block in zip(store, corpus):
+        text = block["text"].decode("utf-8")
+        want_ids = tgt_tok.encode(text, add_special_tokens=False) + [tgt_tok.eos_token_id]
+        np.testing.assert_array_equal(row["input_ids"], want_ids)
+        T = len(want_ids)
+        assert row["table_ids"].shape == (T, 3, K) and row["table_logits"].shape == (T, 3, K)
+        assert row["token_ce"].shape == (T, 3) and row["seq_ce"].shape == row["byte_ce"].shape == (3,)
+        assert row["n_bytes"] == len(block["text"]) and row["split"] == block["split"]
+        assert bool(row["skip"]) == (row["id"] == skip_block)
+        for n, (tok, vmap, src_store) in enumerate(zip(src_toks, maps, topk)):
+            src = src_store.get(row["id"])
+            logits = np.asarray(src["topk_logits"], np.float32)
+            ids, lg = align.align_topk(tok, src["input_ids"], src["topk_ids"], logits, tgt_tok, want_ids,
+                                       vocab_map=vmap, mode="default", fallback="next_token")
+            np.testing.assert_array_equal(row["table_ids"][:, n], ids)
+            np.testing.assert_array_equal(row["table_logits"][:, n], lg)
+            partner = align.align_tokens(tok, src["input_ids"], tgt_tok, want_ids)
+            for i, j in enumerate(partner):
+                want = src["token_ce"][j] if j >= 0 else src["seq_ce"]
+                assert row["token_ce"][i, n] == np.float32(want)
+            assert row["seq_ce"][n] == src["seq_ce"]
+            np.testing.assert_allclose(row["byte_ce"][n], np.sum(src["token_ce"], dtype=np.float64) / len(block["text"]),
+                                       rtol=1e-6)
+
+
+def test_stats_and_vocab_map_summary(run_dir, aligned):
+    root, _ = run_dir
+    _, summary = aligned
+    out = root / "run"
+    assert json.loads((out / "aligned_summary.json").read_text()) == summary
+    tokens = sum(len(r["input_ids"]) for r in open_store(out / "aligned"))
+    assert summary["blocks"] == summary["corpus_blocks"] and summary["skipped_blocks"] == 1
+    for name in NAMES:
+        s = summary["sources"][name]
+        assert s["positions"] == tokens
+        assert s["matched"] <= s["one_to_one"] <= s["positions"] and s["empty"] <= 1 * summary["blocks"]
+        assert s["matched"] + s["fallback"] == s["positions"]  # default mode: every position is one or the other
+        assert 0 < s["match_rate"] <= s["one_to_one_rate"] <= 1
+    maps = json.loads((out / "vocab_maps" / "summary.json").read_text())
+    assert set(maps) == set(NAMES)
+    for name in NAMES:
+        assert 0 < maps[name]["exact_rate"] <= 1 and maps[name]["mean_distance"] >= 0
+        assert maps[name]["size"] == len(load_tokenizer(root / "tok" / name))
+
+
+def test_resume_after_kill_is_byte_identical(run_dir, aligned, monkeypatch):
+    root, _ = run_dir
+    cfg, _ = aligned
+    path = root / "run" / "aligned"
+    want = _shard_files(path)
+    shutil.rmtree(path)
+    calls = {"n": 0}
+    real_add = StoreWriter.add
+
+    def dying_add(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # one shard of 3 rows complete, one row buffered
+            raise KeyboardInterrupt
+        return real_add(self, *args, **kwargs)
+
+    monkeypatch.setattr(StoreWriter, "add", dying_add)
+    with pytest.raises(KeyboardInterrupt):
+        align.run_align(cfg)
+    monkeypatch.setattr(StoreWriter, "add", real_add)
+    assert len(open_store(path)) == 3
+    align.run_align(cfg)
+    assert _shard_files(path) == want
+
+
+def test_two_processes_cover_the_corpus(run_dir, aligned, monkeypatch, tmp_path):
+    root, _ = run_dir
+    want = {r["id"]: r["table_ids"].tobytes() for r in open_store(root / "run" / "aligned")}
+    shutil.copytree(root / "run", tmp_path / "run", ignore=shutil.ignore_patterns("aligned*"))
+    cfg2 = _config(root, f"run.output_dir={tmp_path / 'run'}")
+    monkeypatch.setenv("FUSEJAX_COORDINATOR", "localhost:1")
+    monkeypatch.setenv("FUSEJAX_NUM_PROCESSES", "2")
+    for process in ("1", "0"):
+        monkeypatch.setenv("FUSEJAX_PROCESS_ID", process)
+        align.run_align(cfg2)
+    store = open_store(tmp_path / "run" / "aligned")
+    assert {p.name for p in (tmp_path / "run" / "aligned").glob("manifest-p*")} == {"manifest-p0000.json",
+                                                                                  "manifest-p0001.json"}
+    assert {r["id"]: r["table_ids"].tobytes() for r in store} == want
+
+
+@pytest.mark.parametrize("override,key", [("represent.k=3", "'k'"), ("sources.1.tokenizer=TOK0", "'tokenizer_fingerprint'")])
+def test_mismatched_topk_store_is_refused(run_dir, aligned, override, key):
+    root, _ = run_dir
+    override = override.replace("TOK0", str(root / "tok" / NAMES[0]))
+    with pytest.raises(ValueError, match=key) as err:
+        align.run_align(_config(root, override))
+    assert str(root / "run" / "represent" / NAMES[0 if "k=" in override else 1]) in str(err.value)
+
+
+def test_vocab_maps_with_co_occurrence(run_dir, aligned, tmp_path):
+    """Co-occurrence only re-breaks ties among equally distant targets: same distances as the plain map."""
+    root, _ = run_dir
+    shutil.copytree(root / "run", tmp_path / "run", ignore=shutil.ignore_patterns("aligned*"))
+    summary = align.run_vocab_maps(_config(root, f"run.output_dir={tmp_path / 'run'}", "vocab_map.co_occurrence=true"))
+    assert all(summary[n]["co_occurrence"] for n in NAMES)
+    for name in NAMES:
+        plain, co = (np.load(d / "vocab_maps" / f"{name}.npz") for d in (root / "run", tmp_path / "run"))
+        np.testing.assert_array_equal(plain["distances"], co["distances"])
+        assert json.loads(str(co["meta"]))["co_occurrence"] is True
