@@ -31,6 +31,7 @@ from typing import Any, Literal
 import yaml
 
 RESOLVED_NAME = "config.resolved.yaml"
+_SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 
 
 class ConfigError(ValueError):
@@ -566,6 +567,9 @@ def _build(raw: dict, where: str) -> Config:
     for i, name in enumerate(names):
         if not name:
             raise _bad(f"sources.{i}.name", where, "every source needs a non-empty name", name)
+        if not _SOURCE_NAME.match(name):  # it names folders under output_dir: no '/', no '..'
+            raise _bad(f"sources.{i}.name", where, "use letters, digits, '_', '.', '-' (starting with a letter "
+                       "or digit)", name)
         if name in names[:i]:
             raise _bad(f"sources.{i}.name", where, f"duplicate source name (also sources.{names.index(name)})", name)
     train = cfg.train

@@ -527,8 +527,11 @@ class _Lock:
         except (OSError, ValueError, KeyError, TypeError):
             raise StoreLockedError(f"{self.path}: unreadable lock file; remove it if no writer is running") from None
         if host != socket.gethostname() or _pid_alive(pid):
+            since = held.get("start_time")
+            if isinstance(since, (int, float)):
+                since = time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(since))
             raise StoreLockedError(
-                f"{self.path}: held by pid {pid} on host {host} since {held.get('start_time')}; "
+                f"{self.path}: held by pid {pid} on host {host} since {since}; "
                 "another writer with this process index is running (remove the lock only if it is not)"
             )
         log.warning("%s: replacing a stale lock of dead pid %d on this host (%s)", self.path, pid, host)

@@ -1,0 +1,58 @@
+"""Which exceptions are the user's to fix, and their one-line message (used by ``fusejax.cli``).
+
+A *user error* is bad input or a bad environment, not a bug: the command prints ``fusejax: error: <message>``
+and exits with code 2, without a traceback. These are
+
+* the validation errors of our modules, whatever raised them: ``ConfigError``, ``StoreError`` (and its
+  subclasses), ``CheckpointError``, ``ModelConfigError``, ``ShardingError``, ``CheckpointMismatchError``,
+  ``DistributedError``; all but the last subclass ``ValueError``;
+* ``ValueError``, ``KeyError``, ``TypeError``, ``LookupError`` and ``ImportError`` raised by a ``raise``
+  statement in fusejax itself (the innermost traceback frame is in this package): our own validation;
+* any ``OSError``: a missing file, a full disk (``ENOSPC``), a permission or read-only file system.
+
+Anything else (an exception raised inside numpy, JAX, ...) is treated as a bug and keeps its traceback.
+Setting the environment variable ``FUSEJAX_DEBUG=1`` shows the traceback of every error.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from fusejax.distributed import DistributedError
+
+DEBUG_ENV = "FUSEJAX_DEBUG"
+_PACKAGE = Path(__file__).resolve().parent
+# exception types that count as user errors only when a fusejax frame raised them
+_OWN_VALIDATION = (ValueError, LookupError, TypeError, ImportError)
+
+
+def debug() -> bool:
+    """Whether ``FUSEJAX_DEBUG`` asks for full tracebacks (any value but empty/0/false/no)."""
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _raised_in_fusejax(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE)
+
+
+def _is_declared(exc: BaseException) -> bool:
+    """An instance of one of our validation error classes (matched by module, so no stage module is imported)."""
+    return isinstance(exc, DistributedError) or any(
+        cls.__module__.split(".")[0] == "fusejax" and issubclass(cls, ValueError) for cls in type(exc).__mro__
+    )
+
+
+def user_error_message(exc: BaseException) -> str | None:
+    """The one-line message of a user error (see the module docstring); None when ``exc`` looks like a bug."""
+    if not (isinstance(exc, OSError) or _is_declared(exc)
+            or (isinstance(exc, _OWN_VALIDATION) and _raised_in_fusejax(exc))):
+        return None
+    # KeyError's str() is the repr of its key: show a message argument as written
+    text = exc.args[0] if isinstance(exc, KeyError) and len(exc.args) == 1 else str(exc)
+    return " ".join(str(text).split()) or type(exc).__name__
