@@ -611,13 +611,6 @@ def _process_slot() -> tuple[int, int]:
     return found["process_id"], found["num_processes"]
 
 
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _source_names(cfg) -> list[str]:
     names = [src.name for src in cfg.sources]
     if not names:
@@ -654,7 +647,7 @@ def _co_occurrence(cfg, name: str, src_tok, tgt_tok) -> tuple[np.ndarray, np.nda
     from fusejax.store import open_store
 
     out = Path(cfg.run.output_dir)
-    corpus, topk = open_store(out / "corpus"), open_store(out / "represent" / name)
+    corpus, topk = open_store(out / "corpus", verify=True), open_store(out / "represent" / name, verify=True)
     pairs = []
     for row in corpus:
         src = np.asarray(topk.get(row["id"])["input_ids"])
@@ -675,6 +668,7 @@ def run_vocab_maps(cfg) -> dict:
     co_occurrence`` breaks distance ties by 1-to-1 alignment counts over the corpus (needs the top-k stores).
     Returns the summary.
     """
+    from fusejax.store import write_json
     from fusejax.tokenizer import load_tokenizer, tokenizer_fingerprint
 
     names = _source_names(cfg)
@@ -696,7 +690,7 @@ def run_vocab_maps(cfg) -> dict:
             os.replace(tmp, path)
         with np.load(path) as f:
             summary[name] = {**vocab_map_summary(f["target_ids"], f["distances"]), **meta}
-    _write_json(path.parent / "summary.json", summary)
+    write_json(path.parent / "summary.json", summary)
     return summary
 
 
@@ -747,13 +741,13 @@ def run_align(cfg) -> dict:
     to ``<run.output_dir>/aligned_summary.json`` and returns them.
     """
     from fusejax.distributed import process_slice
-    from fusejax.store import Field, StoreError, StoreWriter, open_store
+    from fusejax.store import Field, StoreError, StoreWriter, open_store, write_json
     from fusejax.tokenizer import encode_block, load_tokenizer, tokenizer_fingerprint
 
     names = _source_names(cfg)
     out = Path(cfg.run.output_dir)
     k = cfg.represent.k
-    corpus = open_store(out / "corpus")
+    corpus = open_store(out / "corpus", verify=True)
     _check_meta(corpus, "kind", corpus.kind, "corpus", "the corpus store")
     tgt_tok = load_tokenizer(cfg.target.tokenizer_path)
     target_fp = tokenizer_fingerprint(tgt_tok)
@@ -763,7 +757,7 @@ def run_align(cfg) -> dict:
     for name, source in zip(names, cfg.sources):
         tok = load_tokenizer(source.tokenizer_path)
         fp = tokenizer_fingerprint(tok)
-        store = open_store(out / "represent" / name)
+        store = open_store(out / "represent" / name, verify=True)
         _check_meta(store, "kind", store.kind, "topk", f"the top-k store of source {name!r}")
         _check_meta(store, "tokenizer_fingerprint", store.meta.get("tokenizer_fingerprint"), fp,
                     f"the tokenizer {source.tokenizer_path} of source {name!r}")
@@ -854,5 +848,5 @@ def run_align(cfg) -> dict:
                 align_counts=counts,
             )
     summary = {**_aligned_summary(path, names), "corpus_blocks": len(corpus)}
-    _write_json(out / "aligned_summary.json", summary)
+    write_json(out / "aligned_summary.json", summary)
     return summary

@@ -25,11 +25,13 @@ from fusejax.errors import debug, user_error_message
 # exit code. Add one entry when a stage's module lands (none are listed before their module exists).
 STAGES: dict[str, tuple[str, str]] = {
     "prepare": ("fusejax.corpus:run", "cut the corpus into blocks of target tokens (writes <output_dir>/corpus)"),
-    "represent": ("fusejax.represent:run", "top-k logits and CE of every source model (writes <output_dir>/represent)"),
+    "represent": ("fusejax.represent:run", "top-k logits and CE of every source (writes <output_dir>/represent)"),
+    "vocab-map": ("fusejax.align:run_vocab_maps", "map each source vocabulary onto the target's (vocab_maps/)"),
+    "align": ("fusejax.align:run_align", "align every source's top-k to the target tokens (writes aligned/)"),
+    "train": ("fusejax.train:run", "fused continual training of the target (writes <output_dir>/train)"),
     "eval": ("fusejax.evaluate:run", "held-out loss and bits per byte of the target before and after training"),
+    "export": ("fusejax.export:run", "the latest training checkpoint as a Hugging Face folder (export.path)"),
     "run": ("fusejax.pipeline:run", "every stage in order, skipping finished ones (see docs/pipeline.md)"),
-    "vocab-map": ("fusejax.align:run_vocab_maps", "map each source vocabulary onto the target's (writes <output_dir>/vocab_maps)"),
-    "align": ("fusejax.align:run_align", "align every source's top-k to the target tokens (writes <output_dir>/aligned)"),
 }
 
 DEMO = "fusejax.demo:main"

@@ -62,7 +62,7 @@ from typing import Any
 
 import numpy as np
 
-from fusejax.store import Field, StoreError, StoreWriter, open_store
+from fusejax.store import Field, StoreError, StoreWriter, open_store, write_json
 
 log = logging.getLogger(__name__)
 
@@ -505,8 +505,6 @@ def run(cfg) -> dict[str, Any]:
 
     Returns the :func:`prepare_corpus` summary (also written to ``corpus/summary.json``).
     """
-    import json
-
     from fusejax.config import save_resolved
 
     c = cfg.corpus
@@ -520,5 +518,5 @@ def run(cfg) -> dict[str, Any]:
     if summary["blocks"] == 0:
         raise ValueError(f"corpus.inputs {list(c.inputs)} gave no blocks (skipped documents: {summary['skipped']})")
     save_resolved(cfg, out)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    write_json(out / "summary.json", summary)
     return summary

@@ -181,12 +181,12 @@ def run(cfg) -> dict:
     onto this process's local devices; in a multi-process run each process handles its slice of the blocks.
     Returns ``{source name: summary}`` (also written to ``represent/summary.json`` by process 0).
     """
-    import json
     from pathlib import Path
 
     from fusejax.config import save_resolved
     from fusejax.distributed import is_main_process
     from fusejax.models import load_pretrained
+    from fusejax.store import write_json
     from fusejax.sharding import make_mesh
 
     out = Path(cfg.run.output_dir)
@@ -205,5 +205,5 @@ def run(cfg) -> dict:
         )
     if is_main_process():
         save_resolved(cfg, out / "represent")
-        (out / "represent" / "summary.json").write_text(json.dumps(summaries, indent=2, sort_keys=True))
+        write_json(out / "represent" / "summary.json", summaries)
     return summaries

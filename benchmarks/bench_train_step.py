@@ -1,0 +1,135 @@
+"""One train step three ways on the same model and batch: sparse fusion (S sources, top-k tables), plain CLM
+(train.lm_weight=1, no tables) and a dense-teacher fusion step (defined here: the fused teacher scattered into
+a [B,T,V] array, then a full cross-entropy against log_softmax). Prints time per step and the compiled
+per-device memory (peak = arguments + outputs + temporaries - donated), with ratios against CLM measured in
+this run, and the first-step losses of the sparse and dense steps (they must agree).
+
+Usage: .venv/bin/python benchmarks/bench_train_step.py [--vocab 32000 --hidden 256 --layers 4 --seq 256
+       --batch 4 --sources 3 --k 10 --steps 5 --dtype float32]
+"""
+
+import argparse
+import dataclasses
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fusejax.config import TrainConfig
+from fusejax.fusion import fusion_loss
+from fusejax.models import ModelConfig
+from fusejax.sharding import make_mesh
+from fusejax.train import (
+    TEXT_FIELDS,
+    StepOptions,
+    SyntheticTables,
+    batch_shardings,
+    build_target,
+    compiled_memory,
+    make_optimizer,
+    make_train_step,
+)
+
+
+def dense_fusion_loss(student_logits, labels, loss_mask, table_ids, table_logits, source_ce, *, lm_weight,
+                      temperature=1.0, **_):
+    """MinCE fusion (sequence-level CE) through a dense [B,T,V] teacher, as a dense implementation does it."""
+    f32 = jnp.float32
+    b, t, v = student_logits.shape
+    mask = loss_mask != 0
+    logq = jax.nn.log_softmax(student_logits.astype(f32), axis=-1)  # [B,T,V]
+    clm = -jnp.take_along_axis(logq, jnp.where(mask, labels, 0)[..., None], axis=-1)[..., 0]
+    valid = table_ids >= 0
+    present = valid.any(-1)  # [B,T,S]
+    best = jnp.argmin(jnp.where(present, source_ce[:, None, :], jnp.inf), axis=-1)  # [B,T]
+    ids = jnp.take_along_axis(table_ids, best[..., None, None], axis=2)[:, :, 0]  # [B,T,k]
+    logits = jnp.take_along_axis(table_logits, best[..., None, None], axis=2)[:, :, 0] / temperature
+    ok = ids >= 0
+    probs = jax.nn.softmax(jnp.where(ok, logits.astype(f32), -jnp.inf), axis=-1)
+    probs = jnp.where(ok, probs, 0.0)
+    bi, ti = jnp.meshgrid(jnp.arange(b), jnp.arange(t), indexing="ij")
+    teacher = jnp.zeros((b, t, v), f32).at[bi[..., None], ti[..., None], jnp.where(ok, ids, 0)].add(probs)
+    fus = -jnp.sum(jnp.where(teacher > 0, teacher * logq, 0.0), axis=-1)
+    fused = mask & present.any(-1)
+    n, nf = jnp.maximum(mask.sum(), 1), jnp.maximum(fused.sum(), 1)
+    clm_loss, fusion = jnp.sum(jnp.where(mask, clm, 0.0)) / n, jnp.sum(jnp.where(fused, fus, 0.0)) / nf
+    loss = lm_weight * clm_loss + (1 - lm_weight) * fusion
+    return loss, {"loss": loss, "clm_loss": clm_loss, "fusion_loss": fusion}
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    dev = jax.devices()[0]
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"{jax.device_count()} x {dev.platform}:{dev.device_kind}; host {cpu}, {os.cpu_count()} CPUs, "
+            f"load average {load}; jax {jax.__version__}, python {platform.python_version()}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for name, default in (("vocab", 32000), ("hidden", 256), ("layers", 4), ("seq", 256), ("batch", 4),
+                          ("sources", 3), ("k", 10), ("steps", 5)):
+        p.add_argument(f"--{name}", type=int, default=default)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    a = p.parse_args()
+    print("machine:", machine())
+    mc = ModelConfig(arch="llama", vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=4 * a.hidden,
+                     num_layers=a.layers, num_heads=max(1, a.hidden // 64))
+    tc = TrainConfig(steps=1000, batch_size=a.batch, seq_len=a.seq, compute_dtype=a.dtype)
+    print(f"model: llama hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}; batch {a.batch} x {a.seq} tokens; "
+          f"S={a.sources}, k={a.k}; compute {a.dtype}")
+    mesh = make_mesh(fsdp=-1)
+    model = build_target(tc, mesh, config=mc)
+    graphdef, params = nnx.split(model)
+    params = nnx.to_pure_dict(params)
+    tx, _ = make_optimizer(tc, tc.steps)
+    rows = SyntheticTables(a.batch, a.seq, a.vocab, num_sources=a.sources, k=a.k).rows(np.arange(a.batch))
+    host = {k: v[None] for k, v in rows.items()}
+    shardings = batch_shardings(mesh, {k: v.shape for k, v in host.items()})
+    base = StepOptions.from_config(tc, tc.steps)
+    variants = {
+        "clm": (StepOptions.from_config(dataclasses.replace(tc, lm_weight=1.0), tc.steps), None),
+        "fusion (sparse)": (base, None),
+        "fusion (dense teacher)": (base, dense_fusion_loss),
+    }
+    runs = {}
+    for name, (opts, impl) in variants.items():
+        fields = [k for k in host if opts.lm_weight < 1 or k in TEXT_FIELDS]
+        batch = {k: jax.device_put(host[k], shardings[k]) for k in fields}
+        step = make_train_step(graphdef, tx, opts, impl or fusion_loss)
+        with jax.set_mesh(mesh):
+            state = {"params": jax.tree.map(jnp.copy, params), "opt_state": jax.jit(tx.init)(params),
+                     "step": jnp.zeros((), jnp.int32)}
+            shard = jax.tree.map(lambda x: x.sharding, state)
+            compiled = jax.jit(step, in_shardings=(shard, {k: shardings[k] for k in fields}),
+                               out_shardings=(shard, None), donate_argnums=0).lower(state, batch).compile()
+        state, metrics = compiled(state, batch)  # warm-up; its loss is of the shared initial parameters
+        runs[name] = {"fn": compiled, "state": state, "batch": batch, "mem": compiled_memory(compiled),
+                      "loss": float(metrics["loss"]), "times": []}
+    # round-robin timing, so that the variants share whatever else runs on the machine
+    for _ in range(a.steps):
+        for run in runs.values():
+            t0 = time.perf_counter()
+            run["state"], metrics = run["fn"](run["state"], run["batch"])
+            jax.block_until_ready(metrics)
+            run["times"].append(time.perf_counter() - t0)
+    results = {name: (statistics.median(r["times"]), r["mem"].get("peak_bytes", 0), r["mem"].get("temp_bytes", 0),
+                      r["loss"]) for name, r in runs.items()}
+    clm_t, clm_m = results["clm"][0], results["clm"][1]
+    header = ("step", "ms/step", "x CLM", "peak MiB/dev", "x CLM", "temp MiB", "loss@1")
+    print(f"{header[0]:24s}" + "".join(f" {h:>{w}s}" for h, w in zip(header[1:], (9, 6, 13, 6, 9, 9))))
+    for name, (t, peak, temp, loss) in results.items():
+        print(f"{name:24s} {t * 1e3:9.1f} {t / clm_t:6.2f} {peak / 2**20:13.1f} {peak / clm_m:6.2f} "
+              f"{temp / 2**20:9.1f} {loss:9.5f}")
+    sparse, dense = results["fusion (sparse)"][3], results["fusion (dense teacher)"][3]
+    print(f"first-step loss, sparse vs dense teacher: |diff| = {abs(sparse - dense):.2e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,372 @@
+"""Trainer tests on 8 fake CPU devices with a tiny Llama: optimizer and step against a reference written here
+(jax.grad of the loss + numpy AdamW), deterministic data order, checkpoint resume / SIGTERM / other mesh,
+TensorBoard events, CLM-only and single-teacher baselines."""
+
+import dataclasses
+import math
+import os
+import shutil
+import signal
+import struct
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+from fusejax.config import TrainConfig
+from fusejax.fusion import fusion_loss
+from fusejax.models import ModelConfig, Transformer
+from fusejax.sharding import make_mesh
+from fusejax.train import (
+    CheckpointMismatchError,
+    SyntheticTables,
+    Trainer,
+    build_target,
+    make_optimizer,
+    stream_rows,
+)
+
+MODEL = ModelConfig(arch="llama", vocab_size=200, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                    num_kv_heads=2)
+T = 16
+SEED = 3
+# clip_norm below the typical gradient norm (~0.8) so that clipping is exercised; large weight decay to see it
+TC = TrainConfig(steps=4, batch_size=8, seq_len=T, lr=1e-2, b1=0.8, b2=0.9, weight_decay=0.5, clip_norm=0.3,
+                 lm_weight=0.7, log_every=2, checkpoint_every=1, keep_checkpoints=2, peak_flops=1e9, eval_every=2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Reuse compiled steps between trainers with identical programs (this module only)."""
+    old = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    yield
+    jax.config.update("jax_compilation_cache_dir", old[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+
+
+def fresh_params(seed=0, config=MODEL):
+    """A new tiny model and a numpy copy of its parameters (the trainer may donate the model's arrays)."""
+    model = Transformer(config, rngs=nnx.Rngs(seed))
+    return model, jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(model)))
+
+
+def as_numpy(tree):
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
+def reference_run(params, data, tc, steps, *, seed=SEED, grad_accum=1):
+    """Per-step (loss, unclipped grad norm) and final params of plain-numpy AdamW with global-norm clipping and
+    a cosine learning rate (no warmup), on gradients of ``fusion_loss(model logits)`` averaged over micro-batches."""
+    graphdef = nnx.graphdef(Transformer(MODEL, rngs=nnx.Rngs(0)))
+
+    def loss(p, mb):
+        logits = nnx.merge(graphdef, p)(mb["input_ids"], mb["attention_mask"])
+        return fusion_loss(logits, mb["labels"], mb["loss_mask"], mb["table_ids"], mb["table_logits"],
+                           mb["source_ce"], lm_weight=tc.lm_weight)[0]
+
+    value_and_grad = jax.jit(jax.value_and_grad(loss))
+    p = jax.tree.map(np.float64, params)
+    m = jax.tree.map(np.zeros_like, p)
+    v = jax.tree.map(np.zeros_like, p)
+    losses, norms = [], []
+    micro = tc.batch_size // grad_accum
+    for s in range(steps):
+        rows = data.rows(stream_rows(seed, s * tc.batch_size, tc.batch_size, data.num_rows))
+        outs = [value_and_grad(jax.tree.map(np.float32, p), {k: x[i * micro:(i + 1) * micro] for k, x in rows.items()})
+                for i in range(grad_accum)]
+        losses.append(np.mean([float(o[0]) for o in outs]))
+        g = jax.tree.map(lambda *gs: np.mean([np.float64(x) for x in gs], axis=0), *[o[1] for o in outs])
+        norm = math.sqrt(sum(float(np.sum(x * x)) for x in jax.tree.leaves(g)))
+        norms.append(norm)
+        g = jax.tree.map(lambda x: x * min(1.0, tc.clip_norm / norm), g)
+        lr = tc.lr * 0.5 * (1 + math.cos(math.pi * s / tc.steps))
+        t = s + 1
+        m = jax.tree.map(lambda m_, g_: tc.b1 * m_ + (1 - tc.b1) * g_, m, g)
+        v = jax.tree.map(lambda v_, g_: tc.b2 * v_ + (1 - tc.b2) * g_ * g_, v, g)
+        adam = jax.tree.map(lambda m_, v_: (m_ / (1 - tc.b1**t)) / (np.sqrt(v_ / (1 - tc.b2**t)) + 1e-8), m, v)
+        p = jax.tree.map(lambda p_, u: p_ - lr * (u + tc.weight_decay * p_), p, adam)
+    return losses, norms, p
+
+
+def assert_params_close(actual, expected, atol, *, outlier_atol=None):
+    """Equal within ``atol``; with ``outlier_atol``, up to 0.1% of entries (parameters whose gradient is
+    mostly cancellation noise, where Adam's m/sqrt(v) amplifies float32 rounding) may differ up to it."""
+    flat_a = jax.tree_util.tree_leaves_with_path(as_numpy(actual))
+    flat_e = dict(jax.tree_util.tree_leaves_with_path(expected))
+    assert [k for k, _ in flat_a] == list(flat_e)
+    for k, a in flat_a:
+        err = np.abs(a - flat_e[k])
+        name = jax.tree_util.keystr(k)
+        if outlier_atol is None:
+            np.testing.assert_allclose(a, flat_e[k], atol=atol, rtol=0, err_msg=name)
+        else:
+            assert err.max() <= outlier_atol and np.mean(err > atol) <= 1e-3, (name, err.max(), np.mean(err > atol))
+
+
+def read_events(folder):
+    """{tag: [(step, value)]} from the TensorBoard event files in ``folder`` (TFRecord framing)."""
+    from tensorboardX.proto import event_pb2
+
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        data = (folder / name).read_bytes()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                out.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def test_stream_rows_is_a_deterministic_sequence_of_epoch_permutations():
+    n = 10
+    stream = stream_rows(7, 0, 3 * n, n)
+    for e in range(3):
+        assert sorted(stream[e * n:(e + 1) * n]) == list(range(n))
+    assert not np.array_equal(stream[:n], stream[n:2 * n])
+    # reading in other chunk sizes (another batch size after a resume) gives the same stream
+    chunks = np.concatenate([stream_rows(7, 0, 4, n), stream_rows(7, 4, 9, n), stream_rows(7, 13, 17, n)])
+    np.testing.assert_array_equal(chunks, stream)
+    assert not np.array_equal(stream_rows(8, 0, n, n), stream[:n])
+    with pytest.raises(ValueError, match="0 rows"):
+        stream_rows(0, 0, 4, 0)
+
+
+def test_synthetic_tables_rows():
+    data = SyntheticTables(20, T, 200, num_sources=3, k=10, seed=1, empty_fraction=0.2)
+    rows = data.rows(np.array([5, 2, 5]))
+    assert rows["input_ids"].shape == (3, T) and rows["table_ids"].shape == (3, T, 3, 10)
+    assert rows["source_ce"].shape == (3, 3)
+    for name in rows:
+        np.testing.assert_array_equal(rows[name][0], rows[name][2])
+    assert not np.array_equal(rows["input_ids"][0], rows["input_ids"][1])
+    np.testing.assert_array_equal(SyntheticTables(20, T, 200, seed=1).row(2)["input_ids"], rows["input_ids"][1])
+    ids, real = rows["table_ids"], rows["loss_mask"].astype(bool)
+    # next-token labels: the input shifted by one within the real part
+    np.testing.assert_array_equal(rows["labels"][:, :-1][real[:, 1:]], rows["input_ids"][:, 1:][real[:, 1:]])
+    assert (rows["labels"][~real] == -100).all() and (ids[~real] == -1).all()
+    full = ids[real].reshape(-1, 10)
+    full = full[(full >= 0).any(-1)]
+    assert all(len(set(r)) == 10 for r in full) and full.max() < 200
+    assert 0.5 < np.mean((ids[real] == rows["labels"][real][:, None, None]).any(-1)) < 0.95
+    assert np.all(np.diff(rows["table_logits"], axis=-1) <= 0)
+
+
+def test_learning_rate_schedule_warmup_then_cosine():
+    _, schedule = make_optimizer(TrainConfig(lr=2e-3, warmup_ratio=0.25), total_steps=8)
+    expected = [2e-3 * s / 2 for s in range(2)]
+    expected += [2e-3 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 6)) for s in range(2, 9)]
+    np.testing.assert_allclose([float(schedule(s)) for s in range(9)], expected, rtol=1e-6, atol=1e-12)
+
+
+# ------------------------------------------------------------------------- one run shared by several tests
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """4 uninterrupted steps on an fsdp=8 mesh: (trainer, history, initial numpy params, data, out_dir)."""
+    out = tmp_path_factory.mktemp("straight")
+    model, params0 = fresh_params()
+    data = SyntheticTables(40, T, MODEL.vocab_size, seed=11)
+    eval_data = SyntheticTables(12, T, MODEL.vocab_size, seed=12)
+    trainer = Trainer(model, data, TC, out, mesh=make_mesh(fsdp=8), seed=SEED, source_names=["a", "b", "c"],
+                      eval_data=eval_data)
+    history = trainer.fit()
+    trainer.close()
+    return trainer, history, params0, data, out
+
+
+def test_steps_match_numpy_adamw_reference(straight):
+    trainer, history, params0, data, _ = straight
+    losses, norms, params = reference_run(params0, data, TC, steps=4)
+    assert [h["step"] for h in history] == [1, 2, 3, 4]
+    np.testing.assert_allclose([h["loss"] for h in history], losses, rtol=2e-5)
+    np.testing.assert_allclose([h["grad_norm"] for h in history], norms, rtol=2e-4)
+    assert min(norms) > TC.clip_norm  # clipping was active
+    cosine = [TC.lr * 0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(4)]
+    np.testing.assert_allclose([h["lr"] for h in history], cosine, rtol=1e-6)
+    assert_params_close(trainer.state["params"], params, atol=2e-5, outlier_atol=0.02 * TC.lr)
+    assert trainer.memory["peak_bytes"] > 0 and trainer.memory["argument_bytes"] > 0
+
+
+def test_checkpoints_keep_the_last_n_and_store_data_position(straight):
+    trainer, *_, out = straight
+    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [3, 4]
+    assert trainer.step == 4 and trainer.data_position == 4 * TC.batch_size
+
+
+def test_tensorboard_events_hold_the_logged_metrics(straight):
+    trainer, history, *_, out = straight
+    events = read_events(out / "tb")
+    for tag in ("loss", "clm_loss", "fusion_loss", "lr", "grad_norm", "tokens_per_s", "mfu",
+                "source_frac/a", "source_frac/b", "source_frac/c"):
+        assert [s for s, _ in events[tag]] == [2, 4], tag
+    # logged values are the means over the log interval
+    np.testing.assert_allclose([v for _, v in events["loss"]],
+                               [np.mean([h["loss"] for h in history[i:i + 2]]) for i in (0, 2)], rtol=1e-6)
+    fracs = sum(np.array([v for _, v in events[f"source_frac/{n}"]]) for n in "abc")
+    np.testing.assert_allclose(fracs + np.array([v for _, v in events["no_source"]]), 1.0, rtol=1e-5)
+    # held-out evaluation every 2 steps: one batch of 8 rows (the 4 left over are dropped), checked at the end
+    assert [s for s, _ in events["eval/loss"]] == [2, 4]
+    rows = SyntheticTables(12, T, MODEL.vocab_size, seed=12).rows(np.arange(8))
+    logits = trainer.model()(rows["input_ids"], rows["attention_mask"])
+    expected = fusion_loss(logits, rows["labels"], rows["loss_mask"], rows["table_ids"], rows["table_logits"],
+                           rows["source_ce"], lm_weight=TC.lm_weight)[0]
+    np.testing.assert_allclose(events["eval/loss"][-1][1], float(expected), rtol=1e-5)
+    flops = 6 * (trainer.num_params - MODEL.padded_vocab_size * 32) + 12 * 2 * T * 32
+    for (_, mfu), (_, tps) in zip(events["mfu"], events["tokens_per_s"]):
+        np.testing.assert_allclose(mfu, tps * flops / (TC.peak_flops * 8), rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_gives_the_uninterrupted_run(straight, tmp_path):
+    _, history, params0, data, _ = straight
+
+    def model():
+        m = Transformer(MODEL, rngs=nnx.Rngs(0))
+        nnx.update(m, params0)
+        return m
+
+    def terminate(summary):
+        if summary["step"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    mesh = make_mesh(fsdp=8)
+    tc = dataclasses.replace(TC, log_every=1, checkpoint_every=100)
+    first = Trainer(model(), data, tc, tmp_path, mesh=mesh, seed=SEED)
+    part1 = first.fit(log_fn=terminate)  # stops after step 2 and saves
+    first.close()
+    assert [h["step"] for h in part1] == [1, 2]
+    # a new trainer (whose fresh model differs) resumes from the latest checkpoint
+    second = Trainer(Transformer(MODEL, rngs=nnx.Rngs(99)), data, tc, tmp_path, mesh=mesh, seed=SEED)
+    assert second.step == 2 and second.data_position == 2 * TC.batch_size
+    part2 = second.fit()
+    second.close()
+    assert [h["loss"] for h in part1 + part2] == [h["loss"] for h in history]
+    assert_params_close(second.state["params"], as_numpy(straight[0].state["params"]), atol=0)
+
+
+def test_checkpoint_restores_onto_another_mesh(straight, tmp_path):
+    trainer, *_, out = straight
+    shutil.copytree(out / "checkpoints", tmp_path / "checkpoints")
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    other = Trainer(Transformer(MODEL, rngs=nnx.Rngs(5)), SyntheticTables(40, T, MODEL.vocab_size, seed=11), TC,
+                    tmp_path, mesh=mesh, seed=SEED)
+    assert other.step == 4
+    assert other.state["params"]["layers"]["wq"].sharding.mesh.shape == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert_params_close(other.state["params"], as_numpy(trainer.state["params"]), atol=0)
+    assert_params_close(other.state["opt_state"], as_numpy(trainer.state["opt_state"]), atol=0)
+    other.close()
+
+
+def test_refuses_a_checkpoint_of_another_model(straight, tmp_path):
+    *_, out = straight
+    shutil.copytree(out / "checkpoints", tmp_path / "checkpoints")
+    wider = MODEL.replace(hidden_size=64)
+    with pytest.raises(CheckpointMismatchError, match="another model.*hidden_size.*32, 64"):
+        Trainer(Transformer(wider, rngs=nnx.Rngs(0)), SyntheticTables(40, T, 200), TC, tmp_path,
+                mesh=make_mesh(fsdp=8), seed=SEED)
+
+
+# ---------------------------------------------------------------------------- other step configurations
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_matches_the_reference(tmp_path):
+    model, params0 = fresh_params(1)
+    data = SyntheticTables(40, T, MODEL.vocab_size, seed=4)
+    tc = dataclasses.replace(TC, batch_size=16, grad_accum=2, steps=2)
+    trainer = Trainer(model, data, tc, tmp_path, mesh=make_mesh(fsdp=8), seed=SEED)
+    history = trainer.fit()
+    trainer.close()
+    losses, norms, params = reference_run(params0, data, tc, steps=2, grad_accum=2)
+    np.testing.assert_allclose([h["loss"] for h in history], losses, rtol=2e-5)
+    np.testing.assert_allclose([h["grad_norm"] for h in history], norms, rtol=2e-4)
+    assert_params_close(trainer.state["params"], params, atol=2e-5, outlier_atol=0.02 * TC.lr)
+
+
+def test_clm_only_baseline_needs_no_tables(tmp_path):
+    model, params0 = fresh_params(2)
+    data = SyntheticTables(16, T, MODEL.vocab_size, seed=5, with_tables=False)
+    tc = dataclasses.replace(TC, lm_weight=1.0, steps=1)
+    with pytest.raises(ValueError, match="lack fields.*table_ids"):
+        Trainer(model, data, TC, tmp_path, mesh=make_mesh(fsdp=8))
+    with pytest.raises(ValueError, match="rows hold 16 tokens but train.seq_len=32"):
+        Trainer(model, data, dataclasses.replace(tc, seq_len=32), tmp_path, mesh=make_mesh(fsdp=8))
+    trainer = Trainer(model, data, tc, tmp_path, mesh=make_mesh(fsdp=8), seed=SEED)
+    history = trainer.fit()
+    trainer.close()
+    # reference: mean next-token cross-entropy of the initial model over the scored positions, in numpy
+    rows = data.rows(stream_rows(SEED, 0, 8, 16))
+    ref = Transformer(MODEL, rngs=nnx.Rngs(0))
+    nnx.update(ref, params0)
+    logits = np.asarray(ref(rows["input_ids"], rows["attention_mask"]), np.float64)[..., :MODEL.vocab_size]
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    mask = rows["loss_mask"].astype(bool)
+    expected = -np.take_along_axis(logp, np.where(mask, rows["labels"], 0)[..., None], -1)[..., 0][mask].mean()
+    np.testing.assert_allclose(history[0]["loss"], expected, rtol=1e-5)
+    assert not any(k.startswith("source_frac") for k in history[0])
+
+
+def test_single_teacher_distillation_matches_numpy(tmp_path):
+    model, params0 = fresh_params(3)
+    data = SyntheticTables(16, T, MODEL.vocab_size, num_sources=1, k=4, seed=6, empty_fraction=0.3)
+    tc = dataclasses.replace(TC, steps=1, temperature=2.0)
+    trainer = Trainer(model, data, tc, tmp_path, mesh=make_mesh(fsdp=8), seed=SEED)
+    history = trainer.fit()
+    trainer.close()
+    # the paper's loss with one teacher: lambda*CE(labels) + (1-lambda)*CE(teacher softmax(logits/temperature))
+    rows = data.rows(stream_rows(SEED, 0, 8, 16))
+    ref = Transformer(MODEL, rngs=nnx.Rngs(0))
+    nnx.update(ref, params0)
+    logits = np.asarray(ref(rows["input_ids"], rows["attention_mask"]), np.float64)[..., :MODEL.vocab_size]
+    clm, fus, n_fus = [], 0.0, 0
+    for b in range(8):
+        for t in range(T):
+            if not rows["loss_mask"][b, t]:
+                continue
+            z = logits[b, t]
+            logq = z - z.max() - np.log(np.exp(z - z.max()).sum())
+            clm.append(-logq[rows["labels"][b, t]])
+            ids, tl = rows["table_ids"][b, t, 0], rows["table_logits"][b, t, 0] / 2.0
+            if (ids >= 0).any():
+                p = np.exp(tl[ids >= 0] - tl[ids >= 0].max())
+                fus += -(p / p.sum() * logq[ids[ids >= 0]]).sum()
+                n_fus += 1
+    expected = tc.lm_weight * np.mean(clm) + (1 - tc.lm_weight) * fus / n_fus
+    np.testing.assert_allclose(history[0]["loss"], expected, rtol=1e-5)
+    np.testing.assert_allclose(history[0]["source_frac/0"], n_fus / len(clm), rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_bfloat16_compute_with_float32_master_weights_and_remat(tmp_path):
+    model, params0 = fresh_params(4)
+    data = SyntheticTables(40, T, MODEL.vocab_size, seed=7)
+    tc = dataclasses.replace(TC, steps=2, compute_dtype="bfloat16", remat="full")
+    trainer = Trainer(model, data, tc, tmp_path, mesh=make_mesh(fsdp=8), seed=SEED)
+    history = trainer.fit()
+    trainer.close()
+    assert trainer.model().config.dtype == "bfloat16" and trainer.model().config.remat == "full"
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(trainer.state["params"]))
+    losses, _, _ = reference_run(params0, data, tc, steps=2)
+    np.testing.assert_allclose([h["loss"] for h in history], losses, rtol=1e-2)
+    assert [h["loss"] for h in history] != losses  # the step really ran in bfloat16
+
+
+def test_build_target_places_a_random_model_on_the_mesh():
+    mesh = make_mesh(fsdp=4, tensor=2)
+    model = build_target(TrainConfig(compute_dtype="bfloat16", remat="dots"), mesh, config=MODEL)
+    assert model.config.dtype == "bfloat16" and model.config.remat == "dots"
+    assert model.layers.wq[...].sharding.spec == PartitionSpec(None, "fsdp", "tensor", None)
+    with pytest.raises(ValueError, match="exactly one"):
+        build_target(TC, mesh)
