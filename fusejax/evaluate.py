@@ -1,0 +1,129 @@
+"""Held-out evaluation of a target model: causal-LM loss (nats per token) and bits per byte, per domain.
+
+:func:`evaluate` runs a jitted forward pass over fixed-shape batches of any :class:`fusejax.train.Batches`
+(e.g. :class:`fusejax.data.TokenBatches` of the held-out split) and sums, per row, the cross-entropy of every
+scored position (``loss_mask``) and the row's UTF-8 bytes (``n_bytes``):
+
+    loss          = sum CE / number of scored tokens                  (nats per token)
+    bits_per_byte = sum CE / ln 2 / sum n_bytes                        (tokenizer-independent)
+
+A block's first token is not predicted (nothing precedes it) while its EOS is; the byte count is the
+block's text. A block's *domain* is the stem of the input file its document came from
+(``prose.jsonl:17`` -> ``prose``), see :func:`domain_of`.
+
+The stage (:func:`run`) evaluates the target before training and the trained model of ``<out>/train``
+(its latest checkpoint) on the held-out blocks and writes ``<out>/eval/results.json``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+
+def domain_of(doc_id: str) -> str:
+    """The domain of a corpus document id: the stem of its input file name (``data/code.jsonl:3`` -> ``code``)."""
+    name = doc_id.rpartition(":")[0] or doc_id
+    return PurePosixPath(name).stem or name
+
+
+def block_domains(batches) -> list[str]:
+    """The domain of every row of a corpus-backed ``batches`` (``TokenBatches`` / ``AlignedBatches``)."""
+    store = getattr(batches, "store", None)
+    positions = getattr(batches, "positions", None)
+    if store is None or positions is None:
+        raise TypeError(f"{type(batches).__name__} has no corpus store/positions: pass domains= explicitly")
+    if any(f.name == "doc_id" for f in store.fields):
+        return [domain_of(store.row(int(p))["doc_id"]) for p in positions]
+    raise ValueError(f"store {store.path} (kind {store.kind!r}) has no 'doc_id' field to derive domains from")
+
+
+def _row_sums(model, input_ids, attention_mask, labels, loss_mask):
+    """Per row: summed next-token CE over scored positions [B] float32 and the number of them [B] int32."""
+    import jax
+    import jax.numpy as jnp
+
+    logits = model(input_ids, attention_mask).astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    safe = jnp.where(loss_mask > 0, labels, 0)
+    ce = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+    scored = loss_mask > 0
+    return jnp.where(scored, ce, 0.0).sum(-1), scored.sum(-1).astype(jnp.int32)
+
+
+def evaluate(model, batches, *, batch_size: int, max_batches: int | None = None,
+             domains: list[str] | None = None) -> dict:
+    """Loss and bits per byte of ``model`` (a fusejax ``Transformer``) over the rows of ``batches``.
+
+    ``batches``: rows with ``input_ids``, ``attention_mask``, ``labels``, ``loss_mask`` [n, T] and ``n_bytes``
+    [n], read in order in batches of ``batch_size`` rows (the last one padded with masked rows, so one
+    compiled shape); ``max_batches`` caps the batches read. ``domains``: a label per row (default: from the
+    corpus store, :func:`block_domains`; ``[]`` for none). Returns ``{"loss", "bits_per_byte", "tokens",
+    "bytes", "blocks", "domains": {name: {the same keys}}}``.
+    """
+    from flax import nnx
+
+    if batch_size < 1:
+        raise ValueError(f"evaluate: batch_size must be >= 1, got {batch_size}")
+    n = batches.num_rows if max_batches is None else min(batches.num_rows, max_batches * batch_size)
+    domains = block_domains(batches) if domains is None else list(domains)
+    if domains and len(domains) < n:
+        raise ValueError(f"evaluate: {len(domains)} domain labels for {n} rows")
+    fn = nnx.jit(_row_sums)
+    ce, tokens, n_bytes = np.zeros(n), np.zeros(n, np.int64), np.zeros(n, np.int64)
+    for first in range(0, n, batch_size):
+        real = np.arange(first, min(first + batch_size, n))
+        indices = np.concatenate([real, np.full(batch_size - len(real), real[0])])  # pad rows: masked below
+        rows = batches.rows(indices)
+        keep = (np.arange(batch_size) < len(real)).astype(np.int32)
+        loss_mask = np.asarray(rows["loss_mask"], np.int32) * keep[:, None]
+        sums, counts = fn(model, np.asarray(rows["input_ids"], np.int32), np.asarray(rows["attention_mask"], np.int32),
+                          np.asarray(rows["labels"], np.int32), loss_mask)
+        ce[real] = np.asarray(sums, np.float64)[: len(real)]
+        tokens[real] = np.asarray(counts)[: len(real)]
+        n_bytes[real] = np.asarray(rows["n_bytes"])[: len(real)]
+    out = _summary(ce, tokens, n_bytes)
+    labels = np.asarray(domains[:n], dtype=object)
+    out["domains"] = {d: _summary(ce[labels == d], tokens[labels == d], n_bytes[labels == d])
+                      for d in sorted(set(domains[:n]))}
+    return out
+
+
+def _summary(ce: np.ndarray, tokens: np.ndarray, n_bytes: np.ndarray) -> dict:
+    total, n_tok, n_b = float(ce.sum()), int(tokens.sum()), int(n_bytes.sum())
+    return {"loss": total / n_tok if n_tok else math.nan,
+            "bits_per_byte": total / math.log(2) / n_b if n_b else math.nan,
+            "tokens": n_tok, "bytes": n_b, "blocks": len(ce)}
+
+
+def heldout_batches(cfg, tokenizer=None):
+    """``TokenBatches`` of the held-out blocks of ``<out>/corpus`` with the target tokenizer and ``train.seq_len``."""
+    from fusejax.data import TokenBatches
+    from fusejax.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(cfg.target.tokenizer_path if tokenizer is None else tokenizer)
+    return TokenBatches(Path(cfg.run.output_dir) / "corpus", tok, seq_len=cfg.train.seq_len, split="heldout")
+
+
+def run(cfg) -> dict:
+    """Stage ``eval``: the target before training and the trained model (``<out>/train``) on the held-out
+    blocks; writes and returns ``<out>/eval/results.json`` as ``{"target": {...}, "trained": {...}}``."""
+    from fusejax.distributed import is_main_process
+    from fusejax.export import load_trained
+    from fusejax.models import load_pretrained
+    from fusejax.sharding import make_mesh
+    from fusejax.store import write_json
+
+    out = Path(cfg.run.output_dir)
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    rules = cfg.mesh.rules or None
+    data = heldout_batches(cfg)
+    domains = block_domains(data)
+    kw = dict(batch_size=cfg.eval.batch_size, max_batches=cfg.eval.max_batches, domains=domains)
+    results = {"target": evaluate(load_pretrained(cfg.target.path, mesh=mesh, rules=rules), data, **kw),
+               "trained": evaluate(load_trained(out / "train", mesh=mesh, rules=rules)[0], data, **kw)}
+    if is_main_process():
+        write_json(out / "eval" / "results.json", results)
+    return results

@@ -1,0 +1,315 @@
+"""``fusejax run CONFIG``: every stage in order, each cached under a fingerprint of its inputs.
+
+Stages (see :data:`STAGES`): prepare -> represent -> vocab-map -> align -> train -> eval -> export. Each
+stage writes one folder under ``run.output_dir`` and, next to its output inside that folder, ``stage.json``:
+``{"stage", "fingerprint", "status": "running" | "complete", "started", "finished"}``.
+
+The fingerprint of a stage is a sha256 over the config sections it reads, the fingerprints of the stages it
+reads from, and the name, size and modification time of every file under the paths it reads (corpus inputs,
+model and tokenizer folders). On a rerun a stage is
+
+* **skipped** when its ``stage.json`` is complete with the same fingerprint;
+* **resumed** (run again; every stage resumes its own partial output) when it is ``running`` with the same
+  fingerprint, or when its folder exists without ``stage.json`` (e.g. written by a single-stage command);
+* **redone** when the fingerprint differs: the old folder is *moved aside* to
+  ``<output_dir>/stale/<folder>-<old fingerprint[:12]>`` (never deleted; a warning names both paths), and
+  every later stage, whose fingerprint includes this one, is redone too.
+
+Before any stage runs, :func:`validate` checks the whole config and raises one ConfigError listing every
+problem found.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from fusejax.config import ConfigError, config_to_dict
+from fusejax.store import write_json
+
+log = logging.getLogger(__name__)
+
+RECORD = "stage.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One pipeline stage: ``fn`` ("module:function" taking the Config), its output ``folder`` (relative to
+    ``run.output_dir``, or ``cfg -> path``), the config ``sections`` it reads (dotted keys), the stages it
+    reads from (``after``) and ``paths(cfg)``: the files and folders it reads."""
+
+    name: str
+    fn: str
+    folder: str | Callable
+    sections: tuple[str, ...]
+    after: tuple[str, ...] = ()
+    paths: Callable = lambda cfg: []
+
+    def output(self, cfg) -> Path:
+        """The folder this stage writes (its ``stage.json`` goes inside)."""
+        return Path(self.folder(cfg)) if callable(self.folder) else Path(cfg.run.output_dir) / self.folder
+
+
+def _target_paths(cfg) -> list[str]:
+    return [p for p in (cfg.target.path, cfg.target.tokenizer) if p]
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("prepare", "fusejax.corpus:run", "corpus", ("corpus", "run.seed", "target.tokenizer_path"),
+          paths=lambda cfg: [*cfg.corpus.inputs, cfg.target.tokenizer_path]),
+    Stage("represent", "fusejax.represent:run", "represent", ("sources", "represent"), after=("prepare",),
+          paths=lambda cfg: [p for s in cfg.sources for p in (s.path, s.tokenizer) if p]),
+    Stage("vocab-map", "fusejax.align:run_vocab_maps", "vocab_maps", ("vocab_map", "sources", "target.tokenizer_path"),
+          after=("represent",), paths=lambda cfg: [*(s.tokenizer_path for s in cfg.sources), cfg.target.tokenizer_path]),
+    Stage("align", "fusejax.align:run_align", "aligned", ("align", "represent.k"), after=("represent", "vocab-map")),
+    Stage("train", "fusejax.train:run", "train", ("train", "target", "run.seed", "mesh.rules"), after=("align",),
+          paths=_target_paths),
+    Stage("eval", "fusejax.evaluate:run", "eval", ("eval", "target", "train.seq_len"), after=("prepare", "train"),
+          paths=_target_paths),
+    Stage("export", "fusejax.export:run", lambda cfg: cfg.export.path or Path(cfg.run.output_dir) / "export",
+          ("export",), after=("train",)),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
+
+
+def _section(cfg, dotted: str):
+    value = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return config_to_dict(value)
+
+
+def _file_stats(paths) -> list:
+    """``[path, [[relative file, size, mtime_ns], ...]]`` for each path (missing paths record ``None``)."""
+    out = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_file():
+            st = path.stat()
+            out.append([str(raw), [["", st.st_size, st.st_mtime_ns]]])
+        elif path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+            out.append([str(raw), [[p.relative_to(path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns]
+                                   for p in files]])
+        else:
+            out.append([str(raw), None])
+    return out
+
+
+def fingerprints(cfg) -> dict[str, str]:
+    """The fingerprint (sha256 hex) of every stage for ``cfg``, in stage order."""
+    out: dict[str, str] = {}
+    for stage in STAGES:
+        payload = {
+            "stage": stage.name,
+            "config": {key: _section(cfg, key) for key in stage.sections},
+            "after": {name: out[name] for name in stage.after},
+            "files": _file_stats(stage.paths(cfg)),
+        }
+        out[stage.name] = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+    return out
+
+
+def read_record(folder: Path) -> dict | None:
+    """The ``stage.json`` of a stage folder, or None when absent or unreadable."""
+    try:
+        return json.loads((folder / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_record(folder: Path, record: dict) -> None:
+    write_json(folder / RECORD, record)
+
+
+def _move_aside(cfg, folder: Path, old_fingerprint: str) -> Path:
+    stale = Path(cfg.run.output_dir) / "stale"
+    stale.mkdir(parents=True, exist_ok=True)
+    dest = stale / f"{folder.name}-{old_fingerprint[:12]}"
+    if dest.exists():
+        dest = stale / f"{folder.name}-{old_fingerprint[:12]}-{time.strftime('%Y%m%d-%H%M%S')}"
+    shutil.move(str(folder), str(dest))
+    return dest
+
+
+def _resolve(spec: str) -> Callable:
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _barrier(name: str) -> None:
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"fusejax-pipeline-{name}")
+
+
+def run(cfg, *, validate_first: bool = True, stop_after: str | None = None) -> dict[str, str]:
+    """Run every stage of :data:`STAGES` in order for ``cfg`` (up to ``stop_after`` when given), skipping,
+    resuming or redoing each as the module docstring says. Returns ``{stage name: "skipped" | "resumed" |
+    "ran" | "redone"}``."""
+    from fusejax.distributed import is_main_process
+
+    if stop_after is not None and stop_after not in STAGE_NAMES:
+        raise ValueError(f"stop_after={stop_after!r}: expected one of {STAGE_NAMES}")
+    if validate_first:
+        validate(cfg, raise_error=True)
+    prints = fingerprints(cfg)
+    main = is_main_process()
+    outcome = {}
+    for stage in STAGES:
+        folder, fp = stage.output(cfg), prints[stage.name]
+        record = read_record(folder)
+        if record and record.get("fingerprint") == fp and record.get("status") == "complete":
+            outcome[stage.name] = "skipped"
+            _say(main, f"{stage.name}: complete, skipped ({folder})")
+            continue
+        if record and record.get("fingerprint") != fp:
+            if main:
+                dest = _move_aside(cfg, folder, str(record.get("fingerprint")))
+                log.warning("%s: inputs changed since %s was written; moved it aside to %s", stage.name, folder, dest)
+            _barrier(f"{stage.name}-moved")
+            outcome[stage.name] = "redone"
+        else:
+            outcome[stage.name] = "resumed" if folder.exists() else "ran"
+        _say(main, f"{stage.name}: {outcome[stage.name].replace('ran', 'running')} -> {folder}")
+        if main:
+            _write_record(folder, {"stage": stage.name, "fingerprint": fp, "status": "running",
+                                   "started": time.time(), "finished": None})
+        _resolve(stage.fn)(cfg)
+        _barrier(stage.name)
+        if main:
+            started = read_record(folder) or {}
+            _write_record(folder, {"stage": stage.name, "fingerprint": fp, "status": "complete",
+                                   "started": started.get("started"), "finished": time.time()})
+        if stage.name == stop_after:
+            break
+    return outcome
+
+
+def _say(main: bool, text: str) -> None:
+    if main:
+        print(f"[fusejax run] {text}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+
+def validate(cfg, *, raise_error: bool = False, n_devices: int | None = None) -> list[str]:
+    """Every problem of ``cfg`` that would make a stage fail, as messages naming the setting and value.
+
+    Checks: at least one source; corpus inputs, model and tokenizer folders exist; tokenizers load and fit
+    their model's vocabulary; the mesh fits ``n_devices`` (default: all devices) and every model's weights
+    and the training batch divide it; ``represent.k`` <= every vocabulary; ``corpus.block_size + 1`` (the
+    block plus EOS) <= ``train.seq_len`` and <= every model's context. ``raise_error``: raise one
+    ConfigError listing all of them instead of returning them.
+    """
+    problems: list[str] = []
+    if not cfg.sources:
+        problems.append("sources: the config lists no sources (add at least one under 'sources:')")
+    if not cfg.corpus.inputs:
+        problems.append("corpus.inputs: empty; list the corpus files or folders")
+    for i, path in enumerate(cfg.corpus.inputs):
+        if not Path(path).exists():
+            problems.append(f"corpus.inputs.{i}: {path} does not exist")
+    mesh = _check_mesh(cfg, problems, n_devices)
+    need = cfg.corpus.block_size + 1
+    if need > cfg.train.seq_len:
+        problems.append(f"train.seq_len={cfg.train.seq_len}: must be >= corpus.block_size + 1 = {need} "
+                        f"(a block plus EOS)")
+    models = [("target", cfg.target)] + [(f"sources.{i}", s) for i, s in enumerate(cfg.sources)]
+    for key, ref in models:
+        config = _check_model(key, ref, problems)
+        _check_tokenizer(key, ref, config, problems)
+        if config is None:
+            continue
+        if config.max_position_embeddings < need:
+            problems.append(f"{key}.path={ref.path}: context {config.max_position_embeddings} < corpus.block_size "
+                            f"+ 1 = {need}; lower corpus.block_size")
+        if key != "target" and cfg.represent.k > config.vocab_size:
+            problems.append(f"represent.k={cfg.represent.k}: more than the vocabulary ({config.vocab_size}) of "
+                            f"{key} ({ref.path})")
+        if mesh is not None:
+            _check_shardable(key, ref, config, mesh, cfg.mesh.rules or None, problems)
+    if raise_error and problems:
+        raise ConfigError(f"{len(problems)} problem(s) in the config:\n  - " + "\n  - ".join(problems))
+    return problems
+
+
+def _check_mesh(cfg, problems: list[str], n_devices: int | None):
+    """The mesh of ``cfg`` (abstract: shape only), or None after recording why it cannot be built."""
+    import jax
+
+    from fusejax.sharding import ShardingError, resolve_mesh_shape
+
+    m = cfg.mesh
+    try:
+        sizes = resolve_mesh_shape(m.data, m.fsdp, m.tensor, n_devices)
+    except ShardingError as e:
+        problems.append(f"mesh: {e}")
+        return None
+    per_batch = cfg.train.batch_size // cfg.train.grad_accum
+    parts = sizes["data"] * sizes["fsdp"]
+    if per_batch % parts:
+        problems.append(f"train.batch_size={cfg.train.batch_size}: the micro-batch of {per_batch} sequences "
+                        f"(batch_size / grad_accum) must divide by mesh data*fsdp = {parts}")
+    return jax.sharding.AbstractMesh(tuple(sizes.values()), tuple(sizes))
+
+
+def _check_model(key: str, ref, problems: list[str]):
+    from fusejax.models.hf_io import read_config
+
+    if ref.path is None:
+        problems.append(f"{key}.path: not set (a Hugging Face model folder)")
+        return None
+    if not Path(ref.path).is_dir():
+        problems.append(f"{key}.path: {ref.path} does not exist or is not a folder")
+        return None
+    try:
+        return read_config(ref.path)
+    except ValueError as e:
+        problems.append(f"{key}.path: {e}")
+        return None
+
+
+def _check_tokenizer(key: str, ref, config, problems: list[str]) -> None:
+    """The tokenizer loads and fits the model's vocabulary."""
+    from fusejax.tokenizer import load_tokenizer
+
+    try:
+        path = ref.tokenizer_path
+    except ConfigError:
+        return  # no path at all: reported by _check_model
+    try:
+        n = len(load_tokenizer(path))
+    except (OSError, ValueError, TypeError) as e:
+        problems.append(f"{key}.tokenizer ({path}): does not load: {e}")
+        return
+    if config is not None and n > config.vocab_size:
+        problems.append(f"{key}: tokenizer {path} has {n} tokens, more than the model's vocab_size {config.vocab_size}")
+
+
+def _check_shardable(key: str, ref, config, mesh, rules, problems: list[str]) -> None:
+    from flax import nnx
+
+    from fusejax.models import Transformer
+    from fusejax.sharding import ShardingError, logical_to_spec, merge_rules
+
+    abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    try:
+        rules = merge_rules(rules)
+        for path, var in nnx.to_flat_state(nnx.state(abstract)):
+            shape = var.get_value().shape
+            axes = var.get_metadata().get("logical_axes", (None,) * len(shape))
+            logical_to_spec(axes, rules=rules, mesh=mesh, shape=shape, name=".".join(map(str, path)))
+    except ShardingError as e:
+        problems.append(f"{key}.path={ref.path}: weights do not fit the mesh {dict(mesh.shape)}: {e}")

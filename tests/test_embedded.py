@@ -1,0 +1,102 @@
+"""The embedded default: corpus, the three tokenizer kinds, TensorBoard reading, the report, and (slow) the
+assets + pipeline end to end on tiny recipes."""
+
+import json
+
+import numpy as np
+import pytest
+
+from fusejax import embedded
+from fusejax.align import word_start_marker
+from fusejax.tokenizer import load_tokenizer
+
+TEXT = "def area(r):\n    return 3.14 * r ** 2  # the circle's area\n\nThe  quick brown fox."
+
+
+@pytest.mark.parametrize("kind, marker", [("metaspace_bpe", "▁"), ("byte_bpe", "Ġ"), ("char", "▁")])
+def test_tokenizer_kinds_round_trip_and_have_their_marker(kind, marker, tmp_path):
+    docs = embedded.corpus_documents(20_000)
+    tok = embedded.train_tokenizer(kind, 400, docs["prose"] + docs["code"])
+    tok.save_pretrained(tmp_path)
+    tok = load_tokenizer(tmp_path)  # what the stages load
+    assert word_start_marker(tok) == marker
+    ids = tok.encode(TEXT, add_special_tokens=False)
+    decoded = tok.decode(ids)
+    assert decoded == TEXT if kind != "metaspace_bpe" else decoded.split() == TEXT.split()
+    assert tok.eos_token_id is not None
+    if kind == "char":
+        assert len(ids) == len(TEXT)
+
+
+def test_corpus_has_both_domains_within_the_cap(tmp_path):
+    paths = [tmp_path / "prose.jsonl", tmp_path / "code.jsonl"]
+    docs = embedded.write_corpus(paths, 5_000)
+    for domain in embedded.DOMAINS:
+        assert sum(map(len, docs[domain])) == 5_000
+        lines = (tmp_path / f"{domain}.jsonl").read_text().splitlines()
+        assert [json.loads(line)["text"] for line in lines] == docs[domain]
+    assert "def " in "".join(docs["code"])
+    mtime = paths[0].stat().st_mtime_ns
+    embedded.write_corpus(paths, 5_000)
+    assert paths[0].stat().st_mtime_ns == mtime  # unchanged content is not rewritten
+    with pytest.raises(ValueError, match="prose.jsonl"):
+        embedded.write_corpus([tmp_path / "a.jsonl"], 5_000)
+
+
+def test_read_scalars_reads_tensorboardx_events(tmp_path):
+    from tensorboardX import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path))
+    for step, value in [(2, 0.5), (1, 1.5), (3, 0.25)]:
+        writer.add_scalar("clm_loss", value, step)
+    writer.close()
+    assert embedded.read_scalars(tmp_path) == {"clm_loss": [(1, 1.5), (2, 0.5), (3, 0.25)]}
+
+
+def test_report_files(tmp_path):
+    def res(bpb):
+        return {"loss": 2 * bpb, "bits_per_byte": bpb, "tokens": 10, "bytes": 30, "blocks": 2,
+                "domains": {"code": {"bits_per_byte": bpb + 0.5}, "prose": {"bits_per_byte": bpb - 0.5}}}
+
+    results = {"eval": {"target": res(3.0), "clm_only": res(2.5), "fusellm": res(2.25)}, "seconds": 1.0}
+    paths = embedded.write_report(tmp_path, results, {"FuseLLM": {"clm_loss": [(1, 3.0), (2, 2.0)]}})
+    assert all(p.is_file() and p.stat().st_size > 0 for p in paths)
+    table = (tmp_path / "report" / "report.md").read_text()
+    assert "| FuseLLM | 2.2500 | 2.7500 | 1.7500 | 4.5000 |" in table
+    assert "| target before training | 3.0000 |" in table
+
+
+TINY = {"block_size": 63, "batch_size": 8, "max_chars": 6_000}
+
+
+def _tiny_recipes():
+    recipes = {}
+    for name, recipe in embedded.RECIPES.items():
+        arch = dict(recipe["arch"], hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2)
+        if "rotary_dim" in arch:
+            arch["rotary_dim"] = 8
+        recipes[name] = dict(recipe, arch=arch, steps=3, tokenizer=(recipe["tokenizer"][0], 300))
+    return recipes
+
+
+@pytest.mark.slow
+def test_assets_and_pipeline_up_to_alignment(tmp_path, monkeypatch):
+    monkeypatch.setattr(embedded, "PRETRAIN", TINY)
+    assets = tmp_path / "assets"
+    overrides = [f"run.output_dir={tmp_path / 'run'}", f"corpus.inputs=[{assets}/prose.jsonl, {assets}/code.jsonl]",
+                 f"target.path={assets}/target", "corpus.block_size=31", "train.seq_len=32",
+                 "corpus.holdout_fraction=0.2",
+                 "represent.k=4"] + [f"sources.{i}.path={assets}/{n}" for i, n in enumerate(("llama", "neox", "mpt"))]
+    recipes = _tiny_recipes()
+    assert embedded.main(None, overrides, recipes=recipes, stop_after="align") == 0
+    from fusejax.config import load_config
+    from fusejax.store import open_store
+
+    cfg = load_config(embedded.DEFAULT_CONFIG, overrides)
+    assert embedded.build_assets(cfg, recipes) == dict.fromkeys(["target", "llama", "neox", "mpt"], "reused")
+    aligned = open_store(tmp_path / "run" / "aligned")
+    assert aligned.meta["sources"] == ["llama", "neox", "mpt"] and len(aligned) > 0
+    row = aligned.row(0)
+    assert row["table_ids"].shape[1:] == (3, 4) and np.all(row["table_ids"][:-1, :, 0] >= 0)
+    for name in ("llama", "neox", "mpt"):
+        assert json.loads((assets / name / "recipe.json").read_text())["recipe"]["steps"] == 3

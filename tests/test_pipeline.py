@@ -1,0 +1,194 @@
+"""`fusejax run`: stage order, skipping, redo on changed inputs, resume, and whole-config validation."""
+
+import json
+import os
+
+import pytest
+import transformers
+from flax import nnx
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from fusejax import pipeline
+from fusejax.config import ConfigError, load_config
+from fusejax.models import ModelConfig, Transformer, save_pretrained
+
+ORDER = ["prepare", "represent", "vocab-map", "align", "train", "eval", "export"]
+
+
+class FakeStages:
+    """Stand-ins for the stage functions: each records its call and writes ``done.txt`` in its folder;
+    ``fail`` names a stage that writes ``partial.txt`` and raises once (an interrupted run)."""
+
+    def __init__(self, monkeypatch):
+        self.calls, self.fail = [], None
+        by_fn = {s.fn: s for s in pipeline.STAGES}
+
+        def resolve(spec):
+            stage = by_fn[spec]
+
+            def fn(cfg):
+                self.calls.append(stage.name)
+                folder = stage.output(cfg)
+                folder.mkdir(parents=True, exist_ok=True)
+                if self.fail == stage.name:
+                    self.fail = None
+                    (folder / "partial.txt").write_text("half")
+                    raise KeyboardInterrupt
+                (folder / "done.txt").write_text(cfg.align.fallback)
+
+            return fn
+
+        monkeypatch.setattr(pipeline, "_resolve", resolve)
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("some text\n")
+    cfg = load_config(None, [f"run.output_dir={tmp_path / 'out'}", f"corpus.inputs=[{corpus}]",
+                             f"target.path={tmp_path / 'target'}", "sources.0.name=a",
+                             f"sources.0.path={tmp_path / 'a'}"])
+    return cfg, FakeStages(monkeypatch), tmp_path
+
+
+def test_runs_every_stage_in_order_then_skips_them(setup):
+    cfg, fake, tmp = setup
+    assert pipeline.run(cfg, validate_first=False) == dict.fromkeys(ORDER, "ran")
+    assert fake.calls == ORDER
+    for stage in pipeline.STAGES:
+        record = json.loads((stage.output(cfg) / "stage.json").read_text())
+        assert record["status"] == "complete" and record["stage"] == stage.name
+    assert (tmp / "out" / "export" / "stage.json").is_file()
+    fake.calls.clear()
+    assert pipeline.run(cfg, validate_first=False) == dict.fromkeys(ORDER, "skipped")
+    assert fake.calls == []
+
+
+def test_changed_setting_redoes_that_stage_and_later_ones_and_keeps_the_old_output(setup):
+    cfg, fake, tmp = setup
+    pipeline.run(cfg, validate_first=False)
+    old = json.loads((tmp / "out" / "aligned" / "stage.json").read_text())["fingerprint"]
+    fake.calls.clear()
+    changed = load_config(None, [f"{k}={v}" for k, v in _overrides(cfg).items()] + ["align.fallback=reference"])
+    outcome = pipeline.run(changed, validate_first=False)
+    assert fake.calls == ["align", "train", "eval", "export"]
+    assert outcome == {**dict.fromkeys(ORDER[:3], "skipped"), **dict.fromkeys(ORDER[3:], "redone")}
+    moved = tmp / "out" / "stale" / f"aligned-{old[:12]}"
+    assert (moved / "done.txt").read_text() == "next_token"  # the old output is kept, moved aside
+    assert (tmp / "out" / "aligned" / "done.txt").read_text() == "reference"
+
+
+def test_changed_input_file_redoes_everything(setup):
+    cfg, fake, tmp = setup
+    pipeline.run(cfg, validate_first=False)
+    fake.calls.clear()
+    (tmp / "corpus.txt").write_text("other, longer text\n")
+    assert pipeline.run(cfg, validate_first=False) == dict.fromkeys(ORDER, "redone")
+    assert fake.calls == ORDER
+    assert len(list((tmp / "out" / "stale").iterdir())) == len(ORDER)
+
+
+def test_interrupted_stage_is_resumed_not_moved(setup):
+    cfg, fake, tmp = setup
+    fake.fail = "train"
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(cfg, validate_first=False)
+    assert fake.calls == ORDER[:5]
+    assert json.loads((tmp / "out" / "train" / "stage.json").read_text())["status"] == "running"
+    fake.calls.clear()
+    outcome = pipeline.run(cfg, validate_first=False)
+    assert fake.calls == ["train", "eval", "export"]
+    assert outcome["train"] == "resumed" and outcome["align"] == "skipped"
+    assert (tmp / "out" / "train" / "partial.txt").is_file()  # the stage found its partial output in place
+    assert not (tmp / "out" / "stale").exists()
+
+
+def test_output_without_record_is_adopted_by_resuming(setup):
+    cfg, fake, tmp = setup
+    (tmp / "out" / "corpus").mkdir(parents=True)  # e.g. written by `fusejax prepare` before
+    assert pipeline.run(cfg, validate_first=False)["prepare"] == "resumed"
+
+
+def test_fingerprints_chain_through_upstream_stages(setup):
+    cfg, _, _ = setup
+    base = pipeline.fingerprints(cfg)
+    changed = pipeline.fingerprints(load_config(None, [f"{k}={v}" for k, v in _overrides(cfg).items()]
+                                                + ["represent.k=5"]))
+    same = [name for name in ORDER if base[name] == changed[name]]
+    assert same == ["prepare"]
+
+
+def _overrides(cfg):
+    return {"run.output_dir": cfg.run.output_dir, "corpus.inputs": f"[{cfg.corpus.inputs[0]}]",
+            "target.path": cfg.target.path, "sources.0.name": "a", "sources.0.path": cfg.sources[0].path}
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A tokenizer (~300 tokens) and model folders: ``good`` (vocab 384, context 64, hidden 32) and
+    ``bad`` (vocab 100 < tokenizer, context 16, hidden 36 that does not divide fsdp=8)."""
+    root = tmp_path_factory.mktemp("models")
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer, raw.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    raw.train_from_iterator(["def f(x):\n    return x + 1\n" * 20], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<eos>")
+    for name, vocab, context, hidden in (("good", 384, 64, 32), ("bad", 100, 16, 36)):
+        config = ModelConfig(arch="llama", vocab_size=vocab, hidden_size=hidden, intermediate_size=64, num_layers=1,
+                             num_heads=2, max_position_embeddings=context)
+        save_pretrained(Transformer(config, rngs=nnx.Rngs(0)), root / name)
+        tok.save_pretrained(root / name)
+    (root / "corpus.txt").write_text("hello\n")
+    return root
+
+
+def _cfg(root, *overrides):
+    return load_config(None, [f"corpus.inputs=[{root / 'corpus.txt'}]", f"target.path={root / 'good'}",
+                              "sources.0.name=s", f"sources.0.path={root / 'good'}", "corpus.block_size=32",
+                              "train.seq_len=64", "train.batch_size=8", *overrides])
+
+
+def test_a_good_config_has_no_problems(folders):
+    assert pipeline.validate(_cfg(folders), n_devices=8) == []
+
+
+def test_validation_lists_every_problem_at_once(folders, tmp_path):
+    cfg = _cfg(folders, f"corpus.inputs=[{tmp_path / 'missing.txt'}]", f"sources.0.path={folders / 'bad'}",
+               f"sources.1.name=t", f"sources.1.path={tmp_path / 'nowhere'}", "train.seq_len=20",
+               "represent.k=200", "train.batch_size=4")
+    with pytest.raises(ConfigError) as err:
+        pipeline.validate(cfg, raise_error=True, n_devices=8)
+    text = str(err.value)
+    expected = [
+        "corpus.inputs.0: " + str(tmp_path / "missing.txt") + " does not exist",
+        "train.seq_len=20: must be >= corpus.block_size + 1 = 33",
+        "train.batch_size=4: the micro-batch of 4 sequences",  # fsdp fills all 8 devices
+        "sources.0: tokenizer",  # ~300 tokens for a vocabulary of 100
+        "sources.0.path=" + str(folders / "bad") + ": context 16 < corpus.block_size + 1 = 33",
+        "represent.k=200: more than the vocabulary",
+        "weights do not fit the mesh",  # hidden 36 over fsdp=8
+        "sources.1.path: " + str(tmp_path / "nowhere") + " does not exist",
+        "sources.1.tokenizer",
+    ]
+    for fragment in expected:
+        assert fragment in text, fragment
+    assert text.startswith(f"{text.count(chr(10) + '  - ')} problem(s)")
+
+
+def test_validation_of_mesh_and_missing_sources(folders):
+    cfg = load_config(None, ["mesh.data=3", "mesh.fsdp=1", f"target.path={folders / 'good'}"])
+    problems = pipeline.validate(cfg, n_devices=8)
+    assert any(p.startswith("sources: the config lists no sources") for p in problems)
+    assert any(p.startswith("corpus.inputs: empty") for p in problems)
+    assert any(p.startswith("mesh: ") and "needs 3 devices but 8" in p for p in problems)
+
+
+def test_run_validates_before_any_stage(setup):
+    cfg, fake, _ = setup
+    with pytest.raises(ConfigError, match="problem"):
+        pipeline.run(cfg)
+    assert fake.calls == []
+    assert not os.path.exists(cfg.run.output_dir)
