@@ -97,7 +97,8 @@ class SyntheticTables:
     the first ``seq_len``, labels the next token), right padding of up to half the row when ``padding``,
     and per position and source a top-k table of distinct ids that holds the true next token with
     probability ``hit_rate``; a fraction ``empty_fraction`` of (position, source) rows is empty (all -1).
-    ``source_ce`` is uniform in [1, 4) per row and source (``[S]``, or ``[T, S]`` with ``token_level_ce``).
+    ``source_ce`` is uniform in [1, 4) per row and source (``[S]``, or ``[T, S]`` with ``token_level_ce``);
+    ``n_bytes`` counts 4 bytes per real token.
     """
 
     def __init__(self, num_rows: int, seq_len: int, vocab_size: int, *, num_sources: int = 3, k: int = 10,
@@ -122,6 +123,7 @@ class SyntheticTables:
             "attention_mask": real.astype(np.int32),
             "labels": np.where(real, tokens[1:], -100).astype(np.int32),
             "loss_mask": real.astype(np.int32),
+            "n_bytes": np.int32(4 * length),  # as if every token spelled 4 bytes (for bits per byte)
         }
         if not self.with_tables:
             return out
@@ -375,7 +377,6 @@ class Trainer:
             raise ValueError(f"training rows hold {self.seq_len} tokens but train.seq_len={tc.seq_len}")
         self.batch_shardings = batch_shardings(mesh, {k: v.shape for k, v in example.items()}, rules)
         self.compiled = self._compile(make_train_step(self.graphdef, self.tx, self.opts), example)
-        self._eval_fn = None  # jitted on first use
 
     @property
     def step(self) -> int:
@@ -453,27 +454,18 @@ class Trainer:
         return nnx.merge(self.graphdef, self.state["params"])
 
     def evaluate(self, data: Batches | None = None, max_batches: int | None = None) -> dict[str, float]:
-        """Mean :func:`fusion_loss` metrics over ``data`` (default: ``eval_data``) in row order, in batches of
-        ``batch_size // grad_accum`` rows (a last partial batch is dropped); {} without data."""
+        """Held-out causal-LM ``loss`` (nats per token) and ``bits_per_byte`` of the current model over
+        ``data`` (default: ``eval_data``; rows need ``n_bytes``), via :func:`fusejax.evaluate.evaluate`; {}
+        without data. Not the fused loss: that is not a property of the model alone."""
+        from fusejax.evaluate import evaluate
+
         data = self.eval_data if data is None else data
-        per_batch = self.tc.batch_size // self.tc.grad_accum
-        n = data.num_rows // per_batch if data is not None else 0
-        n = n if max_batches is None else min(n, max_batches)
-        if n == 0:
+        if data is None or data.num_rows == 0:
             return {}
-        if self._eval_fn is None:
-            loss_fn = make_loss_fn(self.graphdef, self.opts)
-            self._eval_fn = jax.jit(lambda params, mb, lm_w: loss_fn(params, mb, lm_w)[1])
-        shardings = {k: NamedSharding(self.mesh, PartitionSpec(*s.spec[1:])) for k, s in self.batch_shardings.items()}
-        lm_w = _lm_weight(self.opts, self.step)
-        totals = None
         with jax.set_mesh(self.mesh):
-            for i in range(n):
-                rows = data.rows(np.arange(i * per_batch, (i + 1) * per_batch))
-                mb = _global({k: v for k, v in rows.items() if k in shardings}, shardings)
-                m = jax.device_get(self._eval_fn(self.state["params"], mb, lm_w))
-                totals = m if totals is None else jax.tree.map(np.add, totals, m)
-        return self._scalars(jax.tree.map(lambda x: x / n, totals))
+            result = evaluate(self.model(), data, batch_size=self.tc.batch_size // self.tc.grad_accum,
+                              max_batches=max_batches, domains=[])
+        return {"loss": result["loss"], "bits_per_byte": result["bits_per_byte"]}
 
     # -- metrics ----------------------------------------------------------------------------------------
     def _scalars(self, metrics: dict) -> dict[str, float]:

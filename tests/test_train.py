@@ -215,13 +215,17 @@ def test_tensorboard_events_hold_the_logged_metrics(straight):
                                [np.mean([h["loss"] for h in history[i:i + 2]]) for i in (0, 2)], rtol=1e-6)
     fracs = sum(np.array([v for _, v in events[f"source_frac/{n}"]]) for n in "abc")
     np.testing.assert_allclose(fracs + np.array([v for _, v in events["no_source"]]), 1.0, rtol=1e-5)
-    # held-out evaluation every 2 steps: one batch of 8 rows (the 4 left over are dropped), checked at the end
-    assert [s for s, _ in events["eval/loss"]] == [2, 4]
-    rows = SyntheticTables(12, T, MODEL.vocab_size, seed=12).rows(np.arange(8))
-    logits = trainer.model()(rows["input_ids"], rows["attention_mask"])
-    expected = fusion_loss(logits, rows["labels"], rows["loss_mask"], rows["table_ids"], rows["table_logits"],
-                           rows["source_ce"], lm_weight=TC.lm_weight)[0]
-    np.testing.assert_allclose(events["eval/loss"][-1][1], float(expected), rtol=1e-5)
+    # held-out evaluation every 2 steps over all 12 rows: CLM loss and bits per byte of the model alone
+    assert [s for s, _ in events["eval/loss"]] == [2, 4] == [s for s, _ in events["eval/bits_per_byte"]]
+    rows = SyntheticTables(12, T, MODEL.vocab_size, seed=12).rows(np.arange(12))
+    logits = np.asarray(trainer.model()(rows["input_ids"], rows["attention_mask"]), np.float64)[..., :MODEL.vocab_size]
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    scored = rows["loss_mask"] == 1
+    ce = -np.take_along_axis(logp, np.where(scored, rows["labels"], 0)[..., None], -1)[..., 0][scored]
+    np.testing.assert_allclose(events["eval/loss"][-1][1], ce.mean(), rtol=1e-5)
+    np.testing.assert_allclose(events["eval/bits_per_byte"][-1][1], ce.sum() / np.log(2) / rows["n_bytes"].sum(),
+                               rtol=1e-5)
     flops = 6 * (trainer.num_params - MODEL.padded_vocab_size * 32) + 12 * 2 * T * 32
     for (_, mfu), (_, tps) in zip(events["mfu"], events["tokens_per_s"]):
         np.testing.assert_allclose(mfu, tps * flops / (TC.peak_flops * 8), rtol=1e-4)
