@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/fusejax demo --output runs/demo
+	$(BIN)/fusejax demo --output runs/embedded
 
 test: install
 	$(BIN)/python -m pytest -q tests

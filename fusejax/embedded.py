@@ -306,10 +306,10 @@ def write_report(out: Path, results: dict, curves: dict[str, dict]) -> list[Path
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, scalars in curves.items():
-        for tag in ("clm_loss", "fusion_loss"):
-            if scalars.get(tag):
+        for tag, style in (("clm_loss", "-"), ("fusion_loss", "--")):
+            if scalars.get(tag) and any(v for _, v in scalars[tag]):  # CLM-only has no fusion term
                 steps, values = zip(*scalars[tag])
-                ax.plot(steps, values, label=f"{label}: {tag}")
+                ax.plot(steps, values, style, label=f"{label}: {tag}")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (nats/token)")
     ax.legend()
@@ -349,6 +349,11 @@ def main(config: str | Path | None = None, overrides: list[str] | None = None, *
     for p in paths:
         print(f"report: {p}")
     return 0
+
+
+def demo(output_dir: str | Path = "runs/embedded") -> int:
+    """``fusejax demo`` (``make demo``): the embedded default with its outputs in ``output_dir``."""
+    return main(None, [f"run.output_dir={output_dir}"])
 
 
 if __name__ == "__main__":

@@ -109,10 +109,10 @@ def test_help_explains_commands(capsys):
 
 def test_demo_calls_demo_main_with_the_output_dir(monkeypatch, tmp_path):
     calls = []
-    fake_module(monkeypatch, "fusejax.demo", main=lambda output_dir: calls.append(output_dir))
+    fake_module(monkeypatch, "fusejax.embedded", demo=lambda output_dir: calls.append(output_dir))
     assert cli.main(["demo", "--output", str(tmp_path / "d")]) == 0
     assert cli.main(["demo"]) == 0
-    assert calls == [str(tmp_path / "d"), "runs/demo"]
+    assert calls == [str(tmp_path / "d"), "runs/embedded"]
 
 
 def test_registered_stage_gets_the_resolved_config(monkeypatch, tmp_path, capsys):

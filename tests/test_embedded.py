@@ -66,7 +66,7 @@ def test_report_files(tmp_path):
     assert "| target before training | 3.0000 |" in table
 
 
-TINY = {"block_size": 63, "batch_size": 8, "max_chars": 6_000}
+TINY = {"block_size": 63, "batch_size": 8, "max_chars": 6_000, "max_doc_chars": 600}
 
 
 def _tiny_recipes():
@@ -80,15 +80,15 @@ def _tiny_recipes():
 
 
 @pytest.mark.slow
-def test_assets_and_pipeline_up_to_alignment(tmp_path, monkeypatch):
+def test_assets_pipeline_baseline_and_report(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(embedded, "PRETRAIN", TINY)
     assets = tmp_path / "assets"
     overrides = [f"run.output_dir={tmp_path / 'run'}", f"corpus.inputs=[{assets}/prose.jsonl, {assets}/code.jsonl]",
                  f"target.path={assets}/target", "corpus.block_size=31", "train.seq_len=32",
-                 "corpus.holdout_fraction=0.2",
-                 "represent.k=4"] + [f"sources.{i}.path={assets}/{n}" for i, n in enumerate(("llama", "neox", "mpt"))]
+                 "corpus.holdout_fraction=0.3",
+                 "represent.k=4", "train.steps=4", "train.log_every=2"] + [f"sources.{i}.path={assets}/{n}" for i, n in enumerate(("llama", "neox", "mpt"))]
     recipes = _tiny_recipes()
-    assert embedded.main(None, overrides, recipes=recipes, stop_after="align") == 0
+    assert embedded.main(None, overrides, recipes=recipes) == 0
     from fusejax.config import load_config
     from fusejax.store import open_store
 
@@ -100,3 +100,10 @@ def test_assets_and_pipeline_up_to_alignment(tmp_path, monkeypatch):
     assert row["table_ids"].shape[1:] == (3, 4) and np.all(row["table_ids"][:-1, :, 0] >= 0)
     for name in ("llama", "neox", "mpt"):
         assert json.loads((assets / name / "recipe.json").read_text())["recipe"]["steps"] == 3
+    results = json.loads((tmp_path / "run" / "report" / "results.json").read_text())
+    for method in ("target", "clm_only", "fusellm"):
+        assert set(results["eval"][method]["domains"]) == {"prose", "code"}
+        assert 0 < results["eval"][method]["bits_per_byte"] < 20
+    assert results["eval"]["clm_only"]["bits_per_byte"] != results["eval"]["target"]["bits_per_byte"]
+    assert (tmp_path / "run" / "export" / "config.json").is_file()
+    assert "report.md" in capsys.readouterr().out
