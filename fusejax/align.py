@@ -668,6 +668,7 @@ def run_vocab_maps(cfg) -> dict:
     co_occurrence`` breaks distance ties by 1-to-1 alignment counts over the corpus (needs the top-k stores).
     Returns the summary.
     """
+    from fusejax.config import save_resolved
     from fusejax.store import write_json
     from fusejax.tokenizer import load_tokenizer, tokenizer_fingerprint
 
@@ -691,6 +692,7 @@ def run_vocab_maps(cfg) -> dict:
         with np.load(path) as f:
             summary[name] = {**vocab_map_summary(f["target_ids"], f["distances"]), **meta}
     write_json(path.parent / "summary.json", summary)
+    save_resolved(cfg, path.parent)
     return summary
 
 
@@ -740,6 +742,7 @@ def run_align(cfg) -> dict:
     resumes; top-k stores built for another corpus, tokenizer or k are refused. Writes the per-source rates
     to ``<run.output_dir>/aligned_summary.json`` and returns them.
     """
+    from fusejax.config import save_resolved
     from fusejax.distributed import process_slice
     from fusejax.store import Field, StoreError, StoreWriter, open_store, write_json
     from fusejax.tokenizer import encode_block, load_tokenizer, tokenizer_fingerprint
@@ -849,4 +852,5 @@ def run_align(cfg) -> dict:
             )
     summary = {**_aligned_summary(path, names), "corpus_blocks": len(corpus)}
     write_json(out / "aligned_summary.json", summary)
+    save_resolved(cfg, path)
     return summary

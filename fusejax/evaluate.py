@@ -110,6 +110,7 @@ def heldout_batches(cfg, tokenizer=None):
 def run(cfg) -> dict:
     """Stage ``eval``: the target before training and the trained model (``<out>/train``) on the held-out
     blocks; writes and returns ``<out>/eval/results.json`` as ``{"target": {...}, "trained": {...}}``."""
+    from fusejax.config import save_resolved
     from fusejax.distributed import is_main_process
     from fusejax.export import load_trained
     from fusejax.models import load_pretrained
@@ -126,4 +127,5 @@ def run(cfg) -> dict:
                "trained": evaluate(load_trained(out / "train", mesh=mesh, rules=rules)[0], data, **kw)}
     if is_main_process():
         write_json(out / "eval" / "results.json", results)
+        save_resolved(cfg, out / "eval")
     return results
