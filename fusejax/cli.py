@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -104,7 +105,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             cfg = _config_from(args)
             initialize()  # join the other processes of a pod / cluster before any JAX use
+            logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+            logging.getLogger("fusejax").setLevel(logging.INFO)  # our progress notes; libraries: warnings only
             result = _resolve(STAGES[args.command][0])(cfg)
+            if isinstance(result, dict):  # every stage returns its summary: show it
+                print(json.dumps(result, indent=2, sort_keys=True, default=str))
     except Exception as e:  # a user error is one line and exit code 2; a bug keeps its traceback
         message = None if debug() else user_error_message(e)
         if message is None:
