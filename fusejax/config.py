@@ -79,6 +79,7 @@ class MeshConfig:
     rules: dict[str, MeshAxes] = opt(
         {}, "logical axis -> mesh axis, list of mesh axes or null, merged onto fusejax.sharding.DEFAULT_RULES"
     )
+    device_memory_gib: float | None = opt(None, "GiB per device checked by `fusejax plan`; null: as reported", POSITIVE)
 
 
 @section

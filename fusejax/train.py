@@ -9,7 +9,9 @@ distillation.
 
 Determinism: the training rows are read in epoch-wise permutations seeded by ``(seed, epoch)``; a step
 reads the next ``batch_size`` positions of that endless stream. Checkpoints store the stream position, so a
-resumed run sees exactly the rows an uninterrupted one would (even with another batch size).
+resumed run sees exactly the rows an uninterrupted one would (even with another batch size). With several
+processes, each reads only the rows its own devices hold (:func:`local_batch_rows`) and the global batch is
+assembled with ``jax.make_array_from_process_local_data``.
 
 Gradient accumulation averages the micro-batches' gradients; each micro-batch's loss is a mean over its own
 scored tokens, so the result equals the full-batch gradient when micro-batches hold equal token counts.
@@ -186,6 +188,17 @@ def make_optimizer(tc, total_steps: int) -> tuple[optax.GradientTransformation, 
     return (optax.chain(optax.clip_by_global_norm(tc.clip_norm), adamw) if tc.clip_norm > 0 else adamw), schedule
 
 
+def opt_state_shardings(tx: optax.GradientTransformation, params):
+    """Shardings of ``tx``'s state for ``params`` (arrays or ShapeDtypeStructs with NamedShardings): every
+    parameter-shaped entry (AdamW's two moments) sharded like its parameter, the rest (step counters)
+    replicated. Pass as ``out_shardings`` of ``jax.jit(tx.init)``: left to XLA, the freshly zeroed moments
+    come out replicated on every device."""
+    mesh = jax.tree.leaves(params)[0].sharding.mesh
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return optax.tree_map_params(tx, lambda _, p: p.sharding, jax.eval_shape(tx.init, params), params,
+                                 transform_non_params=lambda _: replicated)
+
+
 def _cast_floating(tree, dtype):
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
@@ -259,6 +272,16 @@ def batch_shardings(mesh, batch_shapes: dict[str, tuple[int, ...]], rules=None) 
             None, *sharding.logical_to_spec(BATCH_AXES[name], rules=rules, mesh=mesh, shape=shape[1:], name=name)))
         for name, shape in batch_shapes.items()
     }
+
+
+def local_batch_rows(batch_sharding: NamedSharding, shape: tuple[int, ...], axis: int = 1) -> np.ndarray:
+    """Sorted indices along ``axis`` (the batch axis, after the micro-batch axis) of a global array of ``shape``
+    with ``batch_sharding`` that this process's devices hold: the rows it must read, in the order
+    ``jax.make_array_from_process_local_data`` expects. Every row on a single process; right for any mesh."""
+    rows: set[int] = set()
+    for index in batch_sharding.addressable_devices_indices_map(shape).values():
+        rows.update(range(*index[axis].indices(shape[axis])))
+    return np.array(sorted(rows), dtype=np.int64)
 
 
 def model_flops_per_token(cfg: ModelConfig, num_params: int, seq_len: int) -> float:
@@ -355,7 +378,7 @@ class Trainer:
         params = jax.device_put(params, param_shardings)
         self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
         with jax.set_mesh(mesh):
-            opt_state = jax.jit(self.tx.init)(params)
+            opt_state = jax.jit(self.tx.init, out_shardings=opt_state_shardings(self.tx, params))(params)
         step = jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(mesh, PartitionSpec()))
         self.state = {"params": params, "opt_state": opt_state, "step": step}
         self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
@@ -363,7 +386,8 @@ class Trainer:
         self.ckpt = checkpoint_manager(self.out_dir / "checkpoints", max_to_keep=tc.keep_checkpoints)
         self.restore_latest()
 
-        example = self._host_batch(0)
+        example = self.data.rows(stream_rows(self.seed, 0, 1, self.data.num_rows))  # one row: fields, shapes
+        example = {k: v for k, v in example.items() if k in BATCH_AXES}
         missing = [f for f in TEXT_FIELDS if f not in example]
         if not self.opts.clm_only:
             missing += [f for f in TABLE_FIELDS if f not in example]
@@ -375,8 +399,13 @@ class Trainer:
         self.seq_len = example["input_ids"].shape[-1]
         if self.seq_len != tc.seq_len:
             raise ValueError(f"training rows hold {self.seq_len} tokens but train.seq_len={tc.seq_len}")
-        self.batch_shardings = batch_shardings(mesh, {k: v.shape for k, v in example.items()}, rules)
-        self.compiled = self._compile(make_train_step(self.graphdef, self.tx, self.opts), example)
+        micro = (tc.grad_accum, tc.batch_size // tc.grad_accum)
+        self.batch_shapes = {k: (*micro, *v.shape[1:]) for k, v in example.items()}
+        self.batch_dtypes = {k: v.dtype for k, v in example.items()}
+        self.batch_shardings = batch_shardings(mesh, self.batch_shapes, rules)
+        # this process's rows of each micro-batch (all of them on a single process)
+        self.local_rows = local_batch_rows(self.batch_shardings["input_ids"], self.batch_shapes["input_ids"])
+        self.compiled = self._compile(make_train_step(self.graphdef, self.tx, self.opts))
 
     @property
     def step(self) -> int:
@@ -385,19 +414,27 @@ class Trainer:
 
     # -- data -------------------------------------------------------------------------------------------
     def _host_batch(self, position: int) -> dict[str, np.ndarray]:
-        """The batch of stream positions ``position .. position+batch_size``, split into micro-batches."""
+        """This process's rows of the batch at stream positions ``position .. position+batch_size``, split into
+        micro-batches: ``{field: [grad_accum, len(local_rows), ...]}`` (only these rows are read)."""
         tc = self.tc
-        rows = self.data.rows(stream_rows(self.seed, position, tc.batch_size, self.data.num_rows))
-        return {k: v.reshape(tc.grad_accum, tc.batch_size // tc.grad_accum, *v.shape[1:]) for k, v in rows.items()
+        micro = tc.batch_size // tc.grad_accum
+        indices = stream_rows(self.seed, position, tc.batch_size, self.data.num_rows).reshape(tc.grad_accum, micro)
+        rows = self.data.rows(indices[:, self.local_rows].reshape(-1))
+        return {k: v.reshape(tc.grad_accum, len(self.local_rows), *v.shape[1:]) for k, v in rows.items()
                 if k in BATCH_AXES}
 
+    def _batch(self, position: int) -> dict[str, jax.Array]:
+        """The global batch at stream ``position`` (see :meth:`_host_batch`), assembled from every process's rows."""
+        return {k: jax.make_array_from_process_local_data(self.batch_shardings[k], v, self.batch_shapes[k])
+                for k, v in self._host_batch(position).items()}
+
     # -- compile ----------------------------------------------------------------------------------------
-    def _compile(self, step_fn, example):
+    def _compile(self, step_fn):
         """Compile ``step_fn`` ahead of time for the state and batch layouts; logs its memory per device."""
         jitted = jax.jit(step_fn, in_shardings=(self.state_shardings, self.batch_shardings),
                          out_shardings=(self.state_shardings, None), donate_argnums=0)
-        abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_shardings[k])
-                          for k, v in example.items()}
+        abstract_batch = {k: jax.ShapeDtypeStruct(shape, self.batch_dtypes[k], sharding=self.batch_shardings[k])
+                          for k, shape in self.batch_shapes.items()}
         with jax.set_mesh(self.mesh):
             compiled = jitted.lower(_abstract(self.state), abstract_batch).compile()
         self.memory = compiled_memory(compiled)
@@ -507,7 +544,7 @@ class Trainer:
         t_log = time.perf_counter()
         try:
             for step in range(start, end):
-                batch = _global(self._host_batch(self.data_position), self.batch_shardings)
+                batch = self._batch(self.data_position)
                 self.state, metrics = self.compiled(self.state, batch)
                 self.data_position += tc.batch_size
                 pending.append((step, metrics))
@@ -572,11 +609,6 @@ def compiled_memory(compiled) -> dict[str, int]:
     return out
 
 
-def _global(host: dict[str, np.ndarray], shardings: dict[str, NamedSharding]) -> dict[str, jax.Array]:
-    """Global arrays from host arrays that every process holds alike (multi-host safe)."""
-    return {k: jax.make_array_from_callback(v.shape, shardings[k], lambda idx, v=v: v[idx]) for k, v in host.items()}
-
-
 def _plain(config) -> dict:
     """The resolved run config as plain JSON-ready data (a Config, a dict, or None)."""
     if config is None:
@@ -616,6 +648,7 @@ def run(cfg) -> dict:
     checkpoint there. The held-out blocks of the aligned store are the evaluation rows. Returns a summary
     (steps, final metrics, compiled memory) also written to ``train/summary.json`` by process 0.
     """
+    from fusejax.config import save_resolved
     from fusejax.data import AlignedBatches
     from fusejax.distributed import is_main_process
     from fusejax.store import write_json
@@ -646,4 +679,5 @@ def run(cfg) -> dict:
     summary = {"steps": trainer.step, "final": history[-1] if history else None, "memory": trainer.memory}
     if is_main_process():
         write_json(out / "train" / "summary.json", summary)
+        save_resolved(cfg, out / "train")
     return summary

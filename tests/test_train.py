@@ -269,6 +269,11 @@ def test_checkpoint_restores_onto_another_mesh(straight, tmp_path):
     assert other.state["params"]["layers"]["wq"].sharding.mesh.shape == {"data": 2, "fsdp": 2, "tensor": 2}
     assert_params_close(other.state["params"], as_numpy(trainer.state["params"]), atol=0)
     assert_params_close(other.state["opt_state"], as_numpy(trainer.state["opt_state"]), atol=0)
+    # AdamW moments are sharded like their parameters (ZeRO), never replicated on every device
+    wq = other.state["params"]["layers"]["wq"].sharding.spec
+    assert wq != PartitionSpec()
+    moments = [x for x in jax.tree.leaves(other.state["opt_state"]) if x.shape == (2, 32, 4, 8)]
+    assert moments and all(m.sharding.spec == wq for m in moments)
     other.close()
 
 
