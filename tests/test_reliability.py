@@ -5,12 +5,16 @@ process, sent either by the process itself at a seeded random store event of eac
 shard file or a manifest cut half way, a directory fsync before/after a rename) or from outside after a
 random delay. After each kill the store must open with every checksum verified, hold only shards
 byte-identical to the uninterrupted run's, and the restarted stage must finish with byte-identical files.
+Training is killed between steps and while Orbax finalizes a checkpoint; the restarted run must end with the
+uninterrupted run's parameters and per-step losses. ``fusejax export`` and ``fusejax run`` are killed the same
+way and rerun to identical outputs.
 """
 
 import errno
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -19,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from flax import nnx
 
 import fusejax.corpus
 import fusejax.store
@@ -31,18 +36,21 @@ ROOT = Path(__file__).resolve().parents[1]
 CORPUS_ROWS_PER_SHARD = 8  # the prepare stage writes 4096 blocks per shard: too few shards for a tiny corpus
 
 # Runs `fusejax <stage> CONFIG` for each stage named after CONFIG, in one process, with the corpus shard size
-# lowered, and counts store events of three kinds: "shard" (a file written into a shard's temporary folder),
-# "manifest" (a manifest written to its temporary name) and "fsync" (a directory fsync: after a shard's files,
-# after its rename, after the manifest's rename). FUSEJAX_TEST_KILL_AT=KIND:N SIGKILLs the process at the N-th
-# event of KIND; a file is cut half way first. The last stdout line holds the counts as JSON.
+# lowered, and counts store events of three kinds: "shard" (a file written into a shard's temporary folder, or
+# a JSON report's temporary file), "manifest" (a manifest written to its temporary name) and "fsync" (a
+# directory fsync: after a shard's files, after its rename, after the manifest's rename). For the stages
+# train, export and run it also counts "step" (before a train step's batch is read), "checkpoint" (before
+# Orbax renames a finished temporary checkpoint folder into place) and "export" (a file of the exported
+# model written to its temporary name). FUSEJAX_TEST_KILL_AT=KIND:N SIGKILLs the process at the N-th event of
+# KIND; a file is cut half way first. The last stdout line holds the counts as JSON.
 DRIVER = f"""
-import json, os, signal, sys
+import io, json, os, signal, sys
 import fusejax.corpus, fusejax.store as store
 from fusejax.cli import main
 
 fusejax.corpus.prepare_corpus.__kwdefaults__["rows_per_shard"] = {CORPUS_ROWS_PER_SHARD}
 kill_kind, _, kill_at = os.environ.get("FUSEJAX_TEST_KILL_AT", ":0").partition(":")
-events = {{"shard": 0, "manifest": 0, "fsync": 0}}
+events = {{"shard": 0, "manifest": 0, "fsync": 0, "step": 0, "checkpoint": 0, "export": 0}}
 
 def event(kind):
     events[kind] += 1
@@ -62,6 +70,31 @@ def fsync_dir(path, real=store._fsync_dir):
 
 store._write_file, store._fsync_dir = write_file, fsync_dir
 config, *stages = sys.argv[1:]
+if {{"train", "export", "run"}} & set(stages):  # these import JAX and Orbax: not for the host-only stages
+    import fusejax.models.hf_io as hf_io, fusejax.train as train
+    from orbax.checkpoint._src.path.atomicity import AtomicRenameTemporaryPath
+
+    def host_batch(self, position, real=train.Trainer._host_batch):
+        if event("step"):  # FUSEJAX_TEST_SIGNAL=TERM: a SIGTERM instead (training saves, then stops)
+            os.kill(os.getpid(), signal.Signals["SIG" + os.environ.get("FUSEJAX_TEST_SIGNAL", "KILL")])
+        return real(self, position)
+
+    async def finalize(self, real=AtomicRenameTemporaryPath.finalize):
+        if event("checkpoint"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        await real(self)
+
+    def atomic_write(path, write, real=hf_io._atomic_write):
+        if event("export"):
+            def write(f, whole=write):
+                data = io.BytesIO()
+                whole(data)
+                f.write(data.getvalue()[: len(data.getvalue()) // 2])
+                f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+        real(path, write)
+
+    train.Trainer._host_batch, hf_io._atomic_write, AtomicRenameTemporaryPath.finalize = host_batch, atomic_write, finalize
 for stage in stages:
     code = main([stage, config])
     if code:
@@ -75,9 +108,13 @@ def _env(**extra) -> dict:
     return {**env, "JAX_PLATFORMS": "cpu", "TQDM_DISABLE": "1", **extra}
 
 
-def _drive(config, *stages, kill_at=":0") -> subprocess.CompletedProcess:
+def _drive(config, *stages, kill_at=":0", sig="KILL", cache: Path | None = None) -> subprocess.CompletedProcess:
+    """Run DRIVER on ``config`` and ``stages``; ``cache``: a JAX compilation cache folder shared by the runs."""
+    extra = {} if cache is None else {"JAX_COMPILATION_CACHE_DIR": str(cache),
+                                      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     return subprocess.run([sys.executable, "-c", DRIVER, str(config), *stages], capture_output=True, text=True,
-                          cwd=ROOT, env=_env(FUSEJAX_TEST_KILL_AT=kill_at), timeout=600)
+                          cwd=ROOT, env=_env(FUSEJAX_TEST_KILL_AT=kill_at, FUSEJAX_TEST_SIGNAL=sig, **extra),
+                          timeout=600)
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -85,12 +122,15 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 def _store_files(folder: Path) -> dict[str, bytes]:
-    """Every file of a store folder except the stage's informational outputs (summary, resolved config)."""
-    return {k: v for k, v in _files(folder).items() if "summary" not in k and "config.resolved" not in k}
+    """Every file of a stage folder except its informational outputs (summary, resolved config, stage.json)."""
+    return {k: v for k, v in _files(folder).items()
+            if "summary" not in k and "config.resolved" not in k and "stage.json" not in k}
 
 
-def write_config(path: Path, root: Path, output_dir: Path) -> Path:
-    """A config for the tiny pipeline of :func:`build_pipeline` writing to ``output_dir``."""
+def write_config(path: Path, root: Path, output_dir: Path, *, training: bool = False) -> Path:
+    """A config for the tiny pipeline of :func:`build_pipeline` writing to ``output_dir``. ``training``: the
+    whole pipeline (the target is the Llama source with its own tokenizer; 6 train steps, 2 held-out
+    documents); otherwise only the stages up to ``align`` are meaningful (byte-level target tokenizer)."""
     cfg = {
         "run": {"output_dir": str(output_dir)},
         "corpus": {"inputs": [str(root / "docs")], "block_size": 48},
@@ -101,6 +141,13 @@ def write_config(path: Path, root: Path, output_dir: Path) -> Path:
         ],
         "represent": {"k": 4, "batch_size": 2, "shard_size": 4, "logits_dtype": "float32"},
     }
+    if training:
+        cfg["target"]["tokenizer"] = str(root / "tok_llama")
+        cfg["corpus"]["holdout_fraction"] = 0.4
+        cfg["train"] = {"steps": 6, "batch_size": 2, "seq_len": 64, "lr": 1e-3, "log_every": 1,
+                        "checkpoint_every": 2, "eval_every": 0, "keep_checkpoints": 2}
+        cfg["eval"] = {"batch_size": 2}
+        cfg["export"] = {"dtype": "float32"}
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -290,3 +337,145 @@ def test_second_writer_refused_then_stale_lock_taken_over(pipeline, tmp_path, mo
     assert cli.main(["prepare", str(config)]) == 0
     assert f"stale lock of dead pid {holder.pid}" in caplog.text
     assert _store_files(corpus) == _store_files(ref / "corpus")
+
+
+# ------------------------------------------------------------------------------- train, export, fusejax run
+
+TRAIN_TAGS = ("loss", "clm_loss", "fusion_loss", "lr", "grad_norm")  # per-step values (not timings)
+
+
+@pytest.fixture(scope="module")
+def trained(pipeline):
+    """(root, reference output folder, event counts) of one uninterrupted `fusejax run` of the whole tiny
+    pipeline (:func:`write_config` with ``training=True``)."""
+    root = pipeline[0]
+    config = write_config(root / "train.yaml", root, root / "ref_run", training=True)
+    proc = _drive(config, "run", cache=root / "jax-cache")  # the tests below reuse its compiled programs
+    assert proc.returncode == 0, proc.stderr
+    events = json.loads(proc.stdout.splitlines()[-1])
+    assert events["step"] == 6 and events["export"] == 2, events
+    assert events["checkpoint"] > 0 and events["checkpoint"] % 3 == 0, events  # 3 checkpoints: steps 2, 4, 6
+    return root, root / "ref_run", events
+
+
+def _tb_files(folder: Path) -> list[dict[tuple[str, int], float]]:
+    """``{(tag, step): value}`` of each TensorBoard event file in ``folder``, oldest file first; a record cut
+    short by a kill ends its file."""
+    from tensorboardX.proto import event_pb2
+
+    out = []
+    for path in sorted(folder.iterdir()):  # events.out.tfevents.<unix time>.<host>: sorted by creation
+        data, pos, values = path.read_bytes(), 0, {}
+        while pos + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            if pos + 16 + length > len(data):
+                break
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 16 + length
+            values.update({(v.tag, event.step): v.simple_value for v in event.summary.value if v.tag in TRAIN_TAGS})
+        out.append(values)
+    return out
+
+
+def _checkpoints(folder: Path) -> tuple[list[int], list[str]]:
+    """(complete checkpoint steps, names of any other entries such as Orbax's temporary folders)."""
+    names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    return sorted(int(n) for n in names if n.isdigit()), sorted(n for n in names if not n.isdigit())
+
+
+def _check_training(out: Path, ref: Path, resumed_from: list[int] | None = None) -> None:
+    """The training in ``out`` ended with ``ref``'s parameters, checkpoints and summary, and every per-step
+    value logged by any of its processes (a step redone after a kill is logged again) equals ``ref``'s.
+    ``resumed_from``: the step each restarted process must have resumed from (its first logged step - 1)."""
+    from fusejax.export import load_trained
+
+    (reference,) = _tb_files(ref / "train" / "tb")
+    assert {step for _, step in reference} == set(range(1, 7))
+    logs = _tb_files(out / "train" / "tb")
+    for logged in logs:
+        for key, value in logged.items():
+            assert value == reference[key], key
+    assert set().union(*logs) == set(reference)
+    if resumed_from is not None:
+        assert len(logs) == len(resumed_from) + 1
+        for logged, step in zip(logs[1:], resumed_from):
+            if logged:  # empty when that process was killed before its first step
+                assert min(s for _, s in logged) == step + 1
+    assert _checkpoints(out / "train" / "checkpoints")[0] == _checkpoints(ref / "train" / "checkpoints")[0]
+    assert json.loads((out / "train" / "summary.json").read_text()) == \
+        json.loads((ref / "train" / "summary.json").read_text())
+    ours, theirs = load_trained(out / "train")[0], load_trained(ref / "train")[0]
+    for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(ours)), nnx.to_flat_state(nnx.state(theirs))):
+        np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(path))
+
+
+@pytest.mark.slow
+def test_train_stopped_by_sigterm_and_killed_twice_resumes_to_the_same_run(trained, tmp_path):
+    """`fusejax train` three times cut short, then run to the end: a real SIGTERM before a random step N (step
+    N finishes, a checkpoint of step N is saved, exit 0), a SIGKILL before a random later step, and a SIGKILL
+    while Orbax finalizes a random checkpoint (the unfinished checkpoint folder is left behind and never
+    restored from). The final run equals the uninterrupted one."""
+    root, ref, events = trained
+    out = tmp_path / "run"
+    _copy_outputs(ref, out, ["corpus", "represent", "vocab_maps", "aligned"])
+    config = write_config(tmp_path / "config.yaml", root, out, training=True)
+    checkpoints = out / "train" / "checkpoints"
+    rng = np.random.default_rng(4)
+    n = int(rng.integers(1, 3))
+    proc = _drive(config, "train", kill_at=f"step:{n}", sig="TERM", cache=root / "jax-cache")
+    assert proc.returncode == 0, proc.stderr
+    assert f"SIGTERM received: saved a checkpoint at step {n} and stopping" in proc.stderr
+    assert _checkpoints(checkpoints) == ([n], [])
+    assert json.loads((out / "train" / "summary.json").read_text())["steps"] == n
+    resumed_from = [n]
+    # each kill point lies early in what is left: every later process still reaches at least one checkpoint
+    for kind, last in (("step", 3), ("checkpoint", events["checkpoint"] // 3)):
+        proc = _drive(config, "train", kill_at=f"{kind}:{rng.integers(1, last + 1)}", cache=root / "jax-cache")
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
+        complete, other = _checkpoints(checkpoints)
+        if kind == "checkpoint":
+            assert any("tmp" in name for name in other), f"no unfinished checkpoint folder left: {other}"
+        resumed_from.append(max(complete))
+    proc = _drive(config, "train", cache=root / "jax-cache")
+    assert proc.returncode == 0, proc.stderr
+    _check_training(out, ref, resumed_from)
+
+
+@pytest.mark.slow
+def test_export_killed_while_writing_reruns_to_identical_files(trained, tmp_path):
+    root, ref, events = trained
+    out = tmp_path / "run"
+    _copy_outputs(ref, out, ["train"])
+    config = write_config(tmp_path / "config.yaml", root, out, training=True)
+    n = int(np.random.default_rng(6).integers(1, events["export"] + 1))
+    proc = _drive(config, "export", kill_at=f"export:{n}", cache=root / "jax-cache")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    proc = _drive(config, "export", cache=root / "jax-cache")
+    assert proc.returncode == 0, proc.stderr
+    assert _files(out / "export") == _store_files(ref / "export")  # no leftover temporary file either
+
+
+@pytest.mark.slow
+def test_fusejax_run_killed_at_a_random_point_reruns_to_the_same_outputs(trained, tmp_path):
+    """`fusejax run` SIGKILLed at a random event of a random kind (any stage), then run again."""
+    root, ref, events = trained
+    out = tmp_path / "run"
+    config = write_config(tmp_path / "config.yaml", root, out, training=True)
+    rng = np.random.default_rng(7)
+    kind = str(rng.choice(sorted(k for k, count in events.items() if count)))
+    proc = _drive(config, "run", kill_at=f"{kind}:{rng.integers(1, events[kind] + 1)}", cache=root / "jax-cache")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    records = [json.loads(p.read_text()) for p in out.rglob("stage.json")]
+    killed_in = [r["stage"] for r in records if r["status"] == "running"]
+    assert len(killed_in) == 1, records
+    proc = _drive(config, "run", cache=root / "jax-cache")
+    assert proc.returncode == 0, proc.stderr
+    assert f"[fusejax run] {killed_in[0]}: resumed" in proc.stdout
+    for record in records:
+        if record["status"] == "complete":
+            assert f"[fusejax run] {record['stage']}: complete, skipped" in proc.stdout
+    for name in ("corpus", "represent/llama", "represent/neox", "vocab_maps", "aligned", "export"):
+        assert _store_files(out / name) == _store_files(ref / name), name
+    assert json.loads((out / "eval" / "results.json").read_text()) == \
+        json.loads((ref / "eval" / "results.json").read_text())
+    _check_training(out, ref)

@@ -372,7 +372,8 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, *, max_shard_by
 
     Above ``max_shard_bytes`` the weights go to ``model-0000k-of-0000n.safetensors`` files plus
     ``model.safetensors.index.json``. Every file is written to a temporary name and renamed into place; stale
-    weight files from an earlier save are removed. With several processes all must call; process 0 writes.
+    weight files from an earlier save, and temporary files of a killed one, are removed. With several
+    processes all must call; process 0 writes.
     """
     c: ModelConfig = model.config
     folder = Path(path)
@@ -418,7 +419,10 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, *, max_shard_by
         _atomic_write(folder / INDEX_NAME, lambda f: f.write(json.dumps(index, indent=2).encode()))
     _atomic_write(folder / CONFIG_NAME, lambda f: f.write(json.dumps(c.to_hf(), indent=2).encode()))
     keep = set(names) | ({INDEX_NAME} if len(shards) > 1 else set())
-    for stale in folder.glob("model*.safetensors*"):
+    # weight files of an earlier save with other shards; temporary files of a save that was killed
+    leftovers = [*folder.glob("model*.safetensors*"), *folder.glob(".model*.safetensors*.tmp"),
+                 *folder.glob(f".{CONFIG_NAME}.*.tmp")]
+    for stale in leftovers:
         if stale.name not in keep:
             stale.unlink()
 
