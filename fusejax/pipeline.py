@@ -153,6 +153,34 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(f"fusejax-pipeline-{name}")
 
 
+def _run_stage(cfg, stage, fp: str, main: bool) -> str:
+    """Skip, resume or redo one stage (see the module docstring); returns what was done."""
+    folder = stage.output(cfg)
+    record = read_record(folder)
+    if record and record.get("fingerprint") == fp and record.get("status") == "complete":
+        _say(main, f"{stage.name}: complete, skipped ({folder})")
+        return "skipped"
+    if record and record.get("fingerprint") != fp:
+        if main:
+            dest = _move_aside(cfg, folder, str(record.get("fingerprint")))
+            log.warning("%s: inputs changed since %s was written; moved it aside to %s", stage.name, folder, dest)
+        _barrier(f"{stage.name}-moved")
+        outcome = "redone"
+    else:
+        outcome = "resumed" if folder.exists() else "ran"
+    _say(main, f"{stage.name}: {outcome.replace('ran', 'running')} -> {folder}")
+    if main:
+        _write_record(folder, {"stage": stage.name, "fingerprint": fp, "status": "running",
+                               "started": time.time(), "finished": None})
+    _resolve(stage.fn)(cfg)
+    _barrier(stage.name)
+    if main:
+        started = read_record(folder) or {}
+        _write_record(folder, {"stage": stage.name, "fingerprint": fp, "status": "complete",
+                               "started": started.get("started"), "finished": time.time()})
+    return outcome
+
+
 def run(cfg, *, validate_first: bool = True, stop_after: str | None = None) -> dict[str, str]:
     """Run every stage of :data:`STAGES` in order for ``cfg`` (up to ``stop_after`` when given), skipping,
     resuming or redoing each as the module docstring says. Returns ``{stage name: "skipped" | "resumed" |
@@ -167,30 +195,7 @@ def run(cfg, *, validate_first: bool = True, stop_after: str | None = None) -> d
     main = is_main_process()
     outcome = {}
     for stage in STAGES:
-        folder, fp = stage.output(cfg), prints[stage.name]
-        record = read_record(folder)
-        if record and record.get("fingerprint") == fp and record.get("status") == "complete":
-            outcome[stage.name] = "skipped"
-            _say(main, f"{stage.name}: complete, skipped ({folder})")
-            continue
-        if record and record.get("fingerprint") != fp:
-            if main:
-                dest = _move_aside(cfg, folder, str(record.get("fingerprint")))
-                log.warning("%s: inputs changed since %s was written; moved it aside to %s", stage.name, folder, dest)
-            _barrier(f"{stage.name}-moved")
-            outcome[stage.name] = "redone"
-        else:
-            outcome[stage.name] = "resumed" if folder.exists() else "ran"
-        _say(main, f"{stage.name}: {outcome[stage.name].replace('ran', 'running')} -> {folder}")
-        if main:
-            _write_record(folder, {"stage": stage.name, "fingerprint": fp, "status": "running",
-                                   "started": time.time(), "finished": None})
-        _resolve(stage.fn)(cfg)
-        _barrier(stage.name)
-        if main:
-            started = read_record(folder) or {}
-            _write_record(folder, {"stage": stage.name, "fingerprint": fp, "status": "complete",
-                                   "started": started.get("started"), "finished": time.time()})
+        outcome[stage.name] = _run_stage(cfg, stage, prints[stage.name], main)
         if stage.name == stop_after:
             break
     return outcome

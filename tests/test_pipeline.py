@@ -64,6 +64,13 @@ def test_runs_every_stage_in_order_then_skips_them(setup):
     assert fake.calls == []
 
 
+def test_stop_after_stops_there_whether_the_stage_ran_or_was_skipped(setup):
+    cfg, fake, _ = setup
+    assert pipeline.run(cfg, validate_first=False, stop_after="align") == dict.fromkeys(ORDER[:4], "ran")
+    assert pipeline.run(cfg, validate_first=False, stop_after="align") == dict.fromkeys(ORDER[:4], "skipped")
+    assert fake.calls == ORDER[:4]
+
+
 def test_changed_setting_redoes_that_stage_and_later_ones_and_keeps_the_old_output(setup):
     cfg, fake, tmp = setup
     pipeline.run(cfg, validate_first=False)
