@@ -19,7 +19,8 @@ def topk_and_ce(logits: jax.Array, input_ids: jax.Array, attention_mask: jax.Arr
     logits [B,T,Vp] (ids >= vocab_size are vocabulary padding), input_ids [B,T] int, attention_mask [B,T]
     (1 = token). Position t scores token t+1. Returns (topk_logits [B,T,k] f32, topk_ids [B,T,k] i32,
     token_ce [B,T] f32 (0 where t+1 is padding or past the end), seq_ce [B] f32 (mean over scored
-    positions, 0 for a sequence with none), nonfinite [B] int32 (count of non-finite logits at real tokens)).
+    positions, 0 for a sequence with none), nonfinite [B] int32 (real positions whose logits hold a NaN
+    or +inf, read off the logsumexp at no extra cost)).
     """
     logits = logits[..., :vocab_size].astype(jnp.float32)
     mask = attention_mask.astype(bool)
@@ -27,10 +28,11 @@ def topk_and_ce(logits: jax.Array, input_ids: jax.Array, attention_mask: jax.Arr
     next_ids = jnp.pad(input_ids[:, 1:], ((0, 0), (0, 1)))
     topk_logits, topk_ids = jax.lax.top_k(logits, k)
     target = jnp.take_along_axis(logits, next_ids[..., None], axis=-1)[..., 0]
-    token_ce = jnp.where(scored, jax.nn.logsumexp(logits, axis=-1) - target, 0.0)
+    lse = jax.nn.logsumexp(logits, axis=-1)  # NaN or +inf where any logit is NaN or +inf
+    token_ce = jnp.where(scored, lse - target, 0.0)
     n_scored = scored.sum(axis=-1)
     seq_ce = token_ce.sum(axis=-1) / jnp.maximum(n_scored, 1)
-    nonfinite = jnp.sum(~jnp.isfinite(logits) & mask[..., None], axis=(1, 2)).astype(jnp.int32)
+    nonfinite = jnp.sum(~jnp.isfinite(lse) & mask, axis=1).astype(jnp.int32)
     return topk_logits, topk_ids.astype(jnp.int32), token_ce, seq_ce, nonfinite
 
 
@@ -82,7 +84,7 @@ def represent_source(
     Each corpus block's text is tokenized with the source's own tokenizer (+ EOS), run through ``model`` in
     fixed-shape padded batches, and stored as one row keyed by the block id with fields ``input_ids [T]``
     int32, ``topk_ids [T,k]`` int32, ``topk_logits [T,k]`` ``logits_dtype``, ``token_ce [T]`` float32,
-    ``seq_ce`` float32 and ``nonfinite`` int32 (count of NaN/inf logits in the block; the fusion stage skips
+    ``seq_ce`` float32 and ``nonfinite`` int32 (positions of the block with NaN/inf logits; the fusion stage skips
     blocks where it is non-zero). Process ``process_index`` of ``num_processes`` handles a contiguous slice
     of the blocks and writes its own shards. Returns a summary dict.
     """
