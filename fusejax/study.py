@@ -1,0 +1,243 @@
+"""The miniature reproduction study: every variant of ``configs/study/`` for several seeds, then tables and plots.
+
+``python -m fusejax.study [CONFIG ...] [--seeds 0 1 2] [--out runs/study] [--docs docs]``
+(CONFIG defaults to every ``configs/study/*.yaml``; the variant name is the file stem).
+
+Stores are shared, not recomputed: every variant's ``prepare`` .. ``align`` outputs run once per distinct
+alignment fingerprint, always with ``run.seed = 0`` (the embedded models were pre-trained without the seed-0
+held-out documents, so the held-out split must stay the seed-0 one), in ``<out>/stores/<align fp[:12]>``.
+The corpus and the per-source top-k stores of the first config (which must list every source used anywhere)
+are linked into every other store, so ``represent`` runs once; a variant with fewer sources gets a
+``represent/stage.json`` with its own fingerprint over those links (each source's store is computed alone).
+Each (variant, seed) then trains and evaluates in ``<out>/runs/<variant>/seed<k>`` (``corpus`` and
+``aligned`` are links to its store) with ``run.seed = k``: the seed changes only the order of the training
+blocks (the target is loaded from its folder; nothing is randomly initialized). One JSON line per finished
+run goes to ``<out>/results.jsonl`` (reruns skip finished runs); :func:`write_docs` writes ``study.md`` tables
+and PNG plots from those lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+STUDY_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "study"
+
+
+def _link(src: Path, dest: Path) -> None:
+    """``dest`` -> ``src`` as a symlink (absolute), unless it already exists."""
+    if not dest.exists() and not dest.is_symlink():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.symlink_to(src.resolve(), target_is_directory=True)
+
+
+def build_store(cfg, root: Path, shared: Path | None) -> Path:
+    """Run ``prepare`` .. ``align`` for ``cfg`` (seed 0) in ``root/<align fingerprint[:12]>``, reusing the
+    corpus and per-source represent folders of the store ``shared`` (None: compute them). Returns the store."""
+    from fusejax import pipeline
+    from fusejax.config import replace
+
+    cfg = replace(cfg, "run.seed", 0)
+    store = root / pipeline.fingerprints(cfg)["align"][:12]
+    cfg = replace(cfg, "run.output_dir", str(store))
+    if shared is not None and shared != store:
+        _link(shared / "corpus", store / "corpus")
+        for src in cfg.sources:
+            _link(shared / "represent" / src.name, store / "represent" / src.name)
+        record = {"stage": "represent", "fingerprint": pipeline.fingerprints(cfg)["represent"], "status": "complete",
+                  "started": time.time(), "finished": time.time()}
+        if pipeline.read_record(store / "represent") is None:
+            (store / "represent" / pipeline.RECORD).write_text(json.dumps(record))
+    aligned = pipeline.read_record(store / "aligned") or {}
+    if aligned.get("status") != "complete" or aligned.get("fingerprint") != pipeline.fingerprints(cfg)["align"]:
+        pipeline.run(cfg, stop_after="align")  # (its stop_after is not reached when align is skipped)
+    return store
+
+
+def train_and_eval(cfg, store: Path, run_dir: Path, seed: int) -> dict:
+    """Train ``cfg`` on ``store``'s aligned data with ``run.seed = seed`` in ``run_dir`` and evaluate it;
+    returns ``fusejax.evaluate.run``'s ``{"target": ..., "trained": ...}`` (bits per byte per domain)."""
+    from fusejax import evaluate, train
+    from fusejax.config import replace
+
+    for name in ("corpus", "aligned"):
+        _link(store / name, run_dir / name)
+    cfg = replace(replace(cfg, "run.output_dir", str(run_dir)), "run.seed", seed)
+    train.run(cfg)
+    return evaluate.run(cfg)
+
+
+def run_study(configs: list[Path], seeds: list[int], out: Path) -> list[dict]:
+    """Every (config, seed) not yet in ``out/results.jsonl``; returns all result lines."""
+    from fusejax.config import load_config
+
+    results_file = out / "results.jsonl"
+    done = {(r["variant"], r["seed"]) for r in read_results(results_file)}
+    cfgs = {path.stem: load_config(path) for path in configs}
+    stores: dict[str, Path] = {}
+    for seed in seeds:  # seed-major: every variant gets its first seed before any gets a second
+        for name, cfg in cfgs.items():
+            if name not in stores:
+                stores[name] = build_store(cfg, out / "stores", next(iter(stores.values()), None))
+            if (name, seed) in done:
+                continue
+            t0 = time.perf_counter()
+            ev = train_and_eval(cfg, stores[name], out / "runs" / name / f"seed{seed}", seed)
+            line = {"variant": name, "seed": seed, "store": stores[name].name, "seconds": time.perf_counter() - t0,
+                    "target": _bpb(ev["target"]), "trained": _bpb(ev["trained"])}
+            with results_file.open("a") as f:
+                f.write(json.dumps(line) + "\n")
+            log.info("study: %s seed %d: %s", name, seed, line["trained"])
+    return read_results(results_file)
+
+
+def _bpb(result: dict) -> dict[str, float]:
+    """``{"all": bits/byte, <domain>: bits/byte, ...}`` of one ``fusejax.evaluate.evaluate`` result."""
+    return {"all": result["bits_per_byte"], **{d: r["bits_per_byte"] for d, r in result["domains"].items()}}
+
+
+def read_results(path: Path) -> list[dict]:
+    """The JSON lines of ``path`` ([] when absent)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+@dataclasses.dataclass(frozen=True)
+class Stat:
+    """Mean, sample standard deviation (0 for one value), min, max and count of a metric over seeds."""
+
+    mean: float
+    std: float
+    min: float
+    max: float
+    n: int
+
+    def cell(self) -> str:
+        return f"{self.mean:.4f} ± {self.std:.4f}" if self.n > 1 else f"{self.mean:.4f}"
+
+
+def summarize(values: list[float]) -> Stat:
+    """:class:`Stat` of ``values`` (at least one)."""
+    if not values:
+        raise ValueError("summarize: no values")
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return Stat(mean, std, min(values), max(values), n)
+
+
+def aggregate(results: list[dict]) -> dict[str, dict[str, Stat]]:
+    """``{variant: {metric: Stat over seeds}}`` from result lines; the pseudo-variant ``target`` holds the target
+    before training (the same model for every run: its first value per seed). A seed repeated for one
+    variant raises ValueError (results of two runs mixed in one file)."""
+    per: dict[str, dict[str, dict[int, float]]] = {}
+    for r in results:
+        for variant, key in ((r["variant"], "trained"), ("target", "target")):
+            for metric, value in r[key].items():
+                seen = per.setdefault(variant, {}).setdefault(metric, {})
+                if r["seed"] in seen and variant != "target":
+                    raise ValueError(f"results: variant {variant!r} has seed {r['seed']} twice")
+                seen.setdefault(r["seed"], value)
+    return {v: {m: summarize(list(by_seed.values())) for m, by_seed in metrics.items()} for v, metrics in per.items()}
+
+
+def paired_delta(results: list[dict], a: str, b: str, metric: str = "all") -> Stat | None:
+    """:class:`Stat` of ``b - a`` over the seeds both variants ran (same seed = same data order); None if none."""
+    by = {(r["variant"], r["seed"]): r["trained"][metric] for r in results}
+    seeds = sorted(s for (v, s) in by if v == a and (b, s) in by)
+    return summarize([by[b, s] - by[a, s] for s in seeds]) if seeds else None
+
+
+# (title, [variants], comparison baseline for the paired delta) of each table in docs/study.md
+TABLES = (
+    ("Main table: target vs CLM-only vs FuseLLM", ["target", "clm_only", "fusellm", "ce_byte"], "clm_only"),
+    ("Number of sources (the paper's Table 4)", ["only_llama", "only_neox", "only_mpt", "two_sources", "fusellm"],
+     "clm_only"),
+    ("Ablations", ["fusellm", "ce_byte", "avg_ce", "exact_map", "reference_align"], "fusellm"),
+)
+
+
+def table(stats: dict[str, dict[str, Stat]], results: list[dict], variants: list[str], baseline: str) -> list[str]:
+    """Markdown rows: mean ± std (min..max) bits per byte per domain, and the paired delta against ``baseline``."""
+    variants = [v for v in variants if v in stats]
+    if not variants:
+        return ["(no finished runs yet)"]
+    metrics = ["all", *sorted(m for m in stats[variants[0]] if m != "all")]
+    rows = ["| variant | n | " + " | ".join(metrics) + f" | Δ all vs {baseline} (paired) |",
+            "|---|---|" + "---|" * len(metrics) + "---|"]
+    for v in variants:
+        cells = [f"{stats[v][m].cell()} ({stats[v][m].min:.4f}..{stats[v][m].max:.4f})" for m in metrics]
+        d = paired_delta(results, baseline, v) if v not in ("target", baseline) else None
+        rows.append(f"| {v} | {stats[v]['all'].n} | " + " | ".join(cells) + f" | {d.cell() if d else '-'} |")
+    return rows
+
+
+def plot(stats: dict[str, dict[str, Stat]], variants: list[str], path: Path) -> None:
+    """Bar chart of mean bits per byte per domain with min..max error bars, to ``path`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = [v for v in variants if v in stats]
+    metrics = ["all", *sorted(m for m in stats[variants[0]] if m != "all")]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(variants)
+    for i, v in enumerate(variants):
+        s = [stats[v][m] for m in metrics]
+        ax.bar([g + i * width for g in range(len(metrics))], [x.mean for x in s], width, label=v,
+               yerr=[[x.mean - x.min for x in s], [x.max - x.mean for x in s]], capsize=2)
+    lo = min(stats[v][m].min for v in variants for m in metrics)
+    ax.set_ylim(bottom=lo * 0.95)
+    ax.set_xticks([g + width * (len(variants) - 1) / 2 for g in range(len(metrics))], metrics)
+    ax.set_ylabel("held-out bits per byte (lower is better)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_docs(results: list[dict], docs: Path, notes: str = "") -> Path:
+    """``docs/study/results.md`` (the tables) and ``docs/study/table<i>.png``; returns the Markdown path.
+    ``notes`` (Markdown) goes after the tables."""
+    stats = aggregate(results)
+    folder = docs / "study"
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["# Study results (generated by fusejax/study.py)", "",
+             "Held-out bits per byte, mean ± sample std over seeds (min..max); Δ: per-seed difference to the",
+             "baseline run with the same seed (same data order), mean ± std. Lower is better.", ""]
+    for i, (title, variants, baseline) in enumerate(TABLES):
+        lines += [f"## {title}", "", *table(stats, results, variants, baseline), ""]
+        if any(v in stats for v in variants):
+            plot(stats, variants, folder / f"table{i}.png")
+            lines += [f"![{title}](table{i}.png)", ""]
+    path = folder / "results.md"
+    path.write_text("\n".join(lines + [notes]))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fusejax.study", description=__doc__.split("\n")[0])
+    p.add_argument("configs", nargs="*", type=Path, help="variant configs (default: configs/study/*.yaml)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--out", type=Path, default=Path("runs/study"))
+    p.add_argument("--docs", type=Path, default=Path("docs"))
+    p.add_argument("--report-only", action="store_true", help="only rewrite the docs from results.jsonl")
+    a = p.parse_args(argv)
+    configs = a.configs or sorted(STUDY_CONFIGS.glob("*.yaml"), key=lambda c: (c.stem != "fusellm", c.stem))
+    results = read_results(a.out / "results.jsonl") if a.report_only else run_study(configs, a.seeds, a.out)
+    print(f"study: {write_docs(results, a.docs)}")
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("fusejax").setLevel(logging.INFO)
+    sys.exit(main())

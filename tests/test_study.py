@@ -1,0 +1,67 @@
+"""The study driver's aggregation and report on fake result lines (no training)."""
+
+import json
+import math
+
+import pytest
+
+from fusejax import study
+
+
+def line(variant, seed, all_, prose, code, target=(3.6, 3.0, 4.0)):
+    return {"variant": variant, "seed": seed, "store": "x", "seconds": 1.0,
+            "target": {"all": target[0], "prose": target[1], "code": target[2]},
+            "trained": {"all": all_, "prose": prose, "code": code}}
+
+
+RESULTS = [line("clm_only", 0, 3.10, 2.9, 3.3), line("clm_only", 1, 3.20, 3.0, 3.4), line("clm_only", 2, 3.30, 3.1, 3.5),
+           line("fusellm", 0, 3.00, 2.8, 3.2), line("fusellm", 2, 3.40, 3.2, 3.6)]
+
+
+def test_summarize_matches_hand_values():
+    s = study.summarize([1.0, 2.0, 4.0])
+    assert s.mean == pytest.approx(7 / 3)
+    assert s.std == pytest.approx(math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2))
+    assert (s.min, s.max, s.n) == (1.0, 4.0, 3)
+    assert study.summarize([5.0]).std == 0.0
+    with pytest.raises(ValueError):
+        study.summarize([])
+
+
+def test_aggregate_per_variant_domain_and_target():
+    stats = study.aggregate(RESULTS)
+    assert set(stats) == {"clm_only", "fusellm", "target"}
+    assert stats["clm_only"]["all"].mean == pytest.approx(3.2)
+    assert stats["clm_only"]["code"].min == pytest.approx(3.3) and stats["clm_only"]["code"].max == pytest.approx(3.5)
+    assert stats["fusellm"]["prose"].n == 2 and stats["fusellm"]["prose"].mean == pytest.approx(3.0)
+    # the target is one model: one value per seed, from all runs of that seed
+    assert stats["target"]["all"].n == 3 and stats["target"]["all"].std == 0.0
+
+
+def test_aggregate_rejects_a_repeated_seed():
+    with pytest.raises(ValueError, match="fusellm.*seed 0"):
+        study.aggregate(RESULTS + [line("fusellm", 0, 3.0, 2.8, 3.2)])
+
+
+def test_paired_delta_uses_only_common_seeds():
+    d = study.paired_delta(RESULTS, "clm_only", "fusellm")
+    # seeds 0 and 2: 3.00 - 3.10 = -0.10, 3.40 - 3.30 = +0.10
+    assert d.n == 2 and d.mean == pytest.approx(0.0) and d.std == pytest.approx(math.sqrt(0.02))
+    assert study.paired_delta(RESULTS, "clm_only", "avg_ce") is None
+
+
+def test_write_docs_tables_and_plots(tmp_path):
+    results_file = tmp_path / "results.jsonl"
+    results_file.write_text("".join(json.dumps(r) + "\n" for r in RESULTS))
+    path = study.write_docs(study.read_results(results_file), tmp_path)
+    text = path.read_text()
+    assert "| clm_only | 3 | 3.2000 ± 0.1000 (3.1000..3.3000)" in text
+    assert "| fusellm | 2 | 3.2000 ± 0.2828" in text
+    assert "| fusellm | 2 |" in text and "0.0000 ± 0.1414 |" in text  # paired delta vs clm_only
+    assert (tmp_path / "study" / "table0.png").stat().st_size > 1000
+
+
+def test_write_docs_marks_tables_without_runs(tmp_path):
+    text = study.write_docs(RESULTS[:3], tmp_path).read_text()  # clm_only only
+    assert text.count("(no finished runs yet)") == 2  # sources and ablation tables
+    assert (tmp_path / "study" / "table0.png").exists() and not (tmp_path / "study" / "table2.png").exists()
