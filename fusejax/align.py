@@ -691,8 +691,9 @@ def run_vocab_maps(cfg) -> dict:
             os.replace(tmp, path)
         with np.load(path) as f:
             summary[name] = {**vocab_map_summary(f["target_ids"], f["distances"]), **meta}
-    write_json(path.parent / "summary.json", summary)
-    save_resolved(cfg, path.parent)
+    if _process_slot()[0] == 0:  # every process builds the same maps; one writes the summary
+        write_json(path.parent / "summary.json", summary)
+        save_resolved(cfg, path.parent)
     return summary
 
 
@@ -850,6 +851,8 @@ def run_align(cfg) -> dict:
                 token_ce=token_ce, byte_ce=byte_ce, n_bytes=n_bytes, split=block["split"], skip=skip,
                 align_counts=counts,
             )
+    if process != 0:  # process 0 writes the summary, from the shards complete at that time
+        return {}
     summary = {**_aligned_summary(path, names), "corpus_blocks": len(corpus)}
     write_json(out / "aligned_summary.json", summary)
     save_resolved(cfg, path)

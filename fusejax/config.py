@@ -68,7 +68,6 @@ MeshAxes = str | tuple[str, ...] | None
 class RunConfig:
     output_dir: str = opt("runs/default", "folder for everything the run writes (logits, checkpoints, logs)")
     seed: int = opt(0, "random seed for initialization, data order and the holdout split")
-    name: str | None = opt(None, "run name shown in logs; null: the output_dir folder name")
 
 
 @section

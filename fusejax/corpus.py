@@ -75,7 +75,7 @@ FIELDS = (
     Field("n_bytes", "int64"),
     Field("split", "uint8"),
 )
-FORMATS = ("txt", "jsonl", "parquet", "hf", "tfds")
+FORMATS = ("txt", "jsonl", "parquet", "hf_disk", "tfds")
 _SUFFIX_FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
 _SAFE_NAME = re.compile(r"[^/\\]+\Z")
 
@@ -188,7 +188,7 @@ def _expand_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], fmt:
             raise FileNotFoundError(f"corpus input {path} does not exist")
         base_name = path.resolve().name
         kind = _dataset_kind(path) if path.is_dir() else None
-        if path.is_dir() and (fmt in ("hf", "tfds") or (fmt == "auto" and kind)):
+        if path.is_dir() and (fmt in ("hf_disk", "tfds") or (fmt == "auto" and kind)):
             out.append(_Input(path, base_name, fmt if fmt != "auto" else kind))
         elif path.is_dir():
             files = sorted(
@@ -219,7 +219,7 @@ def _expand_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], fmt:
 
 def _dataset_kind(folder: Path) -> str | None:
     if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
-        return "hf"
+        return "hf_disk"
     if (folder / "features.json").is_file() and (folder / "dataset_info.json").is_file():
         return "tfds"
     return None
@@ -363,7 +363,7 @@ def _records(inp: _Input, text_field: str, txt_split: str) -> Iterator[_Record]:
         return _read_jsonl(inp, text_field)
     if inp.fmt == "parquet":
         return _read_parquet(inp, text_field)
-    if inp.fmt == "hf":
+    if inp.fmt == "hf_disk":
         return _read_hf(inp, text_field)
     return _read_tfds(inp, text_field)
 

@@ -79,11 +79,19 @@ STAGES: tuple[Stage, ...] = (
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
 
+# settings that change how a stage reports or checkpoints, not what it computes: left out of fingerprints,
+# so changing them resumes the stage instead of redoing it
+BOOKKEEPING = {"train": ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "peak_flops")}
+
+
 def _section(cfg, dotted: str):
     value = cfg
     for part in dotted.split("."):
         value = getattr(value, part)
-    return config_to_dict(value)
+    value = config_to_dict(value)
+    for key in BOOKKEEPING.get(dotted, ()):
+        value.pop(key)
+    return value
 
 
 def _file_stats(paths) -> list:

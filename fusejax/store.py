@@ -513,8 +513,9 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-class _Lock:
-    """An exclusive lock file ``writer-pNNNN.lock`` holding pid, host and start time."""
+class WriterLock:
+    """An exclusive lock file (e.g. ``writer-pNNNN.lock``) holding pid, host and start time: taken at
+    construction, freed by :meth:`release`; a lock left by a dead pid on this host is taken over."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -542,7 +543,7 @@ class _Lock:
                 since = time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(since))
             raise StoreLockedError(
                 f"{self.path}: held by pid {pid} on host {host} since {since}; "
-                "another writer with this process index is running (remove the lock only if it is not)"
+                "another writer of this output is running (remove the lock only if it is not)"
             )
         log.warning("%s: replacing a stale lock of dead pid %d on this host (%s)", self.path, pid, host)
         self.path.unlink(missing_ok=True)
@@ -582,7 +583,7 @@ class StoreWriter:
         self._prefix = f"shard-p{process_index:04d}-"
         self._manifest_path = self.path / f"manifest-p{process_index:04d}.json"
         self._header = _header(kind, meta, self.fields, rows_per_shard)
-        self._lock = _Lock(self.path / f"writer-p{process_index:04d}.lock")
+        self._lock = WriterLock(self.path / f"writer-p{process_index:04d}.lock")
         try:
             self._shards = self._load_existing()
             self._clean_leftovers()

@@ -37,6 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from fusejax import sharding
 from fusejax.fusion import fusion_loss, lm_weight_schedule
+from fusejax.store import WriterLock
 from fusejax.models import ModelConfig, Transformer, load_pretrained, model_shardings
 
 log = logging.getLogger(__name__)
@@ -406,6 +407,8 @@ class Trainer:
         # this process's rows of each micro-batch (all of them on a single process)
         self.local_rows = local_batch_rows(self.batch_shardings["input_ids"], self.batch_shapes["input_ids"])
         self.compiled = self._compile(make_train_step(self.graphdef, self.tx, self.opts))
+        # one trainer per output folder: a second concurrent run refuses, naming the holder (process 0 locks)
+        self._lock = WriterLock(self.out_dir / "trainer.lock") if jax.process_index() == 0 else None
 
     @property
     def step(self) -> int:
@@ -481,9 +484,12 @@ class Trainer:
         return step
 
     def close(self):
-        """Wait for pending checkpoint writes and release the checkpoint manager."""
+        """Wait for pending checkpoint writes, release the checkpoint manager and the output folder's lock."""
         self.ckpt.wait_until_finished()
         self.ckpt.close()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # -- model access -----------------------------------------------------------------------------------
     def model(self) -> Transformer:
@@ -637,7 +643,7 @@ def _tb_writer(folder: Path):
 def _target_source(cfg) -> int | None:
     """Index of the source that is the target model itself (same model folder), or None."""
     target = Path(cfg.target.path).resolve()
-    matches = [i for i, s in enumerate(cfg.sources) if Path(s.path).resolve() == target]
+    matches = [i for i, s in enumerate(cfg.sources) if s.path and Path(s.path).resolve() == target]
     return matches[0] if matches else None
 
 

@@ -134,14 +134,14 @@ def test_overrides_parse_yaml_scalars_by_type():
             "train.clip_norm=2",  # int accepted for float
             "vocab_map.co_occurrence=true",
             "train.fusion=avg_ce",
-            "run.name=2024",  # a string setting keeps the text
+            "corpus.text_field=2024",  # a string setting keeps the text
             "corpus.inputs=[a.txt, b.jsonl]",
         ]
     )
     assert cfg.train.lr == 2e-5 and isinstance(cfg.train.lr, float)
     assert cfg.train.steps == 100 and cfg.train.clip_norm == 2.0 and isinstance(cfg.train.clip_norm, float)
     assert cfg.vocab_map.co_occurrence is True
-    assert cfg.train.fusion == "avg_ce" and cfg.run.name == "2024"
+    assert cfg.train.fusion == "avg_ce" and cfg.corpus.text_field == "2024"
     assert cfg.corpus.inputs == ("a.txt", "b.jsonl")
 
 
@@ -237,7 +237,7 @@ def test_error_names_the_base_file_that_holds_the_mistake(tmp_path):
         ("train: {lr: true}", "train.lr", "expected a number"),
         ("vocab_map: {co_occurrence: 'yes'}", "vocab_map.co_occurrence", "expected true or false"),
         ("run: {output_dir: 3}", "run.output_dir", "expected a string"),
-        ("run: {name: [a]}", "run.name", "expected a string"),
+        ("corpus: {text_field: [a]}", "corpus.text_field", "expected a string"),
         ("corpus: {inputs: a.txt}", "corpus.inputs", "expected a list"),
         ("corpus: {inputs: [a.txt, 3]}", "corpus.inputs.1", "expected a string"),
         ("sources: {name: a}", "sources", "expected a list"),
@@ -344,7 +344,7 @@ def test_tokenizer_path_defaults_to_model_path():
 def test_resolved_round_trip(tmp_path):
     cfg = load_config(
         ROOT / "configs/example.yaml",
-        ["train.lr=1.234567e-5", "mesh.rules.batch=[data, fsdp]", "mesh.rules.vocab=null", "run.name=x: y"],
+        ["train.lr=1.234567e-5", "mesh.rules.batch=[data, fsdp]", "mesh.rules.vocab=null", "corpus.text_field=x: y"],
     )
     out = save_resolved(cfg, tmp_path / "run")
     assert out == tmp_path / "run" / "config.resolved.yaml"

@@ -9,7 +9,7 @@ from flax import nnx
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from fusejax import pipeline
-from fusejax.config import ConfigError, load_config
+from fusejax.config import ConfigError, load_config, replace
 from fusejax.models import ModelConfig, Transformer, save_pretrained
 
 ORDER = ["prepare", "represent", "vocab-map", "align", "train", "eval", "export"]
@@ -69,6 +69,13 @@ def test_stop_after_stops_there_whether_the_stage_ran_or_was_skipped(setup):
     assert pipeline.run(cfg, validate_first=False, stop_after="align") == dict.fromkeys(ORDER[:4], "ran")
     assert pipeline.run(cfg, validate_first=False, stop_after="align") == dict.fromkeys(ORDER[:4], "skipped")
     assert fake.calls == ORDER[:4]
+
+
+def test_bookkeeping_settings_do_not_change_fingerprints(setup):
+    cfg, *_ = setup
+    busier = replace(replace(cfg, "train.log_every", 1), "train.checkpoint_every", 7)
+    assert pipeline.fingerprints(busier) == pipeline.fingerprints(cfg)
+    assert pipeline.fingerprints(replace(cfg, "train.lr", 2e-5))["train"] != pipeline.fingerprints(cfg)["train"]
 
 
 def test_changed_setting_redoes_that_stage_and_later_ones_and_keeps_the_old_output(setup):

@@ -3,6 +3,7 @@
 TensorBoard events, CLM-only and single-teacher baselines."""
 
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -19,6 +20,7 @@ from fusejax.config import TrainConfig
 from fusejax.fusion import fusion_loss
 from fusejax.models import ModelConfig, Transformer
 from fusejax.sharding import make_mesh
+from fusejax.store import StoreLockedError
 from fusejax.train import (
     CheckpointMismatchError,
     SyntheticTables,
@@ -275,6 +277,18 @@ def test_checkpoint_restores_onto_another_mesh(straight, tmp_path):
     moments = [x for x in jax.tree.leaves(other.state["opt_state"]) if x.shape == (2, 32, 4, 8)]
     assert moments and all(m.sharding.spec == wq for m in moments)
     other.close()
+
+
+def test_a_second_trainer_on_the_same_folder_is_refused_until_the_first_closes(tmp_path):
+    data, mesh = SyntheticTables(16, T, MODEL.vocab_size, seed=1), make_mesh(fsdp=8)
+    first = Trainer(Transformer(MODEL, rngs=nnx.Rngs(0)), data, TC, tmp_path, mesh=mesh)
+    lock = json.loads((tmp_path / "trainer.lock").read_text())
+    assert lock["pid"] == os.getpid()
+    with pytest.raises(StoreLockedError, match=f"held by pid {os.getpid()}"):
+        Trainer(Transformer(MODEL, rngs=nnx.Rngs(0)), data, TC, tmp_path, mesh=mesh)
+    first.close()
+    Trainer(Transformer(MODEL, rngs=nnx.Rngs(0)), data, TC, tmp_path, mesh=mesh).close()
+    assert not (tmp_path / "trainer.lock").exists()
 
 
 def test_refuses_a_checkpoint_of_another_model(straight, tmp_path):
