@@ -25,6 +25,7 @@ from fusejax.fusion import fusion_loss
 from fusejax.models import ModelConfig
 from fusejax.sharding import make_mesh
 from fusejax.train import (
+    BATCH_AXES,
     TEXT_FIELDS,
     StepOptions,
     SyntheticTables,
@@ -90,7 +91,7 @@ def main():
     params = nnx.to_pure_dict(params)
     tx, _ = make_optimizer(tc, tc.steps)
     rows = SyntheticTables(a.batch, a.seq, a.vocab, num_sources=a.sources, k=a.k).rows(np.arange(a.batch))
-    host = {k: v[None] for k, v in rows.items()}
+    host = {k: v[None] for k, v in rows.items() if k in BATCH_AXES}
     shardings = batch_shardings(mesh, {k: v.shape for k, v in host.items()})
     base = StepOptions.from_config(tc, tc.steps)
     variants = {
