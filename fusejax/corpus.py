@@ -503,20 +503,25 @@ def _resume_point(out_dir: str | os.PathLike, resumed: int) -> tuple[str | None,
 def run(cfg) -> dict[str, Any]:
     """Stage ``prepare``: the corpus store at ``<run.output_dir>/corpus`` cut with the target's tokenizer.
 
-    Returns the :func:`prepare_corpus` summary (also written to ``corpus/summary.json``).
+    Process 0 writes it (cutting is cheap next to the later stages; ``run.output_dir`` must be on a file
+    system every host sees); the other processes wait for it. Returns the :func:`prepare_corpus` summary
+    (also written to ``corpus/summary.json``).
     """
     from fusejax.config import save_resolved
+    from fusejax.distributed import barrier, is_main_process
 
     c = cfg.corpus
     if not c.inputs:
         raise ValueError("corpus.inputs is empty: list the files or folders to read")
     out = Path(cfg.run.output_dir) / "corpus"
-    summary = prepare_corpus(
-        list(c.inputs), cfg.target.tokenizer_path, out, block_size=c.block_size, fmt=c.format,
-        text_field=c.text_field, txt_split=c.txt_split, holdout_fraction=c.holdout_fraction, seed=cfg.run.seed,
-    )
-    if summary["blocks"] == 0:
-        raise ValueError(f"corpus.inputs {list(c.inputs)} gave no blocks (skipped documents: {summary['skipped']})")
-    save_resolved(cfg, out)
-    write_json(out / "summary.json", summary)
-    return summary
+    if is_main_process():
+        summary = prepare_corpus(
+            list(c.inputs), cfg.target.tokenizer_path, out, block_size=c.block_size, fmt=c.format,
+            text_field=c.text_field, txt_split=c.txt_split, holdout_fraction=c.holdout_fraction, seed=cfg.run.seed,
+        )
+        if summary["blocks"] == 0:
+            raise ValueError(f"corpus.inputs {list(c.inputs)} gave no blocks (skipped documents: {summary['skipped']})")
+        save_resolved(cfg, out)
+        write_json(out / "summary.json", summary)
+    barrier("prepare")
+    return json.loads((out / "summary.json").read_text())

@@ -157,6 +157,16 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
+def barrier(name: str) -> None:
+    """Wait until every JAX process reaches the barrier ``name``; a no-op with one process."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"fusejax-{name}")
+
+
 def process_slice(n_items: int, process_index: int | None = None, process_count: int | None = None) -> tuple[int, int]:
     """``(start, stop)``: the contiguous range of items ``0..n_items-1`` that this process handles.
 

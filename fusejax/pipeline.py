@@ -32,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fusejax.config import ConfigError, config_to_dict
+from fusejax.distributed import barrier
 from fusejax.store import write_json
 
 log = logging.getLogger(__name__)
@@ -152,15 +153,6 @@ def _resolve(spec: str) -> Callable:
     return getattr(importlib.import_module(module), name)
 
 
-def _barrier(name: str) -> None:
-    import jax
-
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(f"fusejax-pipeline-{name}")
-
-
 def _run_stage(cfg, stage, fp: str, main: bool) -> str:
     """Skip, resume or redo one stage (see the module docstring); returns what was done."""
     folder = stage.output(cfg)
@@ -172,7 +164,7 @@ def _run_stage(cfg, stage, fp: str, main: bool) -> str:
         if main:
             dest = _move_aside(cfg, folder, str(record.get("fingerprint")))
             log.warning("%s: inputs changed since %s was written; moved it aside to %s", stage.name, folder, dest)
-        _barrier(f"{stage.name}-moved")
+        barrier(f"pipeline-{stage.name}-moved")
         outcome = "redone"
     else:
         outcome = "resumed" if folder.exists() else "ran"
@@ -181,7 +173,7 @@ def _run_stage(cfg, stage, fp: str, main: bool) -> str:
         _write_record(folder, {"stage": stage.name, "fingerprint": fp, "status": "running",
                                "started": time.time(), "finished": None})
     _resolve(stage.fn)(cfg)
-    _barrier(stage.name)
+    barrier(f"pipeline-{stage.name}")
     if main:
         started = read_record(folder) or {}
         _write_record(folder, {"stage": stage.name, "fingerprint": fp, "status": "complete",
