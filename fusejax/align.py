@@ -25,8 +25,7 @@ Pure numpy + rapidfuzz + numba (never JAX). Every public function takes ``mode``
 Public API: :func:`word_start_marker`, :func:`token_strings`, :func:`token_texts`, :func:`vocab_map`,
 :func:`vocab_map_summary`, :func:`align_tokens`, :func:`align_topk` and :class:`AlignStats`; the pipeline
 stages :func:`run_vocab_maps` (``fusejax vocab-map``) and :func:`run_align` (``fusejax align``), which read
-the corpus and top-k stores and write the aligned store (JAX is imported there only to reuse the top-k
-stage's tokenization helper).
+the corpus and top-k stores and write the aligned store.
 """
 
 from __future__ import annotations
@@ -386,7 +385,8 @@ def vocab_map_summary(target_ids: np.ndarray, distances: np.ndarray) -> dict:
 
 def _byte_offsets(v: _Vocab, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(start, end) byte offsets of each token of ``ids`` in the text they spell together."""
-    lengths = np.diff(v.codes("texts")[1])[ids]
+    offsets = v.codes("texts")[1]
+    lengths = offsets[ids + 1] - offsets[ids]
     end = np.cumsum(lengths)
     return end - lengths, end
 
@@ -431,8 +431,8 @@ def align_tokens(source_tokenizer, source_ids, target_tokenizer, target_ids, mod
     lo = np.minimum(lo, np.concatenate([[0], hi[:-1] + 1]))  # consecutive rows overlap or touch
     hi = np.maximum(hi, lo)
     none = np.zeros((0, 0), np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    cheap = (s.keys(kind)[src], np.diff(offs_s).astype(np.int32)[src], K.char_masks(codes_s, offs_s, src),
-             t.keys(kind)[tgt], np.diff(offs_t).astype(np.int32)[tgt], K.char_masks(codes_t, offs_t, tgt))
+    cheap = (s.keys(kind)[src], (offs_s[src + 1] - offs_s[src]).astype(np.int32), K.char_masks(codes_s, offs_s, src),
+             t.keys(kind)[tgt], (offs_t[tgt + 1] - offs_t[tgt]).astype(np.int32), K.char_masks(codes_t, offs_t, tgt))
     memo = K.pair_memo(src, tgt, cheap)
     band = K.dtw_rows(codes_s, offs_s, src, codes_t, offs_t, tgt, memo, lo, hi, K.INF, *none)
     upper = K._cell(*band, n - 1, m - 1)  # the cost of a path: an upper bound on the optimal cost
