@@ -13,6 +13,38 @@ INF = np.int64(1) << 62
 
 
 @njit(cache=True)
+def _levenshtein_bits(codes_a, a0, a1, codes_b, b0, b1):
+    """Edit distance between codes_a[a0:a1] (any length) and codes_b[b0:b1] (1 to 64 codes): Myers'
+    bit-parallel algorithm in Hyyro's form for the global distance. Bit q of each word is row q of the DP
+    column (vertical deltas vp / vn, horizontal hp / hn); one column per code of a; ``score`` is the last row."""
+    lb = b1 - b0
+    last = np.uint64(1) << np.uint64(lb - 1)
+    one = np.uint64(1)
+    vp = ~np.uint64(0)  # vertical deltas +1 / -1 (first column: 0, 1, ..., lb: all +1)
+    vn = np.uint64(0)
+    score = lb
+    for p in range(a0, a1):
+        ca = codes_a[p]
+        eq = np.uint64(0)
+        for q in range(lb):
+            if codes_b[b0 + q] == ca:
+                eq |= one << np.uint64(q)
+        xv = eq | vn
+        xh = (((eq & vp) + vp) ^ vp) | eq
+        hp = vn | ~(xh | vp)
+        hn = vp & xh
+        if hp & last:
+            score += 1
+        elif hn & last:
+            score -= 1
+        hp = (hp << one) | one  # the top row of the DP is 0, 1, 2, ...: its horizontal delta is +1
+        hn = hn << one
+        vp = hn | ~(xv | hp)
+        vn = hp & xv
+    return score
+
+
+@njit(cache=True)
 def levenshtein(codes_a, a0, a1, codes_b, b0, b1, buf):
     """Edit distance between codes_a[a0:a1] and codes_b[b0:b1]; ``buf`` is int64 scratch of size >= b1-b0+1."""
     la = a1 - a0
@@ -21,6 +53,10 @@ def levenshtein(codes_a, a0, a1, codes_b, b0, b1, buf):
         return lb
     if lb == 0:
         return la
+    if lb <= 64:
+        return _levenshtein_bits(codes_a, a0, a1, codes_b, b0, b1)
+    if la <= 64:
+        return _levenshtein_bits(codes_b, b0, b1, codes_a, a0, a1)
     for j in range(lb + 1):
         buf[j] = j
     for i in range(1, la + 1):
@@ -66,6 +102,8 @@ def _cheap_cost(key_a, len_a, mask_a, key_b, len_b, mask_b):
     """A lower bound on the Levenshtein distance of two tokens (see cost_to_go_bound), as int32."""
     c = max(np.int32(abs(len_a - len_b)), np.int32(_popcount(mask_a & ~mask_b)), np.int32(_popcount(mask_b & ~mask_a)),
             np.int32(1))
+    if mask_a & mask_b == 0:  # no character in common: every aligned position is a substitution
+        c = max(np.int32(len_a), np.int32(len_b), np.int32(1))
     return np.int32(0) if key_a == key_b else c
 
 
@@ -82,7 +120,8 @@ def cost_to_go_bound(key_s, len_s, mask_s, key_t, len_t, mask_t, cap, out):
 
     The exact backward DP over a per-cell cost that never exceeds the Levenshtein distance of the two tokens:
     0 for equal tokens (same ``key``), else the largest of 1, the length difference and the number of
-    character hashes (``mask``) that either token has and the other lacks (each needs its own edit).
+    character hashes (``mask``) that either token has and the other lacks (each needs its own edit); when the
+    masks share no bit the tokens share no character, so the distance is exactly the longer length.
     Only cells below ``cap`` are computed: row i holds them in ``out[i, lo[i]:hi[i] + 1]`` (``out``: int16
     or int32 [n, m], the rest left untouched); every other cell's bound is ``cap``. Returns (lo, hi) int64 [n].
     """
@@ -106,11 +145,12 @@ def cost_to_go_bound(key_s, len_s, mask_s, key_t, len_t, mask_t, cap, out):
                    cost[stop : start + 1])
         right = top
         row = out[i]
-        for j in range(start, stop - 1, -1):  # cells with a successor in the row below
-            best = min(right, min(below[j], below[j + 1]))
-            row[j] = best
-            right = min(best + cost[j], top)
-            here[j] = right
+        for k in range(start - stop + 1):  # cells with a successor in the row below, right to left
+            u = np.uint64(start - k)  # (an unsigned index: no negative-index wraparound in the loop)
+            best = min(right, min(below[u], below[u + np.uint64(1)]))
+            row[u] = best
+            right = min(best + cost[u], top)
+            here[u] = right
         j = stop - 1
         while j >= 0 and right < top:  # cells further left, reached along the row
             out[i, j] = right
@@ -160,9 +200,8 @@ def dtw_rows(codes_s, offs_s, seq_s, codes_t, offs_t, seq_t, memo, lo, hi, thres
     use_bound = bound.shape[0] > 0
     rs, rt, memo, (key_s, len_s, mask_s, key_t, len_t, mask_t) = memo
     maxlen = 1
-    for t in range(offs_t.shape[0] - 1):
-        if offs_t[t + 1] - offs_t[t] + 1 > maxlen:
-            maxlen = offs_t[t + 1] - offs_t[t] + 1
+    for t in seq_t:  # Levenshtein scratch: the longest target token + 1
+        maxlen = max(maxlen, offs_t[t + 1] - offs_t[t] + 1)
     buf = np.empty(maxlen, np.int64)
 
     cap = max(1024, 4 * (n + m))

@@ -48,7 +48,7 @@ _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 # rows of the MinED distance matrix computed at once (rows x |target vocab| int32)
 _MINED_CHUNK = 512
 # characters of margin around a source token's span that the first (banded) DTW pass looks at
-_BAND_BYTES = 48
+_BAND_BYTES = 16
 
 
 def _byte_level_table() -> dict[str, int]:
@@ -400,7 +400,8 @@ def align_tokens(source_tokenizer, source_ids, target_tokenizer, target_ids, mod
     1. a DP restricted to a band around the byte-offset diagonal: the cost F of one path, >= the optimum;
     2. backward over the matrix, a lower bound h(cell) on the cost still to pay after each cell, from per-cell
        costs that never exceed the Levenshtein distance (0 for equal tokens, else the largest of 1, the length
-       difference and the number of hashed characters one token has and the other lacks), computed only
+       difference and the number of hashed characters one token has and the other lacks; the longer length
+       when they share no character), computed only
        where it stays <= F;
     3. the exact DP, where a cell whose value plus h exceeds F counts as infinite (and its Levenshtein
        distance is never computed).

@@ -448,3 +448,20 @@ def test_bad_input_errors(hand):
         align.align_topk(s, [1], np.zeros((1, 2), int), np.zeros((1, 2)), t, [3], vocab_map=np.zeros(3, int))
     with pytest.raises(ValueError, match="method"):
         align.vocab_map(s, t, method="fuzzy")
+
+
+def test_kernel_levenshtein_equals_rapidfuzz_on_both_sides_of_64_characters():
+    """The compiled edit distance (bit-parallel up to 64 characters, a plain DP beyond) against rapidfuzz."""
+    from rapidfuzz.distance import Levenshtein
+
+    from fusejax import _align_kernels as K
+
+    rng = np.random.default_rng(0)
+    buf = np.zeros(200, np.int64)
+    for _ in range(3000):
+        la, lb = rng.integers(0, 90, 2)
+        a = rng.integers(0, 6, la).astype(np.int64)  # a small alphabet: many repeats and near-ties
+        b = rng.integers(0, 6, lb).astype(np.int64)
+        codes = np.concatenate([a, b])
+        got = K.levenshtein(codes, 0, la, codes, la, la + lb, buf)
+        assert got == Levenshtein.distance(a.tolist(), b.tolist()), (a, b)
