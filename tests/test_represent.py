@@ -6,45 +6,25 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from flax import nnx
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import fusejax.represent as represent
 from fusejax.corpus import prepare_corpus
-from fusejax.models import ModelConfig, Transformer, load_pretrained, save_pretrained
+from fusejax.models import load_pretrained
 from fusejax.represent import extract_topk, represent_source
 from fusejax.store import StoreMismatchError, open_store
+from tiny import bpe_tokenizer, save_tiny_model
 
 TEXTS = [t for t in pydoc_data.topics.topics.values() if len(t) > 400][:12]
 
 
 def _hf_tokenizer(folder, kind: str, vocab: int):
-    """Train a tiny BPE (byte-level "Ġ" or Metaspace "▁") on pydoc text and save it as an HF folder."""
-    tok = Tokenizer(models.BPE(unk_token="<unk>" if kind == "metaspace" else None))
-    if kind == "bytelevel":
-        tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-        alphabet = pre_tokenizers.ByteLevel.alphabet()
-    else:
-        tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
-        alphabet = []
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=alphabet)
-    tok.train_from_iterator(TEXTS, trainer)
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast = bpe_tokenizer(kind, vocab, TEXTS)
     fast.save_pretrained(folder)
     return fast
 
 
 def _tiny_model(folder, arch: str, vocab: int, seed: int):
-    extra = {
-        "llama": dict(),
-        "gpt_neox": dict(norm="layer", norm_bias=True, parallel_residual=True, rotary_dim=4, mlp="plain",
-                         activation="gelu", attention_bias=True, mlp_bias=True),
-        "gpt2": dict(norm="layer", norm_bias=True, position="learned", mlp="plain", activation="gelu_new",
-                     attention_bias=True, mlp_bias=True, tie_embeddings=True),
-    }[arch]
-    cfg = ModelConfig(arch=arch, vocab_size=vocab, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                      max_position_embeddings=256, eos_token_id=2, **extra)
-    save_pretrained(Transformer(cfg, rngs=nnx.Rngs(seed)), folder)
+    save_tiny_model(folder, arch, vocab, seed, eos_token_id=2)
     return load_pretrained(folder)
 
 

@@ -9,35 +9,13 @@ import pytest
 import torch
 import transformers
 import yaml
-from flax import nnx
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from fusejax.cli import main
-from fusejax.models import ModelConfig, Transformer, load_pretrained, save_pretrained
+from fusejax.models import load_pretrained
 from fusejax.store import open_store
+from tiny import bpe_tokenizer, save_tiny_model
 
 TEXTS = [t for _, t in sorted(pydoc_data.topics.topics.items()) if len(t) > 600][:5]
-
-
-def _tokenizer(kind: str, vocab: int):
-    tok = Tokenizer(models.BPE(unk_token="<unk>" if kind == "metaspace" else None))
-    if kind == "bytelevel":
-        tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-        alphabet = pre_tokenizers.ByteLevel.alphabet()
-    else:
-        tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
-        alphabet = []
-    tok.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "</s>"],
-                                                       initial_alphabet=alphabet))
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
-
-
-ARCH = {
-    "llama": dict(),
-    "gpt_neox": dict(norm="layer", norm_bias=True, parallel_residual=True, rotary_dim=4, mlp="plain",
-                     activation="gelu", attention_bias=True, mlp_bias=True),
-    "mpt": dict(norm="layer", position="alibi", mlp="plain", activation="gelu"),
-}
 
 
 @pytest.mark.slow
@@ -50,11 +28,9 @@ def test_all_stages_through_the_cli(tmp_path, capsys):
                                                       ("neox", "gpt_neox", "bytelevel", 400),
                                                       ("mpt", "mpt", "bytelevel", 300)]):
         folder = tmp_path / name
-        tok = _tokenizer(kind, vocab)
-        cfg = ModelConfig(arch=arch, vocab_size=len(tok), hidden_size=32, intermediate_size=64 if arch == "llama"
-                          else 128, num_layers=2, num_heads=4, max_position_embeddings=256,
-                          eos_token_id=tok.eos_token_id, **ARCH[arch])
-        save_pretrained(Transformer(cfg, rngs=nnx.Rngs(seed)), folder)
+        tok = bpe_tokenizer(kind, vocab, TEXTS)
+        save_tiny_model(folder, arch, len(tok), seed, eos_token_id=tok.eos_token_id,
+                        intermediate_size=64 if arch == "llama" else 128)
         tok.save_pretrained(folder)
         sources.append({"name": name, "path": str(folder)})
     out = tmp_path / "run"

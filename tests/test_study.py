@@ -1,8 +1,10 @@
-"""The study driver's aggregation and report on fake result lines (no training)."""
+"""The study driver: aggregation and report on fake result lines (no training); the same-architecture
+ensemble evaluator and weight averaging on tiny random models."""
 
 import json
 import math
 
+import numpy as np
 import pytest
 
 from fusejax import study
@@ -65,3 +67,70 @@ def test_write_docs_marks_tables_without_runs(tmp_path):
     text = study.write_docs(RESULTS[:3], tmp_path).read_text()  # clm_only only
     assert text.count("(no finished runs yet)") == 2  # sources and ablation tables
     assert (tmp_path / "study" / "table0.png").exists() and not (tmp_path / "study" / "table2.png").exists()
+
+
+# ------------------------------------------------------------------ same-architecture comparison (tiny models)
+
+V, T = 50, 12
+
+
+class _Rows:
+    """Fixed random rows of a CLM batch (``fusejax.train.Batches``): variable lengths, random byte counts."""
+
+    def __init__(self, n=5, seed=0):
+        from fusejax.data import next_token_targets
+
+        rng = np.random.default_rng(seed)
+        self.num_rows = n
+        self.ids = rng.integers(0, V, (n, T)).astype(np.int32)
+        self.mask = (np.arange(T)[None] < rng.integers(3, T + 1, n)[:, None]).astype(np.int32)
+        self.fields = {"input_ids": self.ids, "attention_mask": self.mask, **next_token_targets(self.ids, self.mask),
+                       "n_bytes": rng.integers(10, 60, n).astype(np.int32)}
+
+    def rows(self, indices):
+        return {k: v[indices] for k, v in self.fields.items()}
+
+
+def _tiny(seed):
+    from flax import nnx
+
+    from fusejax.models import ModelConfig, Transformer
+
+    config = ModelConfig(arch="llama", vocab_size=V, hidden_size=32, intermediate_size=48, num_layers=1,
+                         num_heads=4, max_position_embeddings=T)
+    return Transformer(config, rngs=nnx.Rngs(seed))
+
+
+def test_ensemble_bits_per_byte_matches_numpy_mixture():
+    from fusejax.evaluate import evaluate
+
+    data, models = _Rows(), [_tiny(0), _tiny(1)]
+    probs = []
+    for m in models:  # float64 softmax of each model's logits over the real vocabulary
+        logits = np.asarray(m(data.ids, data.mask), np.float64)[..., :V]
+        e = np.exp(logits - logits.max(-1, keepdims=True))
+        probs.append(e / e.sum(-1, keepdims=True))
+    mix = (probs[0] + probs[1]) / 2
+    f = data.fields
+    bits = sum(-math.log2(mix[i, t, f["labels"][i, t]]) for i in range(data.num_rows) for t in range(T)
+               if f["loss_mask"][i, t])
+    got = study.ensemble_bits_per_byte(models, data, batch_size=2, domains=[])  # 5 rows: last batch padded
+    assert got["bits_per_byte"] == pytest.approx(bits / f["n_bytes"].sum(), rel=1e-5)
+    assert got["tokens"] == f["loss_mask"].sum()
+    # the mixture differs from either model alone, and a one-model "ensemble" is that model
+    single = [evaluate(m, data, batch_size=2, domains=[])["bits_per_byte"] for m in models]
+    assert all(abs(s - got["bits_per_byte"]) > 1e-3 for s in single)
+    assert study.ensemble_bits_per_byte(models[:1], data, batch_size=2, domains=[])["bits_per_byte"] == \
+        pytest.approx(single[0], rel=1e-6)
+
+
+def test_average_weights_is_the_parameter_mean():
+    import jax
+    from flax import nnx
+
+    a, b = _tiny(0), _tiny(1)
+    expected = jax.tree.map(lambda x, y: (np.asarray(x) + np.asarray(y)) / 2, nnx.state(a, nnx.Param),
+                            nnx.state(b, nnx.Param))
+    got = nnx.state(study.average_weights([a, b]), nnx.Param)
+    for e, g in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+        np.testing.assert_allclose(np.asarray(g), e, rtol=1e-6)

@@ -39,15 +39,7 @@ TC = TrainConfig(steps=4, batch_size=8, seq_len=T, lr=1e-2, b1=0.8, b2=0.9, weig
                  lm_weight=0.7, log_every=2, checkpoint_every=1, keep_checkpoints=2, peak_flops=1e9, eval_every=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Reuse compiled steps between trainers with identical programs (this module only)."""
-    old = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    yield
-    jax.config.update("jax_compilation_cache_dir", old[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+pytestmark = pytest.mark.usefixtures("jax_compile_cache")  # trainers with identical programs compile once
 
 
 def fresh_params(seed=0, config=MODEL):

@@ -1,0 +1,40 @@
+"""Tiny tokenizers and models that tests build themselves (no download): shared by several test modules."""
+
+import transformers
+from flax import nnx
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from fusejax.models import ModelConfig, Transformer, save_pretrained
+
+# per-architecture options of a tiny ModelConfig (Llama-style needs none)
+ARCH_OPTIONS = {
+    "llama": {},
+    "gpt_neox": dict(norm="layer", norm_bias=True, parallel_residual=True, rotary_dim=4, mlp="plain",
+                     activation="gelu", attention_bias=True, mlp_bias=True),
+    "mpt": dict(norm="layer", position="alibi", mlp="plain", activation="gelu"),
+    "gpt2": dict(norm="layer", norm_bias=True, position="learned", mlp="plain", activation="gelu_new",
+                 attention_bias=True, mlp_bias=True, tie_embeddings=True),
+}
+
+
+def bpe_tokenizer(kind: str, vocab: int, texts: list[str]) -> transformers.PreTrainedTokenizerFast:
+    """A BPE trained on ``texts``: byte-level ("Ġ", ``kind="bytelevel"``) or Metaspace ("▁", ``"metaspace"``),
+    with <unk>, <s> (BOS) and </s> (EOS)."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>" if kind == "metaspace" else None))
+    if kind == "bytelevel":
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+        alphabet = []
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>"],
+                                                       initial_alphabet=alphabet))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                                eos_token="</s>")
+
+
+def save_tiny_model(folder, arch: str, vocab: int, seed: int, *, eos_token_id: int, intermediate_size: int = 64):
+    """A random 2-layer, 32-wide model of ``arch`` written to ``folder`` as a Hugging Face folder."""
+    cfg = ModelConfig(arch=arch, vocab_size=vocab, hidden_size=32, intermediate_size=intermediate_size, num_layers=2,
+                      num_heads=4, max_position_embeddings=256, eos_token_id=eos_token_id, **ARCH_OPTIONS[arch])
+    save_pretrained(Transformer(cfg, rngs=nnx.Rngs(seed)), folder)
