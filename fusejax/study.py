@@ -2,6 +2,8 @@
 
 ``python -m fusejax.study [CONFIG ...] [--seeds 0 1 2] [--out runs/study] [--docs docs]``
 (CONFIG defaults to every ``configs/study/*.yaml``; the variant name is the file stem).
+``python -m fusejax.study --same-arch [--seeds ...]``: the same-architecture comparison instead
+(:func:`same_arch`: domain sources continued from the target vs output ensembling, weight averaging, FuseLLM).
 
 Stores are shared, not recomputed: every variant's ``prepare`` .. ``align`` outputs run once per distinct
 alignment fingerprint, always with ``run.seed = 0`` (the embedded models were pre-trained without the seed-0
@@ -23,13 +25,20 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
 log = logging.getLogger(__name__)
 
 STUDY_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "study"
+SAME_ARCH_CONFIG = STUDY_CONFIGS / "same_arch" / "fusellm.yaml"
 
 
 def _link(src: Path, dest: Path) -> None:
@@ -223,6 +232,119 @@ def write_docs(results: list[dict], docs: Path, notes: str = "") -> Path:
     return path
 
 
+# ------------------------------------------------------------------------------ same-architecture comparison
+
+
+class Mixture(nnx.Module):
+    """Output ensemble of same-vocabulary models: called like a model, returns the log of the mean of their
+    next-token probabilities ``log(1/M sum_m softmax(logits_m))`` [B, T, V] float32 (already normalized, so
+    :func:`fusejax.evaluate.evaluate` scores the mixture as it is)."""
+
+    def __init__(self, models: list):
+        self.models = nnx.List(models)
+
+    def __call__(self, input_ids, attention_mask):
+        logp = jnp.stack([jax.nn.log_softmax(m(input_ids, attention_mask).astype(jnp.float32), axis=-1)
+                          for m in self.models])
+        return jax.nn.logsumexp(logp, axis=0) - math.log(len(self.models))
+
+
+def ensemble_bits_per_byte(models: list, batches, *, batch_size: int, domains: list[str] | None = None) -> dict:
+    """:func:`fusejax.evaluate.evaluate` of the output ensemble (:class:`Mixture`) of ``models``."""
+    from fusejax.evaluate import evaluate
+
+    return evaluate(Mixture(models), batches, batch_size=batch_size, domains=domains)
+
+
+def average_weights(models: list):
+    """The first of ``models`` (same architecture) with every parameter replaced by the mean over ``models``."""
+    states = [nnx.state(m, nnx.Param) for m in models]
+    nnx.update(models[0], jax.tree.map(lambda *xs: sum(xs) / len(xs), *states))
+    return models[0]
+
+
+def build_domain_sources(cfg, corpus: Path, passes: int = 2) -> None:
+    """Continue ``cfg.target`` CLM-only (lm_weight 1, ``cfg.train``'s batch, lr, warmup, seed 0) on the
+    training blocks of one domain of ``corpus`` each, ``passes`` passes, into every ``cfg.sources`` folder
+    (the source's name is the domain); a folder with a ``config.json`` is reused."""
+    from fusejax.data import TokenBatches
+    from fusejax.evaluate import block_domains
+    from fusejax.models import save_pretrained
+    from fusejax.sharding import make_mesh
+    from fusejax.store import write_json
+    from fusejax.tokenizer import load_tokenizer
+    from fusejax.train import Trainer, build_target
+
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    tok = load_tokenizer(cfg.target.tokenizer_path)
+    for src in cfg.sources:
+        folder = Path(src.path)
+        if (folder / "config.json").is_file():
+            continue
+        data = TokenBatches(corpus, tok, seq_len=cfg.train.seq_len, split="train")
+        data.positions = data.positions[np.asarray(block_domains(data)) == src.name]
+        data.num_rows = len(data.positions)
+        if data.num_rows == 0:
+            raise ValueError(f"{corpus}: no training blocks of domain {src.name!r} (source {src.name})")
+        tc = dataclasses.replace(cfg.train, lm_weight=1.0, schedule="hard", checkpoint_every=0,
+                                 steps=passes * data.num_rows // cfg.train.batch_size)
+        trainer = Trainer(build_target(tc, mesh, path=cfg.target.path), data, tc, folder / ".work", mesh=mesh)
+        history = trainer.fit()
+        trainer.close()
+        save_pretrained(trainer.model(), folder)
+        tok.save_pretrained(folder)
+        write_json(folder / "pretrain_history.json", history)
+        shutil.rmtree(folder / ".work")
+        log.info("same-arch: source %s (%d blocks, %d steps) -> %s", src.name, data.num_rows, tc.steps, folder)
+
+
+SAME_ARCH_VARIANTS = ["target", "prose", "code", "ensemble", "weight_avg", "clm_only", "fusellm"]
+
+
+def same_arch(seeds: list[int], out: Path, config: Path = SAME_ARCH_CONFIG) -> list[dict]:
+    """The paper's Table 7 shape in ``out`` (results in ``out/results.jsonl``, reruns skip finished lines):
+    the two domain sources of ``config`` (:func:`build_domain_sources`), each alone, their output ensemble and
+    weight average (seed-independent: seed 0 only), then FuseLLM of them into the target (``config``) and
+    CLM-only continual training on the same data (``train.lm_weight = 1``) for every seed."""
+    from fusejax import corpus as corpus_stage
+    from fusejax.config import load_config, replace
+    from fusejax.evaluate import block_domains, evaluate, heldout_batches
+    from fusejax.models import load_pretrained
+    from fusejax.sharding import make_mesh
+
+    cfg = load_config(config)
+    prepared = replace(cfg, "run.output_dir", str(out))
+    corpus_stage.run(prepared)  # seed-0 split: the held-out documents of every embedded model
+    build_domain_sources(cfg, out / "corpus")
+    results_file = out / "results.jsonl"
+    done = {(r["variant"], r["seed"]) for r in read_results(results_file)}
+
+    def record(variant: str, seed: int, target: dict, trained: dict) -> None:
+        with results_file.open("a") as f:
+            f.write(json.dumps({"variant": variant, "seed": seed, "target": _bpb(target), "trained": _bpb(trained)}) + "\n")
+        log.info("same-arch: %s seed %d: %s", variant, seed, _bpb(trained))
+
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    data = heldout_batches(prepared)
+    kw = dict(batch_size=cfg.eval.batch_size, domains=block_domains(data))
+    load = lambda path: load_pretrained(path, mesh=mesh)  # noqa: E731
+    base = evaluate(load(cfg.target.path), data, **kw)
+    paths = [s.path for s in cfg.sources]
+    single = {s.name: lambda p=s.path: evaluate(load(p), data, **kw) for s in cfg.sources}
+    single["ensemble"] = lambda: ensemble_bits_per_byte([load(p) for p in paths], data, **kw)
+    single["weight_avg"] = lambda: evaluate(average_weights([load(p) for p in paths]), data, **kw)
+    for name, fn in single.items():
+        if (name, 0) not in done:
+            record(name, 0, base, fn())
+    store = build_store(cfg, out / "stores", None)
+    for seed in seeds:
+        for name, variant in (("clm_only", replace(cfg, "train.lm_weight", 1.0)), ("fusellm", cfg)):
+            if (name, seed) not in done:
+                ev = train_and_eval(variant, store, out / "runs" / name / f"seed{seed}", seed)
+                record(name, seed, ev["target"], ev["trained"])
+    return read_results(results_file)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fusejax.study", description=__doc__.split("\n")[0])
     p.add_argument("configs", nargs="*", type=Path, help="variant configs (default: configs/study/*.yaml)")
@@ -230,7 +352,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/study"))
     p.add_argument("--docs", type=Path, default=Path("docs"))
     p.add_argument("--report-only", action="store_true", help="only rewrite the docs from results.jsonl")
+    p.add_argument("--same-arch", action="store_true", help="run the same-architecture comparison (configs/study/"
+                   "same_arch) in <out>/same_arch and print its table instead")
     a = p.parse_args(argv)
+    if a.same_arch:
+        results = same_arch(a.seeds, a.out / "same_arch")
+        print("\n".join(table(aggregate(results), results, SAME_ARCH_VARIANTS, "clm_only")))
+        return 0
     configs = a.configs or sorted(STUDY_CONFIGS.glob("*.yaml"), key=lambda c: (c.stem != "fusellm", c.stem))
     results = read_results(a.out / "results.jsonl") if a.report_only else run_study(configs, a.seeds, a.out)
     print(f"study: {write_docs(results, a.docs)}")
