@@ -403,12 +403,17 @@ def prepare_corpus(
     boundary_window: int = 32,
     rows_per_shard: int = 4096,
     max_warnings: int = 20,
+    process_index: int = 0,
+    num_processes: int = 1,
 ) -> dict[str, Any]:
     """Read ``inputs``, cut documents into blocks of <= ``block_size`` target tokens, write a corpus store.
 
     ``tokenizer``: a transformers fast tokenizer or a tokenizer folder (``fusejax.tokenizer.load_tokenizer``).
-    Returns ``{"documents", "skipped": {reason: n}, "blocks", "tokens", "bytes", "heldout_blocks",
-    "resumed_blocks"}``; blocks/tokens/bytes count the whole store, ``resumed_blocks`` those found complete.
+    Process ``process_index`` of ``num_processes`` (separate jobs or JAX processes sharing ``out_dir``) cuts
+    every ``num_processes``-th document, starting at its index, and writes its own shards; readers combine
+    them. Returns ``{"documents", "skipped": {reason: n}, "blocks", "tokens", "bytes", "heldout_blocks",
+    "resumed_blocks"}``: documents, skipped and resumed_blocks are this process's, the rest count the whole
+    store as it stands (see :func:`corpus_totals`).
     """
     from fusejax.tokenizer import load_tokenizer, tokenizer_fingerprint
 
@@ -433,11 +438,16 @@ def prepare_corpus(
     }
     skipped: Counter[str] = Counter()
     documents = 0
-    with StoreWriter(out_dir, kind="corpus", meta=meta, fields=FIELDS, rows_per_shard=rows_per_shard) as writer:
+    ordinal = -1
+    with StoreWriter(out_dir, kind="corpus", meta=meta, fields=FIELDS, rows_per_shard=rows_per_shard,
+                     process_index=process_index) as writer:
         resumed = writer.num_rows
-        last_doc, pending = _resume_point(out_dir, resumed)
+        last_doc, pending = _resume_point(out_dir, writer.completed_ids())
         for inp in found:
             for record in _records(inp, text_field, txt_split):
+                ordinal += 1
+                if ordinal % num_processes != process_index:  # another process's document
+                    continue
                 text, reason = _decode(record)
                 if reason:
                     skipped[reason] += 1
@@ -471,42 +481,44 @@ def prepare_corpus(
             )
     if sum(skipped.values()) > max_warnings:
         log.warning("%d more skipped documents not logged", sum(skipped.values()) - max_warnings)
+    return {"documents": documents, "skipped": dict(sorted(skipped.items())), **corpus_totals(out_dir),
+            "resumed_blocks": resumed}
+
+
+def corpus_totals(out_dir: str | os.PathLike) -> dict[str, int]:
+    """``{"blocks", "tokens", "bytes", "heldout_blocks"}`` over every complete shard of the corpus store."""
     store = open_store(out_dir)
     totals = Counter()
     for shard in store.shards:
         totals["tokens"] += int(np.sum(shard.column("n_tokens"), dtype=np.int64))
         totals["bytes"] += int(np.sum(shard.column("n_bytes"), dtype=np.int64))
         totals["heldout"] += int(np.count_nonzero(shard.column("split") == SPLITS.index("heldout")))
-    return {
-        "documents": documents,
-        "skipped": dict(sorted(skipped.items())),
-        "blocks": len(store),
-        "tokens": totals["tokens"],
-        "bytes": totals["bytes"],
-        "heldout_blocks": totals["heldout"],
-        "resumed_blocks": resumed,
-    }
+    return {"blocks": len(store), "tokens": totals["tokens"], "bytes": totals["bytes"],
+            "heldout_blocks": totals["heldout"]}
 
 
-def _resume_point(out_dir: str | os.PathLike, resumed: int) -> tuple[str | None, deque[int]]:
-    """Document id of the last complete block and the ids of that document's complete blocks, in order."""
-    if not resumed:
+def _resume_point(out_dir: str | os.PathLike, done: np.ndarray) -> tuple[str | None, deque[int]]:
+    """Document id of this writer's last complete block and the ids of that document's complete blocks, in
+    order; ``done``: the writer's completed ids in write order."""
+    if not len(done):
         return None, deque()
     store = open_store(out_dir)
-    last = store.row(resumed - 1)["doc_id"]
-    first = resumed - 1
-    while first > 0 and store.row(first - 1)["doc_id"] == last:
+    last = store.get(int(done[-1]))["doc_id"]
+    first = len(done) - 1
+    while first > 0 and store.get(int(done[first - 1]))["doc_id"] == last:
         first -= 1
-    return last, deque(int(i) for i in store.ids[first:resumed])
+    return last, deque(int(i) for i in done[first:])
 
 
 def run(cfg) -> dict[str, Any]:
     """Stage ``prepare``: the corpus store at ``<run.output_dir>/corpus`` cut with the target's tokenizer.
 
-    Process 0 writes it (cutting is cheap next to the later stages; ``run.output_dir`` must be on a file
-    system every host sees); the other processes wait for it. Returns the :func:`prepare_corpus` summary
-    (also written to ``corpus/summary.json``).
+    Every JAX process cuts its share of the documents (see :func:`prepare_corpus`; ``run.output_dir`` must be
+    on a file system every host sees); after a barrier, process 0 writes ``corpus/summary.json`` with the
+    whole store's totals. Returns that summary (``documents`` and ``skipped`` are this process's).
     """
+    import jax
+
     from fusejax.config import save_resolved
     from fusejax.distributed import barrier, is_main_process
 
@@ -514,14 +526,16 @@ def run(cfg) -> dict[str, Any]:
     if not c.inputs:
         raise ValueError("corpus.inputs is empty: list the files or folders to read")
     out = Path(cfg.run.output_dir) / "corpus"
+    summary = prepare_corpus(
+        list(c.inputs), cfg.target.tokenizer_path, out, block_size=c.block_size, fmt=c.format,
+        text_field=c.text_field, txt_split=c.txt_split, holdout_fraction=c.holdout_fraction, seed=cfg.run.seed,
+        process_index=jax.process_index(), num_processes=jax.process_count(),
+    )
+    barrier("prepare")
+    summary.update(corpus_totals(out))
+    if summary["blocks"] == 0:
+        raise ValueError(f"corpus.inputs {list(c.inputs)} gave no blocks (skipped documents: {summary['skipped']})")
     if is_main_process():
-        summary = prepare_corpus(
-            list(c.inputs), cfg.target.tokenizer_path, out, block_size=c.block_size, fmt=c.format,
-            text_field=c.text_field, txt_split=c.txt_split, holdout_fraction=c.holdout_fraction, seed=cfg.run.seed,
-        )
-        if summary["blocks"] == 0:
-            raise ValueError(f"corpus.inputs {list(c.inputs)} gave no blocks (skipped documents: {summary['skipped']})")
         save_resolved(cfg, out)
         write_json(out / "summary.json", summary)
-    barrier("prepare")
-    return json.loads((out / "summary.json").read_text())
+    return summary

@@ -291,6 +291,41 @@ def test_resume_after_kill_is_byte_identical(tmp_path, tok, monkeypatch):
     assert len(calls) < len(expected)  # documents already complete were not tokenized again
 
 
+def test_processes_split_documents_and_resume_their_own_shards(tmp_path, tok, monkeypatch):
+    write_inputs(tmp_path / "in")
+    inputs = [tmp_path / "in" / n for n in ("a.txt", "c.jsonl", "d.parquet", "hfds")]
+    prepare_corpus(inputs, tok, tmp_path / "one", block_size=40, rows_per_shard=4)
+    single = {r["id"]: (r["doc_id"], r["text"]) for r in open_store(tmp_path / "one")}
+
+    real_split, calls = corpus.split_document, []
+
+    def dying_split(*args, **kwargs):  # process 1 dies on its 4th document
+        calls.append(1)
+        if len(calls) == 4:
+            raise Killed
+        return real_split(*args, **kwargs)
+
+    prepare_corpus(inputs, tok, tmp_path / "two", block_size=40, rows_per_shard=4, process_index=0, num_processes=2)
+    monkeypatch.setattr(corpus, "split_document", dying_split)
+    with pytest.raises(Killed):
+        prepare_corpus(inputs, tok, tmp_path / "two", block_size=40, rows_per_shard=4, process_index=1,
+                       num_processes=2)
+    monkeypatch.setattr(corpus, "split_document", real_split)
+    summary = prepare_corpus(inputs, tok, tmp_path / "two", block_size=40, rows_per_shard=4, process_index=1,
+                             num_processes=2)
+    assert summary["resumed_blocks"] > 0
+    store = open_store(tmp_path / "two", verify=True)
+    assert {p.name for p in (tmp_path / "two").glob("manifest-p*.json")} == {"manifest-p0000.json",
+                                                                              "manifest-p0001.json"}
+    # together the two processes wrote exactly the single process's blocks, each document by one process
+    assert {r["id"]: (r["doc_id"], r["text"]) for r in store} == single
+    owners = {}
+    for shard in store.shards:
+        for i in range(len(shard.ids)):
+            owners.setdefault(shard.row(i)["doc_id"], set()).add(shard.name[:11])
+    assert all(len(o) == 1 for o in owners.values()) and len(set().union(*owners.values())) == 2
+
+
 def test_tfds_folder(tmp_path, tok, monkeypatch):
     folder = tmp_path / "my_ds" / "1.0.0"
     folder.mkdir(parents=True)
