@@ -18,7 +18,6 @@ import argparse
 import functools
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -33,19 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bench_train_step import machine
+
 from fusejax.models import ModelConfig, Transformer
 from fusejax.represent import _extract, topk_and_ce
 
 HERE = Path(__file__).resolve()
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
-    dev = jax.devices()[0]
-    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"{jax.device_count()} x {dev.platform}:{dev.device_kind}; host {cpu}, {os.cpu_count()} CPUs, "
-            f"load average {load}; jax {jax.__version__}, python {platform.python_version()}")
 
 
 @nnx.jit
