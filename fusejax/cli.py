@@ -42,7 +42,7 @@ _CONFIG_HELP = "YAML config file (optional: the defaults of configs/default.yaml
 _OVERRIDES_HELP = "dotted overrides applied last, values in YAML syntax: train.lr=2e-5 sources.0.path=models/x"
 
 
-def _resolve(spec: str):
+def resolve(spec: str):
     """The callable named by ``"package.module:function"`` (imported now)."""
     module, _, name = spec.partition(":")
     return getattr(importlib.import_module(module), name)
@@ -101,13 +101,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(to_yaml(_config_from(args)), end="")
             return 0
         if args.command == "demo":
-            result = _resolve(DEMO)(args.output)
+            result = resolve(DEMO)(args.output)
         else:
             cfg = _config_from(args)
             initialize()  # join the other processes of a pod / cluster before any JAX use
             logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
             logging.getLogger("fusejax").setLevel(logging.INFO)  # our progress notes; libraries: warnings only
-            result = _resolve(STAGES[args.command][0])(cfg)
+            result = resolve(STAGES[args.command][0])(cfg)
             if isinstance(result, dict):  # every stage returns its summary: show it
                 print(json.dumps(result, indent=2, sort_keys=True, default=str))
     except Exception as e:  # a user error is one line and exit code 2; a bug keeps its traceback

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import json
 import logging
 import shutil
@@ -31,6 +30,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from fusejax.cli import resolve as _resolve
 from fusejax.config import ConfigError, config_to_dict
 from fusejax.distributed import barrier
 from fusejax.store import write_json
@@ -146,11 +146,6 @@ def _move_aside(cfg, folder: Path, old_fingerprint: str) -> Path:
         dest = stale / f"{folder.name}-{old_fingerprint[:12]}-{time.strftime('%Y%m%d-%H%M%S')}"
     shutil.move(str(folder), str(dest))
     return dest
-
-
-def _resolve(spec: str) -> Callable:
-    module, _, name = spec.partition(":")
-    return getattr(importlib.import_module(module), name)
 
 
 def _run_stage(cfg, stage, fp: str, main: bool) -> str:

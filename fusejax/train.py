@@ -529,7 +529,8 @@ class Trainer:
         ``stop_after`` steps; returns each step's metrics (``step``, ``lr``, losses, source fractions, ...).
 
         Every ``train.log_every`` steps (and at the end) the means since the last log, with ``tokens_per_s``
-        and ``mfu``, go to the progress bar, TensorBoard (``<out_dir>/tb``) and ``log_fn(dict)``. Saves every
+        and ``mfu`` (both count every position of the padded ``[batch_size, seq_len]`` batch: the work the
+        device does), go to the progress bar, TensorBoard (``<out_dir>/tb``) and ``log_fn(dict)``. Saves every
         ``train.checkpoint_every`` steps (0: never before the end), at the end, and on SIGTERM (then stops).
         """
         from tqdm.auto import tqdm

@@ -111,6 +111,17 @@ def reference_strings(tok, ids, marker):
     return [t.replace(marker, "") for t in tok.convert_ids_to_tokens(list(ids))]
 
 
+def naive_partners(s, ids_s, t, ids_t, mode, markers=("Ġ", "▁")):
+    """The naive DP on the strings each mode compares: marker-stripped token strings (reference) or the
+    spelled bytes (default)."""
+    if mode == "reference":
+        a, b = reference_strings(s, ids_s, markers[0]), reference_strings(t, ids_t, markers[1])
+    else:
+        a = [x.decode("latin-1") for x in align.token_texts(s, ids_s)]
+        b = [x.decode("latin-1") for x in align.token_texts(t, ids_t)]
+    return naive_dtw_partner(a, b)
+
+
 def reference_transform(src_tok, src_ids, topk_ids, topk_logits, tgt_tok, tgt_ids, mapping, s_marker, t_marker,
                         src_byte_level):
     """The reference alignment transcribed on strings; ``mapping``: dict replaced source string -> target string."""
@@ -208,12 +219,8 @@ def test_align_tokens_matches_naive_dp_on_random_ids(toks, mode):
     rng = np.random.default_rng(0)
     for n, m in [(1, 1), (1, 7), (9, 1), (23, 40), (60, 31)]:
         ids_s, ids_t = rng.integers(0, len(s), n), rng.integers(0, len(t), m)
-        if mode == "reference":
-            a, b = reference_strings(s, ids_s, "Ġ"), reference_strings(t, ids_t, "▁")
-        else:
-            a = [x.decode("latin-1") for x in align.token_texts(s, ids_s)]
-            b = [x.decode("latin-1") for x in align.token_texts(t, ids_t)]
-        np.testing.assert_array_equal(align.align_tokens(s, ids_s, t, ids_t, mode=mode), naive_dtw_partner(a, b))
+        np.testing.assert_array_equal(align.align_tokens(s, ids_s, t, ids_t, mode=mode),
+                                      naive_partners(s, ids_s, t, ids_t, mode))
 
 
 def test_align_tokens_ties_on_repetitive_text(toks):
@@ -239,12 +246,8 @@ def test_align_tokens_pruning_keeps_ties_on_tiny_alphabets(mode):
     for _ in range(150):
         n, m = rng.integers(1, 30, 2)
         ids_s, ids_t = rng.integers(0, len(TIE_SRC), n), rng.integers(0, len(TIE_TGT), m)
-        if mode == "reference":
-            a, b = reference_strings(s, ids_s, "Ġ"), reference_strings(t, ids_t, "▁")
-        else:
-            a = [x.decode("latin-1") for x in align.token_texts(s, ids_s)]
-            b = [x.decode("latin-1") for x in align.token_texts(t, ids_t)]
-        np.testing.assert_array_equal(align.align_tokens(s, ids_s, t, ids_t, mode=mode), naive_dtw_partner(a, b))
+        np.testing.assert_array_equal(align.align_tokens(s, ids_s, t, ids_t, mode=mode),
+                                      naive_partners(s, ids_s, t, ids_t, mode))
 
 
 def test_cost_to_go_bound_is_a_lower_bound():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from fusejax import align
-from tests.test_align import naive_dtw_partner
+from tests.test_align import naive_partners
 
 PAIRS = [("gpt-neox-20b", "llama2"), ("gpt2", "openllama-v1"), ("llama2", "gpt2")]
 
@@ -42,14 +42,9 @@ def test_align_tokens_equals_naive_dp(real, source, target, mode):
     s, t = toks[source], toks[target]
     ids_t = np.array(t(text)["input_ids"][:260])
     ids_s = np.array(s(t.decode(ids_t, skip_special_tokens=True))["input_ids"])
-    if mode == "reference":
-        ms, mt = align.word_start_marker(s), align.word_start_marker(t)
-        a = [x.replace(ms, "") for x in s.convert_ids_to_tokens(ids_s.tolist())]
-        b = [x.replace(mt, "") for x in t.convert_ids_to_tokens(ids_t.tolist())]
-    else:
-        a = [x.decode("latin-1") for x in align.token_texts(s, ids_s)]
-        b = [x.decode("latin-1") for x in align.token_texts(t, ids_t)]
-    np.testing.assert_array_equal(align.align_tokens(s, ids_s, t, ids_t, mode=mode), naive_dtw_partner(a, b))
+    markers = (align.word_start_marker(s), align.word_start_marker(t))
+    np.testing.assert_array_equal(align.align_tokens(s, ids_s, t, ids_t, mode=mode),
+                                  naive_partners(s, ids_s, t, ids_t, mode, markers))
 
 
 def test_newlines_match_only_in_default_mode(real):
