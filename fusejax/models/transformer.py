@@ -136,7 +136,8 @@ class Transformer(nnx.Module):
             logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(dt), preferred_element_type=jnp.float32)
         else:
             logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(dt), preferred_element_type=jnp.float32)
-        logits = jnp.where(jnp.arange(c.padded_vocab_size) < c.vocab_size, logits, -jnp.inf)
+        if c.padded_vocab_size > c.vocab_size:  # XLA does not drop an all-true mask, and it costs a pass
+            logits = jnp.where(jnp.arange(c.padded_vocab_size) < c.vocab_size, logits, -jnp.inf)
         return constrain(logits, ("batch", "length", "vocab"))
 
 
