@@ -28,16 +28,17 @@ def _tiny_model(folder, arch: str, vocab: int, seed: int):
     return load_pretrained(folder)
 
 
-def test_extract_topk_matches_transformers(tmp_path):
+@pytest.mark.parametrize("vocab", [300, 3001])  # 3001: two-stage top-k, and a padded vocabulary in ours
+def test_extract_topk_matches_transformers(tmp_path, vocab):
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, attn_implementation="eager")).eval()
     hf.save_pretrained(tmp_path)
     lengths = np.array([12, 9, 3, 1])
     rng = np.random.default_rng(0)
     mask = (np.arange(12)[None] < lengths[:, None]).astype(np.int32)
-    ids = np.where(mask == 1, rng.integers(0, 300, (4, 12)), 0).astype(np.int32)
+    ids = np.where(mask == 1, rng.integers(0, vocab, (4, 12)), 0).astype(np.int32)
     k = 7
     tk_logits, tk_ids, token_ce, seq_ce = map(np.asarray, extract_topk(load_pretrained(tmp_path), ids, mask, k))
 
@@ -54,6 +55,20 @@ def test_extract_topk_matches_transformers(tmp_path):
         assert np.all(token_ce[b, n - 1:] == 0)  # last real token and padding score nothing
         expected = ce[b, : n - 1].mean() if n > 1 else 0.0
         np.testing.assert_allclose(seq_ce[b], expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("vocab,k,high", [(5000, 10, 4), (5000, 1, 3), (4099, 10, 1000), (4099, 3, 1)])
+def test_two_stage_top_k_equals_a_full_sort_with_ties(vocab, k, high):
+    """``represent._top_k`` against a stable numpy sort: same values, same ids, ties broken by the lowest id;
+    integer-valued logits in a small range make ties common, some rows are mostly -inf."""
+    rng = np.random.default_rng(vocab + k)
+    logits = rng.integers(0, high, (3, 40, vocab)).astype(np.float32)
+    logits[0, :5, 7:] = -np.inf
+    assert vocab >= 4 * k * represent._CHUNK  # the two-stage path, not the small-vocabulary fallback
+    values, ids = map(np.asarray, represent._top_k(logits, k))
+    order = np.argsort(-logits, axis=-1, kind="stable")[..., :k]
+    np.testing.assert_array_equal(ids, order)
+    np.testing.assert_array_equal(values, np.take_along_axis(logits, order, axis=-1))
 
 
 def test_extract_topk_rejects_k_beyond_vocab(tmp_path):
@@ -148,3 +163,26 @@ def test_nonfinite_logits_are_counted_and_flagged(setup, tmp_path):
     store = open_store(tmp_path / "nan")
     assert summary["nonfinite_blocks"] == len(store) > 0
     assert all(store.row(i)["nonfinite"] > 0 for i in range(len(store)))
+
+
+def test_extraction_on_a_mesh_equals_one_device(tmp_path):
+    """Tensor-parallel logits (vocabulary split over devices) through the two-stage top-k and the CE."""
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from fusejax.sharding import make_mesh
+
+    save_tiny_model(tmp_path, "llama", 3001, 0, eos_token_id=2)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 3001, (4, 16)).astype(np.int32)
+    mask = (np.arange(16)[None] < np.array([16, 9, 4, 16])[:, None]).astype(np.int32)
+    ref = extract_topk(load_pretrained(tmp_path), ids, mask, k=10)
+    mesh = make_mesh(2, 1, 4)
+    model = load_pretrained(tmp_path, mesh=mesh)
+    batch = NamedSharding(mesh, P(("data", "fsdp")))
+    with jax.set_mesh(mesh):
+        out = extract_topk(model, jax.device_put(ids, batch), jax.device_put(mask, batch), k=10)
+    np.testing.assert_array_equal(np.asarray(out[1]), np.asarray(ref[1]))
+    for x, y in (out[0], ref[0]), (out[2], ref[2]), (out[3], ref[3]):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
