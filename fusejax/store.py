@@ -245,8 +245,12 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
-    _write_file(tmp, _json_bytes(obj))
-    os.replace(tmp, path)
+    try:
+        _write_file(tmp, _json_bytes(obj))
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, an interrupt: the old file stays, the partial one goes
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _json_bytes(obj: Any) -> bytes:
