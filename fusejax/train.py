@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -409,6 +410,9 @@ class Trainer:
         self.compiled = self._compile(make_train_step(self.graphdef, self.tx, self.opts))
         # one trainer per output folder: a second concurrent run refuses, naming the holder (process 0 locks)
         self._lock = WriterLock(self.out_dir / "trainer.lock") if jax.process_index() == 0 else None
+        if self._lock is not None:  # a killed save's unfinished folder: never restored from, so removed
+            for unfinished in (self.out_dir / "checkpoints").glob("*.orbax-checkpoint-tmp*"):
+                shutil.rmtree(unfinished)
 
     @property
     def step(self) -> int:

@@ -413,8 +413,8 @@ def _check_training(out: Path, ref: Path, resumed_from: list[int] | None = None)
 def test_train_stopped_by_sigterm_and_killed_twice_resumes_to_the_same_run(trained, tmp_path):
     """`fusejax train` three times cut short, then run to the end: a real SIGTERM before a random step N (step
     N finishes, a checkpoint of step N is saved, exit 0), a SIGKILL before a random later step, and a SIGKILL
-    while Orbax finalizes a random checkpoint (the unfinished checkpoint folder is left behind and never
-    restored from). The final run equals the uninterrupted one."""
+    while Orbax finalizes a random checkpoint (the unfinished checkpoint folder is left behind, never
+    restored from, and removed by the next run). The final run equals the uninterrupted one."""
     root, ref, events = trained
     out = tmp_path / "run"
     _copy_outputs(ref, out, ["corpus", "represent", "vocab_maps", "aligned"])
@@ -438,6 +438,7 @@ def test_train_stopped_by_sigterm_and_killed_twice_resumes_to_the_same_run(train
         resumed_from.append(max(complete))
     proc = _drive(config, "train", cache=root / "jax-cache")
     assert proc.returncode == 0, proc.stderr
+    assert _checkpoints(checkpoints)[1] == [], "the restart must remove the killed save's unfinished folder"
     _check_training(out, ref, resumed_from)
 
 
