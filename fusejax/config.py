@@ -175,7 +175,8 @@ class TrainConfig:
         "none", "rematerialization per layer: none, full (recompute all), dots (keep matmul outputs)"
     )
     log_every: int = opt(10, "steps between metric logs", POSITIVE)
-    eval_every: int = opt(500, "steps between held-out evaluations (0: never)", NON_NEGATIVE)
+    eval_every: int = opt(
+        500, "steps between held-out evaluations, scored as the eval stage scores them (0: never)", NON_NEGATIVE)
     checkpoint_every: int = opt(500, "steps between checkpoints (0: only at the end)", NON_NEGATIVE)
     keep_checkpoints: int = opt(3, "most recent checkpoints kept", POSITIVE)
     peak_flops: float | None = opt(None, "peak FLOP/s per device for MFU; null: from the device kind", POSITIVE)
@@ -183,7 +184,7 @@ class TrainConfig:
 
 @section
 class EvalConfig:
-    batch_size: int = opt(8, "held-out sequences per evaluation batch", POSITIVE)
+    batch_size: int = opt(8, "held-out sequences per evaluation batch (eval stage and train.eval_every)", POSITIVE)
     max_batches: int | None = opt(None, "evaluate at most this many batches; null: all held-out blocks", POSITIVE)
 
 

@@ -357,13 +357,18 @@ class Trainer:
     :class:`Batches` of training rows; ``tc``: the ``train`` config section; ``out_dir``: checkpoints go to
     ``<out_dir>/checkpoints``, TensorBoard events to ``<out_dir>/tb``. ``config``: the resolved run config
     (stored in checkpoints). If ``<out_dir>/checkpoints`` holds a checkpoint, training resumes from the
-    latest one (:class:`CheckpointMismatchError` if it belongs to another model).
+    latest one (:class:`CheckpointMismatchError` if it belongs to another model). ``eval_data``: held-out
+    rows scored every ``train.eval_every`` steps, ``eval_batch_size`` rows at a time (default: the
+    micro-batch size), at most ``eval_max_batches`` batches (default: all).
     """
 
     def __init__(self, model, data: Batches, tc, out_dir: str | Path, *, mesh, rules=None, seed: int = 0,
                  target_source: int | None = None, eval_data: Batches | None = None, config=None,
-                 source_names: list[str] | None = None):
+                 source_names: list[str] | None = None, eval_batch_size: int | None = None,
+                 eval_max_batches: int | None = None):
         self.tc, self.mesh, self.rules, self.seed = tc, mesh, rules, seed
+        self.eval_batch_size = eval_batch_size or tc.batch_size // tc.grad_accum
+        self.eval_max_batches = eval_max_batches
         self.data, self.eval_data, self.source_names = data, eval_data, source_names
         self.out_dir = Path(out_dir)
         self.resolved_config = _plain(config)
@@ -502,16 +507,17 @@ class Trainer:
 
     def evaluate(self, data: Batches | None = None, max_batches: int | None = None) -> dict[str, float]:
         """Held-out causal-LM ``loss`` (nats per token) and ``bits_per_byte`` of the current model over
-        ``data`` (default: ``eval_data``; rows need ``n_bytes``), via :func:`fusejax.evaluate.evaluate`; {}
-        without data. Not the fused loss: that is not a property of the model alone."""
+        ``data`` (default: ``eval_data``; rows need ``n_bytes``), via :func:`fusejax.evaluate.evaluate` in
+        batches of ``eval_batch_size``, at most ``max_batches`` (default: ``eval_max_batches``); {} without
+        data. Not the fused loss: that is not a property of the model alone."""
         from fusejax.evaluate import evaluate
 
         data = self.eval_data if data is None else data
         if data is None or data.num_rows == 0:
             return {}
         with jax.set_mesh(self.mesh):
-            result = evaluate(self.model(), data, batch_size=self.tc.batch_size // self.tc.grad_accum,
-                              max_batches=max_batches, domains=[])
+            result = evaluate(self.model(), data, batch_size=self.eval_batch_size,
+                              max_batches=self.eval_max_batches if max_batches is None else max_batches, domains=[])
         return {"loss": result["loss"], "bits_per_byte": result["bits_per_byte"]}
 
     # -- metrics ----------------------------------------------------------------------------------------
@@ -656,12 +662,15 @@ def run(cfg) -> dict:
     """Stage ``train``: fused continual training of the target on ``<run.output_dir>/aligned``.
 
     Writes checkpoints and TensorBoard events under ``<run.output_dir>/train`` and resumes from the latest
-    checkpoint there. The held-out blocks of the aligned store are the evaluation rows. Returns a summary
+    checkpoint there. Every ``train.eval_every`` steps it scores the held-out corpus blocks exactly as the
+    ``eval`` stage does (same rows, ``eval.batch_size``, ``eval.max_batches``). Returns a summary
     (steps, final metrics, compiled memory) also written to ``train/summary.json`` by process 0.
     """
     from fusejax.config import save_resolved
     from fusejax.data import AlignedBatches
+    from fusejax.corpus import corpus_totals
     from fusejax.distributed import is_main_process
+    from fusejax.evaluate import heldout_batches
     from fusejax.store import write_json
 
     tc, out = cfg.train, Path(cfg.run.output_dir)
@@ -671,10 +680,9 @@ def run(cfg) -> dict:
     rules = sharding.merge_rules(cfg.mesh.rules)
     rows = dict(seq_len=tc.seq_len, ce_level=tc.ce_level, ce_unit=tc.ce_unit)
     data = AlignedBatches(out / "aligned", split="train", **rows)
-    try:
-        eval_data = AlignedBatches(out / "aligned", split="heldout", **rows)
-    except ValueError:  # no held-out blocks (corpus.holdout_fraction = 0)
-        eval_data = None
+    # no evaluation without held-out blocks (corpus.holdout_fraction = 0)
+    evaluating = tc.eval_every and corpus_totals(out / "corpus")["heldout_blocks"] > 0
+    eval_data = heldout_batches(cfg) if evaluating else None
     names = list(data.store.meta["sources"])
     if names != [s.name for s in cfg.sources]:
         raise ValueError(f"{out / 'aligned'} was aligned for sources {names}, the config lists "
@@ -682,7 +690,8 @@ def run(cfg) -> dict:
     with sharding.use_rules(rules):
         model = build_target(tc, mesh, path=cfg.target.path, rules=rules, seed=cfg.run.seed)
         trainer = Trainer(model, data, tc, out / "train", mesh=mesh, rules=rules, seed=cfg.run.seed,
-                          target_source=_target_source(cfg), eval_data=eval_data, config=cfg, source_names=names)
+                          target_source=_target_source(cfg), eval_data=eval_data, config=cfg, source_names=names,
+                          eval_batch_size=cfg.eval.batch_size, eval_max_batches=cfg.eval.max_batches)
         try:
             history = trainer.fit()
         finally:

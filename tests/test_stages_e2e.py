@@ -13,7 +13,7 @@ import yaml
 from fusejax.cli import main
 from fusejax.models import load_pretrained
 from fusejax.store import open_store
-from tiny import bpe_tokenizer, save_tiny_model
+from tiny import bpe_tokenizer, read_events, save_tiny_model
 
 TEXTS = [t for _, t in sorted(pydoc_data.topics.topics.items()) if len(t) > 600][:5]
 
@@ -41,10 +41,12 @@ def test_all_stages_through_the_cli(tmp_path, capsys):
         "target": {"path": sources[0]["path"]},
         "sources": sources,
         "represent": {"k": 4, "batch_size": 4, "shard_size": 8},
-        "train": {"steps": 3, "batch_size": 8, "seq_len": 64, "lr": 1e-3, "log_every": 1, "checkpoint_every": 2},
+        "train": {"steps": 3, "batch_size": 8, "seq_len": 64, "lr": 1e-3, "log_every": 1, "checkpoint_every": 2,
+                  "eval_every": 3},
+        "eval": {"batch_size": 3, "max_batches": 2},
     }
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
-    for stage in ("prepare", "represent", "vocab-map", "align", "train", "export"):
+    for stage in ("prepare", "represent", "vocab-map", "align", "train", "eval", "export"):
         assert main([stage, str(tmp_path / "run.yaml")]) == 0, f"stage {stage} failed"
 
     aligned = open_store(out / "aligned")
@@ -59,6 +61,15 @@ def test_all_stages_through_the_cli(tmp_path, capsys):
 
     train = json.loads((out / "train" / "summary.json").read_text())
     assert train["steps"] == 3 and np.isfinite(train["final"]["loss"]) and train["final"]["fusion_loss"] > 0
+    # evaluation during training scores what the eval stage scores: the same held-out blocks, eval.batch_size
+    # rows per batch, at most eval.max_batches batches
+    results = json.loads((out / "eval" / "results.json").read_text())
+    heldout = sum(int(np.count_nonzero(shard.column("split") == 1)) for shard in corpus.shards)
+    assert results["trained"]["blocks"] == 3 * 2 < heldout
+    events = read_events(out / "train" / "tb")
+    assert [s for s, _ in events["eval/loss"]] == [3]
+    np.testing.assert_allclose(events["eval/loss"][0][1], results["trained"]["loss"], rtol=1e-5)
+    np.testing.assert_allclose(events["eval/bits_per_byte"][0][1], results["trained"]["bits_per_byte"], rtol=1e-5)
 
     tok = transformers.AutoTokenizer.from_pretrained(out / "export")
     hf = transformers.AutoModelForCausalLM.from_pretrained(out / "export", dtype=torch.float32).eval()

@@ -8,7 +8,6 @@ import math
 import os
 import shutil
 import signal
-import struct
 
 import jax
 import numpy as np
@@ -29,6 +28,7 @@ from fusejax.train import (
     make_optimizer,
     stream_rows,
 )
+from tiny import read_events
 
 MODEL = ModelConfig(arch="llama", vocab_size=200, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                     num_kv_heads=2)
@@ -99,23 +99,6 @@ def assert_params_close(actual, expected, atol, *, outlier_atol=None):
             np.testing.assert_allclose(a, flat_e[k], atol=atol, rtol=0, err_msg=name)
         else:
             assert err.max() <= outlier_atol and np.mean(err > atol) <= 1e-3, (name, err.max(), np.mean(err > atol))
-
-
-def read_events(folder):
-    """{tag: [(step, value)]} from the TensorBoard event files in ``folder`` (TFRecord framing)."""
-    from tensorboardX.proto import event_pb2
-
-    out = {}
-    for name in sorted(os.listdir(folder)):
-        data = (folder / name).read_bytes()
-        pos = 0
-        while pos < len(data):
-            (length,) = struct.unpack("<Q", data[pos:pos + 8])
-            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
-            pos += 12 + length + 4
-            for value in event.summary.value:
-                out.setdefault(value.tag, []).append((event.step, value.simple_value))
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ data

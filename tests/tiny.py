@@ -1,4 +1,8 @@
-"""Tiny tokenizers and models that tests build themselves (no download): shared by several test modules."""
+"""Tiny tokenizers and models that tests build themselves (no download), and a TensorBoard event reader:
+shared by several test modules."""
+
+import os
+import struct
 
 import transformers
 from flax import nnx
@@ -38,3 +42,20 @@ def save_tiny_model(folder, arch: str, vocab: int, seed: int, *, eos_token_id: i
     cfg = ModelConfig(arch=arch, vocab_size=vocab, hidden_size=32, intermediate_size=intermediate_size, num_layers=2,
                       num_heads=4, max_position_embeddings=256, eos_token_id=eos_token_id, **ARCH_OPTIONS[arch])
     save_pretrained(Transformer(cfg, rngs=nnx.Rngs(seed)), folder)
+
+
+def read_events(folder):
+    """{tag: [(step, value)]} from the TensorBoard event files in ``folder`` (TFRecord framing)."""
+    from tensorboardX.proto import event_pb2
+
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        data = (folder / name).read_bytes()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                out.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return out
