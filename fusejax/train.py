@@ -667,8 +667,8 @@ def run(cfg) -> dict:
     (steps, final metrics, compiled memory) also written to ``train/summary.json`` by process 0.
     """
     from fusejax.config import save_resolved
-    from fusejax.data import AlignedBatches
     from fusejax.corpus import corpus_totals
+    from fusejax.data import AlignedBatches
     from fusejax.distributed import is_main_process
     from fusejax.evaluate import heldout_batches
     from fusejax.store import write_json
