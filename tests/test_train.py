@@ -48,6 +48,26 @@ def fresh_params(seed=0, config=MODEL):
     return model, jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(model)))
 
 
+def initial_model(params0, config=MODEL):
+    """A model holding the numpy parameters ``params0`` of :func:`fresh_params`."""
+    model = Transformer(config, rngs=nnx.Rngs(0))
+    nnx.update(model, params0)
+    return model
+
+
+def log_probs(model, rows):
+    """float64 log-softmax of ``model``'s logits over the real vocabulary on ``rows``, in numpy."""
+    logits = np.asarray(model(rows["input_ids"], rows["attention_mask"]), np.float64)[..., :MODEL.vocab_size]
+    logp = logits - logits.max(-1, keepdims=True)
+    return logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+
+
+def label_ce(logp, rows):
+    """Cross-entropy of the label at each scored position (``loss_mask`` 1), flattened in order."""
+    scored = rows["loss_mask"] == 1
+    return -np.take_along_axis(logp, np.where(scored, rows["labels"], 0)[..., None], -1)[..., 0][scored]
+
+
 def as_numpy(tree):
     return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
 
@@ -195,11 +215,7 @@ def test_tensorboard_events_hold_the_logged_metrics(straight):
     # held-out evaluation every 2 steps over all 12 rows: CLM loss and bits per byte of the model alone
     assert [s for s, _ in events["eval/loss"]] == [2, 4] == [s for s, _ in events["eval/bits_per_byte"]]
     rows = SyntheticTables(12, T, MODEL.vocab_size, seed=12).rows(np.arange(12))
-    logits = np.asarray(trainer.model()(rows["input_ids"], rows["attention_mask"]), np.float64)[..., :MODEL.vocab_size]
-    logp = logits - logits.max(-1, keepdims=True)
-    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-    scored = rows["loss_mask"] == 1
-    ce = -np.take_along_axis(logp, np.where(scored, rows["labels"], 0)[..., None], -1)[..., 0][scored]
+    ce = label_ce(log_probs(trainer.model(), rows), rows)
     np.testing.assert_allclose(events["eval/loss"][-1][1], ce.mean(), rtol=1e-5)
     np.testing.assert_allclose(events["eval/bits_per_byte"][-1][1], ce.sum() / np.log(2) / rows["n_bytes"].sum(),
                                rtol=1e-5)
@@ -212,18 +228,13 @@ def test_tensorboard_events_hold_the_logged_metrics(straight):
 def test_sigterm_then_resume_gives_the_uninterrupted_run(straight, tmp_path):
     _, history, params0, data, _ = straight
 
-    def model():
-        m = Transformer(MODEL, rngs=nnx.Rngs(0))
-        nnx.update(m, params0)
-        return m
-
     def terminate(summary):
         if summary["step"] == 2:
             os.kill(os.getpid(), signal.SIGTERM)
 
     mesh = make_mesh(fsdp=8)
     tc = dataclasses.replace(TC, log_every=1, checkpoint_every=100)
-    first = Trainer(model(), data, tc, tmp_path, mesh=mesh, seed=SEED)
+    first = Trainer(initial_model(params0), data, tc, tmp_path, mesh=mesh, seed=SEED)
     part1 = first.fit(log_fn=terminate)  # stops after step 2 and saves
     first.close()
     assert [h["step"] for h in part1] == [1, 2]
@@ -305,13 +316,7 @@ def test_clm_only_baseline_needs_no_tables(tmp_path):
     trainer.close()
     # reference: mean next-token cross-entropy of the initial model over the scored positions, in numpy
     rows = data.rows(stream_rows(SEED, 0, 8, 16))
-    ref = Transformer(MODEL, rngs=nnx.Rngs(0))
-    nnx.update(ref, params0)
-    logits = np.asarray(ref(rows["input_ids"], rows["attention_mask"]), np.float64)[..., :MODEL.vocab_size]
-    logp = logits - logits.max(-1, keepdims=True)
-    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-    mask = rows["loss_mask"].astype(bool)
-    expected = -np.take_along_axis(logp, np.where(mask, rows["labels"], 0)[..., None], -1)[..., 0][mask].mean()
+    expected = label_ce(log_probs(initial_model(params0), rows), rows).mean()
     np.testing.assert_allclose(history[0]["loss"], expected, rtol=1e-5)
     assert not any(k.startswith("source_frac") for k in history[0])
 
@@ -325,16 +330,13 @@ def test_single_teacher_distillation_matches_numpy(tmp_path):
     trainer.close()
     # the paper's loss with one teacher: lambda*CE(labels) + (1-lambda)*CE(teacher softmax(logits/temperature))
     rows = data.rows(stream_rows(SEED, 0, 8, 16))
-    ref = Transformer(MODEL, rngs=nnx.Rngs(0))
-    nnx.update(ref, params0)
-    logits = np.asarray(ref(rows["input_ids"], rows["attention_mask"]), np.float64)[..., :MODEL.vocab_size]
+    logp = log_probs(initial_model(params0), rows)
     clm, fus, n_fus = [], 0.0, 0
     for b in range(8):
         for t in range(T):
             if not rows["loss_mask"][b, t]:
                 continue
-            z = logits[b, t]
-            logq = z - z.max() - np.log(np.exp(z - z.max()).sum())
+            logq = logp[b, t]
             clm.append(-logq[rows["labels"][b, t]])
             ids, tl = rows["table_ids"][b, t, 0], rows["table_logits"][b, t, 0] / 2.0
             if (ids >= 0).any():
