@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from rapidfuzz.distance import Levenshtein
 
-from fusejax import align
+from fusejax import dtw
+from fusejax.vocab import MODES, Vocab
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
@@ -51,7 +52,7 @@ def naive_partner(a, b):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", default="reference", choices=align.MODES)
+    parser.add_argument("--mode", default="reference", choices=MODES)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     from fusejax.tokenizer import load_tokenizer
@@ -59,8 +60,8 @@ def main():
     src_tok = load_tokenizer(DATA / "tokenizers" / "gpt-neox-20b")
     tgt_tok = load_tokenizer(DATA / "tokenizers" / "llama2")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}")
-    s, t = align._vocab(src_tok), align._vocab(tgt_tok)
-    align.align_tokens(src_tok, [1, 2], tgt_tok, [3, 4], mode=args.mode)  # compile / load the numba cache
+    s, t = Vocab(src_tok), Vocab(tgt_tok)
+    dtw.align_tokens(s, [1, 2], t, [3, 4], mode=args.mode)  # compile / load the numba cache
     for corpus in ("wikitext2-raw-test.txt", "tinyshakespeare.txt", "pytorch-examples-python.txt"):
         text = (DATA / "corpora" / corpus).read_text(encoding="utf-8")[20000:60000]
         for length in (1000, 2048):
@@ -79,7 +80,7 @@ def main():
             ours = []
             for _ in range(args.repeats):
                 t0 = time.process_time()
-                got = align.align_tokens(src_tok, src, tgt_tok, tgt, mode=args.mode)
+                got = dtw.align_tokens(s, src, t, tgt, mode=args.mode)
                 ours.append(time.process_time() - t0)
             print(
                 f"{corpus:28s} {len(src):5d}x{len(tgt):5d} naive {naive_s:7.2f} s ({naive_s / (len(src) * len(tgt)) * 1e6:.2f}"

@@ -1,7 +1,7 @@
 """End to end, host side: the embedded default's vocab maps and token alignment, ours vs the naive path.
 
 For every source of the embedded default (`configs/embedded.yaml`; build its assets first with
-`python -m fusejax.embedded`) against the target: the MinED vocab map (ours: `fusejax.align.vocab_map`;
+`python -m fusejax.embedded`) against the target: the MinED vocab map (ours: `fusejax.vocab_maps.vocab_map`;
 naive: a Python minimum over `Levenshtein.distance` to every target token, as the reference's brute force)
 and the token alignment of N blocks of its corpus (ours: `align_tokens`; naive: the full O(n*m) DP in Python,
 `bench_align.naive_partner`), both in reference mode, outputs checked equal, timed in one run. The device side
@@ -21,15 +21,16 @@ import numpy as np
 from bench_align import naive_partner
 from rapidfuzz.distance import Levenshtein
 
-from fusejax import align
+from fusejax import dtw
 from fusejax.tokenizer import load_tokenizer
+from fusejax.vocab import Vocab
+from fusejax.vocab_maps import vocab_map
 
 ASSETS = Path(__file__).resolve().parents[1] / "runs" / "embedded" / "assets"
 
 
-def naive_vocab_map(src, tgt) -> np.ndarray:
+def naive_vocab_map(s: Vocab, t: Vocab) -> np.ndarray:
     """The reference's brute-force MinED map: exact marker-replaced match, else the nearest target string."""
-    s, t = align._vocab(src), align._vocab(tgt)
     out = np.empty(s.size, np.int32)
     for i, token in enumerate(s.tokens):
         key = token.replace(s.marker, t.marker) if s.marker and t.marker else token
@@ -51,25 +52,26 @@ def main():
     text = "".join(docs)
     blocks = [text[i * a.chars:(i + 1) * a.chars] for i in range(a.blocks)]
     tgt = load_tokenizer(ASSETS / "target")
+    t = Vocab(tgt)
     totals = {"ours": 0.0, "naive": 0.0}
     for name in ("llama", "neox", "mpt"):
         src = load_tokenizer(ASSETS / name)
+        s = Vocab(src)
         t0 = time.perf_counter()
-        ours_map, _ = align.vocab_map(src, tgt, mode="reference")
+        ours_map, _ = vocab_map(s, t, mode="reference")
         t_map = time.perf_counter() - t0
         t0 = time.perf_counter()
-        naive_map = naive_vocab_map(src, tgt)
+        naive_map = naive_vocab_map(s, t)
         n_map = time.perf_counter() - t0
         assert np.array_equal(ours_map, naive_map), f"{name}: vocab maps differ"
         t_align = n_align = 0.0
-        s, t = align._vocab(src), align._vocab(tgt)
         # warm-up outside the timer: numba compiles (or loads from its cache) the kernels on first use
-        align.align_tokens(src, src.encode(blocks[0]), tgt, tgt.encode(blocks[0]), mode="reference")
+        dtw.align_tokens(s, src.encode(blocks[0]), t, tgt.encode(blocks[0]), mode="reference")
         for block in blocks:
             sid = src.encode(block, add_special_tokens=False)
             tid = tgt.encode(block, add_special_tokens=False)
             t0 = time.perf_counter()
-            ours = align.align_tokens(src, sid, tgt, tid, mode="reference")
+            ours = dtw.align_tokens(s, sid, t, tid, mode="reference")
             t_align += time.perf_counter() - t0
             a_str = [s.tokens[i].replace(s.marker, "") if s.marker else s.tokens[i] for i in sid]
             b_str = [t.tokens[i].replace(t.marker, "") if t.marker else t.tokens[i] for i in tid]

@@ -1,6 +1,6 @@
 """Source representation throughput and host memory (`fusejax.represent`).
 
-1. Throughput: the jitted extraction step of the represent stage (``fusejax.represent._extract``: forward,
+1. Throughput: the jitted extraction step of the represent stage (``fusejax.represent.extract_step``: forward,
    top-k, per-token cross-entropy on the device; only ``[B,T,k]`` and ``[B,T]`` arrays are fetched) against a
    plain jitted forward pass of the same model and batch whose ``[B,T,V]`` logits stay on the device
    (``forward``), and against the stricter ``forward+sum`` (fetches only the logits' sum, which XLA may fuse
@@ -9,7 +9,7 @@
 2. Host memory: ``represent_source`` (streaming, one source) over corpus stores of N and 4N blocks of 256
    tokens of the standard library's source, each in a fresh subprocess; prints its peak RSS after loading the
    model and at the end. ``--diagnose`` also times forward + XLA's full ``top_k`` and, on precomputed logits,
-   the epilogue, ``represent._top_k`` and ``lax.top_k`` alone.
+   the epilogue, ``represent.top_k`` and ``lax.top_k`` alone.
 
 Usage: .venv/bin/python benchmarks/bench_extract.py [--vocab 32000 --sizes 256x4,512x8 --batch 8 --seq 256
        --k 10 --repeats 7 --blocks 150 --diagnose --skip-memory]
@@ -36,7 +36,7 @@ from flax import nnx
 from bench_train_step import machine
 
 from fusejax.models import ModelConfig, Transformer
-from fusejax.represent import _extract, _top_k, topk_and_ce
+from fusejax.represent import extract_step, top_k, topk_and_ce
 
 HERE = Path(__file__).resolve()
 
@@ -56,7 +56,7 @@ def _forward_sum(model, input_ids, attention_mask):
 
 @functools.partial(nnx.jit, static_argnames="k")
 def _forward_topk(model, input_ids, attention_mask, k):
-    """Diagnostic: forward + XLA's own ``top_k`` over V (what ``represent._top_k`` replaces)."""
+    """Diagnostic: forward + XLA's own ``top_k`` over V (what ``represent.top_k`` replaces)."""
     return jax.lax.top_k(model(input_ids, attention_mask).astype(jnp.float32), k)
 
 
@@ -77,7 +77,7 @@ def throughput(a) -> list[dict]:
         variants = {
             "forward": lambda: jax.block_until_ready(_forward(model, ids, mask)),
             "forward+sum": lambda: jax.device_get(_forward_sum(model, ids, mask)),
-            "extract": lambda: jax.device_get(_extract(model, ids, mask, a.k)),
+            "extract": lambda: jax.device_get(extract_step(model, ids, mask, a.k)),
         }
         if a.diagnose:
             variants["forward+lax.top_k"] = lambda: jax.device_get(_forward_topk(model, ids, mask, a.k))
@@ -101,7 +101,7 @@ def throughput(a) -> list[dict]:
         if a.diagnose:  # the top-k/CE epilogue alone, on precomputed logits
             logits = _forward(model, ids, mask)
             for name, fn in (("epilogue (top-k + CE)", jax.jit(lambda lg: topk_and_ce(lg, ids, mask, a.k, a.vocab))),
-                             ("represent._top_k", jax.jit(lambda lg: _top_k(lg, a.k))),
+                             ("represent.top_k", jax.jit(lambda lg: top_k(lg, a.k))),
                              ("lax.top_k", jax.jit(lambda lg: jax.lax.top_k(lg, a.k)))):
                 jax.block_until_ready(fn(logits))
                 ts = []

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fusejax.align import AlignStats, align_topk, vocab_map
+from fusejax.align import AlignStats, align_topk
 from fusejax.tokenizer import load_tokenizer
+from fusejax.vocab import Vocab
+from fusejax.vocab_maps import vocab_map
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 SOURCES = ("gpt-neox-20b", "gpt2", "openllama-v1")
@@ -29,10 +31,10 @@ def main():
     p.add_argument("--block-chars", type=int, default=4000)
     a = p.parse_args()
     print(f"machine: {platform.machine()}, python {platform.python_version()}")
-    target = load_tokenizer(DATA / "tokenizers" / "llama2")
+    target = Vocab(load_tokenizer(DATA / "tokenizers" / "llama2"))
     print("| source | corpus | mode | 1-to-1 | match | fallback | empty |\n|---|---|---|---|---|---|---|")
     for name in SOURCES:
-        source = load_tokenizer(DATA / "tokenizers" / name)
+        source = Vocab(load_tokenizer(DATA / "tokenizers" / name))
         for corpus in CORPORA:
             text = (DATA / "corpora" / corpus).read_text(encoding="utf-8")
             blocks = [text[i * a.block_chars:(i + 1) * a.block_chars] for i in range(a.blocks)]
@@ -40,8 +42,8 @@ def main():
                 vmap, _ = vocab_map(source, target, mode=mode)
                 stats = AlignStats()
                 for block in blocks:
-                    src = np.asarray(source.encode(block, add_special_tokens=False))
-                    tgt = np.asarray(target.encode(block, add_special_tokens=False))
+                    src = np.asarray(source.tok.encode(block, add_special_tokens=False))
+                    tgt = np.asarray(target.tok.encode(block, add_special_tokens=False))
                     top = np.append(src[1:], src[-1])[:, None]  # each position's next source token
                     _, _, s = align_topk(source, src, top, np.zeros_like(top, np.float32), target, tgt,
                                          vocab_map=vmap, mode=mode, return_stats=True)

@@ -24,17 +24,10 @@ from fusejax.config import TrainConfig
 from fusejax.fusion import fusion_loss
 from fusejax.models import ModelConfig
 from fusejax.sharding import make_mesh
-from fusejax.train import (
-    BATCH_AXES,
-    TEXT_FIELDS,
-    StepOptions,
-    SyntheticTables,
-    batch_shardings,
-    build_target,
-    compiled_memory,
-    make_optimizer,
-    make_train_step,
-)
+from fusejax.schema import STEP_AXES, TEXT_FIELDS
+from fusejax.step import StepOptions, abstract, batch_shardings, compile_step, compiled_memory, make_optimizer
+from fusejax.testing import SyntheticTables
+from fusejax.train import build_target
 
 
 def dense_fusion_loss(student_logits, labels, loss_mask, table_ids, table_logits, source_ce, *, lm_weight,
@@ -91,8 +84,8 @@ def main():
     params = nnx.to_pure_dict(params)
     tx, _ = make_optimizer(tc, tc.steps)
     rows = SyntheticTables(a.batch, a.seq, a.vocab, num_sources=a.sources, k=a.k).rows(np.arange(a.batch))
-    host = {k: v[None] for k, v in rows.items() if k in BATCH_AXES}
-    shardings = batch_shardings(mesh, {k: v.shape for k, v in host.items()})
+    host = {k: v[None] for k, v in rows.items() if k in STEP_AXES}
+    shardings = batch_shardings(mesh, {k: v.shape for k, v in host.items()}, dict(model.rules))
     base = StepOptions.from_config(tc, tc.steps)
     variants = {
         "clm": (StepOptions.from_config(dataclasses.replace(tc, lm_weight=1.0), tc.steps), None),
@@ -103,13 +96,10 @@ def main():
     for name, (opts, impl) in variants.items():
         fields = [k for k in host if opts.lm_weight < 1 or k in TEXT_FIELDS]
         batch = {k: jax.device_put(host[k], shardings[k]) for k in fields}
-        step = make_train_step(graphdef, tx, opts, impl or fusion_loss)
         with jax.set_mesh(mesh):
             state = {"params": jax.tree.map(jnp.copy, params), "opt_state": jax.jit(tx.init)(params),
                      "step": jnp.zeros((), jnp.int32)}
-            shard = jax.tree.map(lambda x: x.sharding, state)
-            compiled = jax.jit(step, in_shardings=(shard, {k: shardings[k] for k in fields}),
-                               out_shardings=(shard, None), donate_argnums=0).lower(state, batch).compile()
+        compiled = compile_step(graphdef, tx, opts, abstract(state), abstract(batch), mesh, impl or fusion_loss)
         state, metrics = compiled(state, batch)  # warm-up; its loss is of the shared initial parameters
         runs[name] = {"fn": compiled, "state": state, "batch": batch, "mem": compiled_memory(compiled),
                       "loss": float(metrics["loss"]), "times": []}

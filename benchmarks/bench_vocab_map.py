@@ -12,25 +12,25 @@ from pathlib import Path
 
 from rapidfuzz.distance import Levenshtein
 
-from fusejax import align
 from fusejax.tokenizer import load_tokenizer
+from fusejax.vocab import MODES, Vocab
+from fusejax.vocab_maps import vocab_map, vocab_map_summary
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
 
 def main():
-    src = load_tokenizer(DATA / "tokenizers" / "gpt-neox-20b")
-    tgt = load_tokenizer(DATA / "tokenizers" / "llama2")
+    s = Vocab(load_tokenizer(DATA / "tokenizers" / "gpt-neox-20b"))
+    t = Vocab(load_tokenizer(DATA / "tokenizers" / "llama2"))
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}")
-    for mode in align.MODES:
+    for mode in MODES:
         t0 = time.perf_counter()
-        ids, dist = align.vocab_map(src, tgt, method="mined", mode=mode)
+        ids, dist = vocab_map(s, t, method="mined", mode=mode)
         wall = time.perf_counter() - t0
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        print(f"{mode:9s} MinED map {len(ids)} -> {len(tgt)}: {wall:6.1f} s wall, peak RSS {peak:.2f} GiB, "
-              f"summary {align.vocab_map_summary(ids, dist)}")
+        print(f"{mode:9s} MinED map {len(ids)} -> {t.size}: {wall:6.1f} s wall, peak RSS {peak:.2f} GiB, "
+              f"summary {vocab_map_summary(ids, dist)}")
     # naive brute force on a sample of the tokens that need a search
-    s, t = align._vocab(src), align._vocab(tgt)
     keys = [x.replace(s.marker, t.marker) for x in s.tokens]
     todo = [k for k in keys if k not in t.vocab]
     sample = todo[:: max(1, len(todo) // 20)][:20]

@@ -20,7 +20,6 @@ import difflib
 import functools
 import os
 import re
-import tempfile
 import types
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -29,6 +28,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from fusejax.files import atomic_write
 
 RESOLVED_NAME = "config.resolved.yaml"
 _SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
@@ -61,7 +62,26 @@ section = dataclass(frozen=True, kw_only=True)  # every config section: frozen, 
 
 Dtype = Literal["bfloat16", "float16", "float32"]
 Mode = Literal["default", "reference"]
-MeshAxes = str | tuple[str, ...] | None
+MeshAxes = str | tuple[str, ...] | None  # mesh axes of one logical axis: one, several, or None (replicated)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# The one sharding rules table: logical axis name -> mesh axes it is split over (None: replicated). The
+# ``mesh.rules`` setting overrides it key by key; fusejax.sharding turns it into shardings.
+DEFAULT_RULES: dict[str, MeshAxes] = {
+    "batch": ("data", "fsdp"),  # examples are split over every data-parallel axis
+    "length": None,  # sequence positions stay whole
+    "embed": "fsdp",  # model width: ZeRO-3 style parameter sharding
+    "mlp": "tensor",  # MLP hidden units: Megatron-style tensor parallelism
+    "heads": "tensor",  # query heads
+    "kv_heads": "tensor",  # key/value heads (grouped-query attention)
+    "head_dim": None,
+    "vocab": "tensor",  # embedding/unembedding rows (vocabulary padded to a multiple of 128)
+    "layers": None,  # stacked-layer axis of scanned models
+    "norm": None,  # norm scales and biases
+    "sources": None,  # fusion sources
+    "topk": None,  # top-k entries per position
+}
 
 
 @section
@@ -76,7 +96,7 @@ class MeshConfig:
     fsdp: int = opt(-1, "devices along the FSDP (ZeRO-3) mesh axis (-1: fill the remaining devices)", MESH_SIZE)
     tensor: int = opt(1, "devices along the tensor-parallel mesh axis (-1: fill the remaining devices)", MESH_SIZE)
     rules: dict[str, MeshAxes] = opt(
-        {}, "logical axis -> mesh axis, list of mesh axes or null, merged onto fusejax.sharding.DEFAULT_RULES"
+        {}, "logical axis -> mesh axis, list of mesh axes or null, merged onto fusejax.config.DEFAULT_RULES"
     )
     device_memory_gib: float | None = opt(None, "GiB per device checked by `fusejax plan`; null: as reported", POSITIVE)
 
@@ -181,6 +201,11 @@ class TrainConfig:
     keep_checkpoints: int = opt(3, "most recent checkpoints kept", POSITIVE)
     peak_flops: float | None = opt(None, "peak FLOP/s per device for MFU; null: from the device kind", POSITIVE)
 
+    def __post_init__(self):
+        if self.batch_size % self.grad_accum:  # the one check: YAML, overrides and Python all build through here
+            raise ConfigError(f"bad value for 'train.grad_accum': must divide train.batch_size={self.batch_size}, "
+                              f"got {self.grad_accum}")
+
 
 @section
 class EvalConfig:
@@ -267,24 +292,9 @@ def to_yaml(cfg: Config) -> str:
 
 
 def save_resolved(cfg: Config, directory: str | os.PathLike) -> Path:
-    """Write ``directory/config.resolved.yaml`` atomically (temp file, fsync, rename); returns its path."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / RESOLVED_NAME
+    """Write ``directory/config.resolved.yaml`` atomically (:func:`fusejax.files.atomic_write`); returns its path."""
     text = "# fusejax resolved config (bases merged, overrides applied); load_config(this file) gives it back\n"
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{RESOLVED_NAME}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text + to_yaml(cfg))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return target
+    return atomic_write(Path(directory) / RESOLVED_NAME, (text + to_yaml(cfg)).encode("utf-8"))
 
 
 def iter_fields(cls: type = Config, prefix: str = "") -> Iterator[tuple[str, str, Any, str]]:
@@ -515,7 +525,10 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
             if name not in _hints(tp):
                 raise ConfigError(_unknown_key(sub, list(_hints(tp)), where))
             kwargs[name] = _convert_field(tp, name, item, sub, where)
-        return tp(**kwargs)
+        try:
+            return tp(**kwargs)
+        except ConfigError as e:  # a section's own cross-field check
+            raise ConfigError(f"{e} (in {where})") from None
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Literal:
         if isinstance(value, str) and value in args:
@@ -561,8 +574,8 @@ def _convert_field(cls: type, name: str, value: Any, key: str, where: str) -> An
 
 
 def _build(raw: dict, where: str) -> Config:
-    """The checked Config of plain data ``raw``: types, values, unique source names, grad_accum dividing the
-    batch, sharding rules."""
+    """The checked Config of plain data ``raw``: types, values (each section's own checks, e.g. grad_accum
+    dividing the batch), unique source names, sharding rules."""
     cfg = _convert(raw, Config, "", where)
     names = [s.name for s in cfg.sources]
     for i, name in enumerate(names):
@@ -573,12 +586,7 @@ def _build(raw: dict, where: str) -> Config:
                        "or digit)", name)
         if name in names[:i]:
             raise _bad(f"sources.{i}.name", where, f"duplicate source name (also sources.{names.index(name)})", name)
-    train = cfg.train
-    if train.batch_size % train.grad_accum:
-        raise _bad("train.grad_accum", where, f"must divide train.batch_size={train.batch_size}", train.grad_accum)
     if cfg.mesh.rules:
-        from fusejax.sharding import DEFAULT_RULES, MESH_AXES  # imports jax: only when rules are overridden
-
         for name, axes in cfg.mesh.rules.items():
             key = f"mesh.rules.{name}"
             if name not in DEFAULT_RULES:

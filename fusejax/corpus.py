@@ -62,19 +62,13 @@ from typing import Any
 
 import numpy as np
 
-from fusejax.store import Field, StoreError, StoreWriter, open_store, write_json
+from fusejax.config import Config
+from fusejax.files import write_json
+from fusejax.schema import CORPUS_FIELDS, CORPUS_KIND, SPLITS, RunLayout
+from fusejax.store import StoreError, StoreWriter, open_store
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "heldout")
-FIELDS = (
-    Field("doc_id", "str"),
-    Field("span", "int64", (2,)),
-    Field("text", "bytes"),
-    Field("n_tokens", "int32"),
-    Field("n_bytes", "int64"),
-    Field("split", "uint8"),
-)
 FORMATS = ("txt", "jsonl", "parquet", "hf_disk", "tfds")
 _SUFFIX_FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
 _SAFE_NAME = re.compile(r"[^/\\]+\Z")
@@ -439,7 +433,7 @@ def prepare_corpus(
     skipped: Counter[str] = Counter()
     documents = 0
     ordinal = -1
-    with StoreWriter(out_dir, kind="corpus", meta=meta, fields=FIELDS, rows_per_shard=rows_per_shard,
+    with StoreWriter(out_dir, kind=CORPUS_KIND, meta=meta, fields=CORPUS_FIELDS, rows_per_shard=rows_per_shard,
                      process_index=process_index) as writer:
         resumed = writer.num_rows
         last_doc, pending = _resume_point(out_dir, writer.completed_ids())
@@ -510,7 +504,7 @@ def _resume_point(out_dir: str | os.PathLike, done: np.ndarray) -> tuple[str | N
     return last, deque(int(i) for i in done[first:])
 
 
-def run(cfg) -> dict[str, Any]:
+def run(cfg: Config) -> dict[str, Any]:
     """Stage ``prepare``: the corpus store at ``<run.output_dir>/corpus`` cut with the target's tokenizer.
 
     Every JAX process cuts its share of the documents (see :func:`prepare_corpus`; ``run.output_dir`` must be
@@ -525,7 +519,7 @@ def run(cfg) -> dict[str, Any]:
     c = cfg.corpus
     if not c.inputs:
         raise ValueError("corpus.inputs is empty: list the files or folders to read")
-    out = Path(cfg.run.output_dir) / "corpus"
+    out = RunLayout.of(cfg).corpus
     summary = prepare_corpus(
         list(c.inputs), cfg.target.tokenizer_path, out, block_size=c.block_size, fmt=c.format,
         text_field=c.text_field, txt_split=c.txt_split, holdout_fraction=c.holdout_fraction, seed=cfg.run.seed,

@@ -33,13 +33,16 @@ import sys
 import time
 from pathlib import Path
 
-from fusejax.store import write_json
+from fusejax.config import Config
+from fusejax.files import write_json
+from fusejax.schema import TENSORBOARD, RunLayout
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "embedded.yaml"
 ASSET_VERSION = 1  # bump to rebuild every cached model
 DOMAINS = ("prose", "code")
+BASELINE = "baseline_clm"  # folder of the CLM-only baseline run, beside the pipeline's folders
 
 # name -> recipe. arch: ModelConfig fields; tokenizer: (kind, vocab size); mix: corpus files it learns from.
 RECIPES: dict[str, dict] = {
@@ -141,14 +144,15 @@ def train_tokenizer(kind: str, vocab_size: int, texts: list[str]):
 # ----------------------------------------------------------------------------------------------------- models
 
 
-def _recipe_hash(recipe: dict, corpus_files: list[Path], cfg) -> str:
+def _recipe_hash(recipe: dict, corpus_files: list[Path], cfg: Config) -> str:
     payload = {"recipe": recipe, "pretrain": PRETRAIN, "version": ASSET_VERSION, "seed": cfg.run.seed,
                "holdout": cfg.corpus.holdout_fraction,
                "corpus": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in corpus_files}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()
 
 
-def pretrain_model(name: str, recipe: dict, folder: Path, corpus_files: list[Path], docs: dict, cfg, mesh) -> None:
+def pretrain_model(name: str, recipe: dict, folder: Path, corpus_files: list[Path], docs: dict, cfg: Config,
+                   mesh) -> None:
     """Train ``recipe``'s tokenizer and model (CLM only, training documents of its mix) and save both as a
     Hugging Face folder at ``folder`` (work files under ``folder/.work``, removed at the end)."""
     from fusejax.config import TrainConfig
@@ -183,7 +187,7 @@ def pretrain_model(name: str, recipe: dict, folder: Path, corpus_files: list[Pat
     log.info("pre-trained %s (%s, %d steps) into %s", name, recipe["arch"]["arch"], recipe["steps"], folder)
 
 
-def build_assets(cfg, recipes: dict[str, dict] | None = None) -> dict[str, str]:
+def build_assets(cfg: Config, recipes: dict[str, dict] | None = None) -> dict[str, str]:
     """Write the corpus and build (or reuse) the target and every source at their config paths.
 
     ``recipes``: name -> recipe (default :data:`RECIPES`); ``"target"`` and every source name need one.
@@ -221,24 +225,23 @@ def build_assets(cfg, recipes: dict[str, dict] | None = None) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------- baseline
 
 
-def clm_baseline(cfg) -> dict:
+def clm_baseline(cfg: Config) -> dict:
     """Continual training of the target without fusion (``lm_weight=1``) on the training blocks of
     ``<out>/corpus`` into ``<out>/baseline_clm``; same steps (one pass unless ``train.steps``), batch and
-    learning rate as the fused run. Returns its held-out :func:`fusejax.evaluate.evaluate` result."""
+    learning rate as the fused run. Returns its held-out :func:`fusejax.evaluation.evaluate` result."""
     from fusejax.data import TokenBatches
-    from fusejax.evaluate import evaluate, heldout_batches
+    from fusejax.evaluation import evaluate, heldout_batches
     from fusejax.sharding import make_mesh
     from fusejax.tokenizer import load_tokenizer
     from fusejax.train import Trainer, build_target
 
-    out = Path(cfg.run.output_dir)
+    layout = RunLayout.of(cfg)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     tok = load_tokenizer(cfg.target.tokenizer_path)
     tc = dataclasses.replace(cfg.train, lm_weight=1.0, schedule="hard")
-    data = TokenBatches(out / "corpus", tok, seq_len=tc.seq_len, split="train")
-    model = build_target(tc, mesh, path=cfg.target.path, rules=cfg.mesh.rules or None)
-    trainer = Trainer(model, data, tc, out / "baseline_clm", mesh=mesh, rules=cfg.mesh.rules or None,
-                      seed=cfg.run.seed, config=cfg)
+    data = TokenBatches(layout.corpus, tok, seq_len=tc.seq_len, split="train")
+    model = build_target(tc, mesh, path=cfg.target.path, rules=cfg.mesh.rules)
+    trainer = Trainer(model, data, tc, layout.root / BASELINE, mesh=mesh, seed=cfg.run.seed, config=cfg)
     trainer.fit()
     trainer.close()
     return evaluate(trainer.model(), heldout_batches(cfg, tok), batch_size=cfg.eval.batch_size,
@@ -333,19 +336,20 @@ def main(config: str | Path | None = None, overrides: list[str] | None = None, *
 
     t0 = time.perf_counter()
     cfg = load_config(config or DEFAULT_CONFIG, overrides or [])
-    out = Path(cfg.run.output_dir)
+    layout = RunLayout.of(cfg)
     assets = build_assets(cfg, recipes)
     stages = pipeline.run(cfg, stop_after=stop_after)
     if stop_after is not None:
         return 0
     results = {"assets": assets, "stages": stages, "eval": {}}
-    fused = json.loads((out / "eval" / "results.json").read_text())
+    fused = json.loads((layout.eval / "results.json").read_text())
     results["eval"]["target"], results["eval"]["fusellm"] = fused["target"], fused["trained"]
     results["eval"]["clm_only"] = clm_baseline(cfg)
     results["seconds"] = time.perf_counter() - t0
-    curves = {"FuseLLM": read_scalars(out / "train" / "tb"), "CLM-only": read_scalars(out / "baseline_clm" / "tb")}
-    paths = write_report(out, results, curves)
-    print((out / "report" / "report.md").read_text())
+    curves = {"FuseLLM": read_scalars(layout.train / TENSORBOARD),
+              "CLM-only": read_scalars(layout.root / BASELINE / TENSORBOARD)}
+    paths = write_report(layout.root, results, curves)
+    print((layout.root / "report" / "report.md").read_text())
     for p in paths:
         print(f"report: {p}")
     return 0

@@ -1,7 +1,7 @@
 """``fusejax run CONFIG``: every stage in order, each cached under a fingerprint of its inputs.
 
-Stages (see :data:`STAGES`): prepare -> represent -> vocab-map -> align -> train -> eval -> export. Each
-stage writes one folder under ``run.output_dir`` and, next to its output inside that folder, ``stage.json``:
+Stages (:data:`fusejax.stages.PIPELINE`): prepare -> represent -> vocab-map -> align -> train -> eval -> export.
+Each stage writes one folder under ``run.output_dir`` and, next to its output inside that folder, ``stage.json``:
 ``{"stage", "fingerprint", "status": "running" | "complete", "started", "finished"}``.
 
 The fingerprint of a stage is a sha256 over the config sections it reads, the fingerprints of the stages it
@@ -21,63 +21,23 @@ problem found.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-from fusejax.cli import resolve as _resolve
-from fusejax.config import ConfigError, config_to_dict
+from fusejax import stages
+from fusejax.config import Config, ConfigError, config_to_dict
 from fusejax.distributed import barrier
-from fusejax.store import write_json
+from fusejax.files import write_json
+from fusejax.schema import RunLayout
+from fusejax.stages import PIPELINE, STAGE_NAMES, Stage
 
 log = logging.getLogger(__name__)
 
 RECORD = "stage.json"
-
-
-@dataclasses.dataclass(frozen=True)
-class Stage:
-    """One pipeline stage: ``fn`` ("module:function" taking the Config), its output ``folder`` (relative to
-    ``run.output_dir``, or ``cfg -> path``), the config ``sections`` it reads (dotted keys), the stages it
-    reads from (``after``) and ``paths(cfg)``: the files and folders it reads."""
-
-    name: str
-    fn: str
-    folder: str | Callable
-    sections: tuple[str, ...]
-    after: tuple[str, ...] = ()
-    paths: Callable = lambda cfg: []
-
-    def output(self, cfg) -> Path:
-        """The folder this stage writes (its ``stage.json`` goes inside)."""
-        return Path(self.folder(cfg)) if callable(self.folder) else Path(cfg.run.output_dir) / self.folder
-
-
-def _target_paths(cfg) -> list[str]:
-    return [p for p in (cfg.target.path, cfg.target.tokenizer) if p]
-
-
-STAGES: tuple[Stage, ...] = (
-    Stage("prepare", "fusejax.corpus:run", "corpus", ("corpus", "run.seed", "target.tokenizer_path"),
-          paths=lambda cfg: [*cfg.corpus.inputs, cfg.target.tokenizer_path]),
-    Stage("represent", "fusejax.represent:run", "represent", ("sources", "represent"), after=("prepare",),
-          paths=lambda cfg: [p for s in cfg.sources for p in (s.path, s.tokenizer) if p]),
-    Stage("vocab-map", "fusejax.align:run_vocab_maps", "vocab_maps", ("vocab_map", "sources", "target.tokenizer_path"),
-          after=("represent",), paths=lambda cfg: [*(s.tokenizer_path for s in cfg.sources), cfg.target.tokenizer_path]),
-    Stage("align", "fusejax.align:run_align", "aligned", ("align", "represent.k"), after=("represent", "vocab-map")),
-    Stage("train", "fusejax.train:run", "train", ("train", "target", "run.seed", "mesh.rules"), after=("align",),
-          paths=_target_paths),
-    Stage("eval", "fusejax.evaluate:run", "eval", ("eval", "target", "train.seq_len"), after=("prepare", "train"),
-          paths=_target_paths),
-    Stage("export", "fusejax.export:run", lambda cfg: cfg.export.path or Path(cfg.run.output_dir) / "export",
-          ("export",), after=("train",)),
-)
-STAGE_NAMES = tuple(s.name for s in STAGES)
 
 
 # settings that change how a stage reports or checkpoints, not what it computes: left out of fingerprints,
@@ -85,7 +45,7 @@ STAGE_NAMES = tuple(s.name for s in STAGES)
 BOOKKEEPING = {"train": ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "peak_flops")}
 
 
-def _section(cfg, dotted: str):
+def _section(cfg: Config, dotted: str):
     value = cfg
     for part in dotted.split("."):
         value = getattr(value, part)
@@ -112,10 +72,10 @@ def _file_stats(paths) -> list:
     return out
 
 
-def fingerprints(cfg) -> dict[str, str]:
+def fingerprints(cfg: Config) -> dict[str, str]:
     """The fingerprint (sha256 hex) of every stage for ``cfg``, in stage order."""
     out: dict[str, str] = {}
-    for stage in STAGES:
+    for stage in PIPELINE:
         payload = {
             "stage": stage.name,
             "config": {key: _section(cfg, key) for key in stage.sections},
@@ -138,8 +98,8 @@ def _write_record(folder: Path, record: dict) -> None:
     write_json(folder / RECORD, record)
 
 
-def _move_aside(cfg, folder: Path, old_fingerprint: str) -> Path:
-    stale = Path(cfg.run.output_dir) / "stale"
+def _move_aside(cfg: Config, folder: Path, old_fingerprint: str) -> Path:
+    stale = RunLayout.of(cfg).stale
     stale.mkdir(parents=True, exist_ok=True)
     dest = stale / f"{folder.name}-{old_fingerprint[:12]}"
     if dest.exists():
@@ -148,7 +108,7 @@ def _move_aside(cfg, folder: Path, old_fingerprint: str) -> Path:
     return dest
 
 
-def _run_stage(cfg, stage, fp: str, main: bool) -> str:
+def _run_stage(cfg: Config, stage: Stage, fp: str, main: bool) -> str:
     """Skip, resume or redo one stage (see the module docstring); returns what was done."""
     folder = stage.output(cfg)
     record = read_record(folder)
@@ -167,7 +127,7 @@ def _run_stage(cfg, stage, fp: str, main: bool) -> str:
     if main:
         _write_record(folder, {"stage": stage.name, "fingerprint": fp, "status": "running",
                                "started": time.time(), "finished": None})
-    _resolve(stage.fn)(cfg)
+    stages.resolve(stage.fn)(cfg)
     barrier(f"pipeline-{stage.name}")
     if main:
         started = read_record(folder) or {}
@@ -176,9 +136,9 @@ def _run_stage(cfg, stage, fp: str, main: bool) -> str:
     return outcome
 
 
-def run(cfg, *, validate_first: bool = True, stop_after: str | None = None) -> dict[str, str]:
-    """Run every stage of :data:`STAGES` in order for ``cfg`` (up to ``stop_after`` when given), skipping,
-    resuming or redoing each as the module docstring says. Returns ``{stage name: "skipped" | "resumed" |
+def run(cfg: Config, *, validate_first: bool = True, stop_after: str | None = None) -> dict[str, str]:
+    """Run every stage of :data:`fusejax.stages.PIPELINE` in order for ``cfg`` (up to ``stop_after`` when given),
+    skipping, resuming or redoing each as the module docstring says. Returns ``{stage name: "skipped" | "resumed" |
     "ran" | "redone"}``."""
     from fusejax.distributed import is_main_process
 
@@ -189,7 +149,7 @@ def run(cfg, *, validate_first: bool = True, stop_after: str | None = None) -> d
     prints = fingerprints(cfg)
     main = is_main_process()
     outcome = {}
-    for stage in STAGES:
+    for stage in PIPELINE:
         outcome[stage.name] = _run_stage(cfg, stage, prints[stage.name], main)
         if stage.name == stop_after:
             break
@@ -204,7 +164,7 @@ def _say(main: bool, text: str) -> None:
 # ----------------------------------------------------------------------------------------------- validation
 
 
-def validate(cfg, *, raise_error: bool = False, n_devices: int | None = None) -> list[str]:
+def validate(cfg: Config, *, raise_error: bool = False, n_devices: int | None = None) -> list[str]:
     """Every problem of ``cfg`` that would make a stage fail, as messages naming the setting and value.
 
     Checks: at least one source; corpus inputs, model and tokenizer folders exist; tokenizers load and fit
@@ -245,7 +205,7 @@ def validate(cfg, *, raise_error: bool = False, n_devices: int | None = None) ->
     return problems
 
 
-def _check_mesh(cfg, problems: list[str], n_devices: int | None):
+def _check_mesh(cfg: Config, problems: list[str], n_devices: int | None):
     """The mesh of ``cfg`` (abstract: shape only), or None after recording why it cannot be built."""
     import jax
 

@@ -24,17 +24,19 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from fusejax import sharding
+from fusejax.config import Config, MeshConfig, TrainConfig
 from fusejax.distributed import is_main_process
 from fusejax.models import ModelConfig, Transformer, model_shardings
 from fusejax.models.hf_io import read_config
-from fusejax.train import (
+from fusejax.schema import row_layout
+from fusejax.step import (
     StepOptions,
-    _target_source,
+    abstract_opt_state,
     batch_shardings,
+    compile_step,
     compiled_memory,
     make_optimizer,
-    make_train_step,
-    opt_state_shardings,
+    target_source,
     training_model_config,
 )
 
@@ -50,56 +52,34 @@ def nbytes_per_device(x: jax.ShapeDtypeStruct) -> int:
     return math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
 
 
-def batch_shapes(tc, num_sources: int, k: int) -> dict[str, jax.ShapeDtypeStruct]:
-    """Shapes and dtypes of one step's batch (leading micro-batch axis), as the trainer's rows have them:
-    text fields ``[A, B/A, T]`` int32; with ``num_sources`` > 0 also top-k tables ``[A, B/A, T, S, k]`` and
-    the sources' CE (``[A, B/A, S]``, or ``[A, B/A, T, S]`` for ``train.ce_level: token``), float32."""
-    b, t = (tc.grad_accum, tc.batch_size // tc.grad_accum), tc.seq_len
-    out = {name: jax.ShapeDtypeStruct((*b, t), jnp.int32)
-           for name in ("input_ids", "attention_mask", "labels", "loss_mask")}
-    if num_sources:
-        table = (*b, t, num_sources, k)
-        out["table_ids"] = jax.ShapeDtypeStruct(table, jnp.int32)
-        out["table_logits"] = jax.ShapeDtypeStruct(table, jnp.float32)
-        if tc.ce_level == "token":
-            out["source_ce_token"] = jax.ShapeDtypeStruct((*b, t, num_sources), jnp.float32)
-        else:
-            out["source_ce"] = jax.ShapeDtypeStruct((*b, num_sources), jnp.float32)
-    return out
-
-
-def plan_training(model_config: ModelConfig, tc, mesh, *, rules=None, num_sources: int = 0, k: int = 10,
-                  target_source: int | None = None) -> dict:
-    """Compile the train step for ``model_config`` (trained with the ``train`` section ``tc``) on ``mesh``
-    without allocating anything. Returns per-device ``params_bytes``, ``opt_state_bytes``, ``batch_bytes``,
-    the compiled step's ``memory`` (see :func:`fusejax.train.compiled_memory`), ``num_params`` and
-    ``shardings``: ``[(name, global shape, per-device shape, PartitionSpec)]`` of every parameter."""
-    if tc.batch_size % tc.grad_accum:
-        raise PlanError(f"train.batch_size={tc.batch_size} is not a multiple of train.grad_accum={tc.grad_accum}")
-    rules = sharding.merge_rules(rules)
+def plan_training(model_config: ModelConfig, tc: TrainConfig, mesh, *, rules=None, num_sources: int = 0,
+                  k: int = 10, target_source: int | None = None) -> dict:
+    """Compile the train step for ``model_config`` (trained with the ``train`` section ``tc``, laid out by the
+    sharding-rule overrides ``rules``) on ``mesh`` without allocating anything: the step of
+    :func:`fusejax.step.compile_step`, on batches of :func:`fusejax.schema.row_layout` (no tables when
+    ``num_sources`` is 0). Returns per-device ``params_bytes``, ``opt_state_bytes``, ``batch_bytes``, the
+    compiled step's ``memory`` (see :func:`fusejax.step.compiled_memory`), ``num_params`` and ``shardings``:
+    ``[(name, global shape, per-device shape, PartitionSpec)]`` of every parameter."""
     mc = training_model_config(model_config, tc)
-    model = nnx.eval_shape(lambda: Transformer(mc, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: Transformer(mc, rngs=nnx.Rngs(0), rules=rules))
     param_dtype = jnp.dtype(tc.param_dtype)
     params = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(
             x.shape, param_dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype, sharding=s),
-        nnx.to_pure_dict(nnx.state(model, nnx.Param)), nnx.to_pure_dict(model_shardings(model, mesh, rules)))
+        nnx.to_pure_dict(nnx.state(model, nnx.Param)), nnx.to_pure_dict(model_shardings(model, mesh)))
     total_steps = tc.steps or 1  # only the loss-weight schedule depends on it
     tx, _ = make_optimizer(tc, total_steps)
     opts = StepOptions.from_config(tc, total_steps, target_source)
-    shapes = batch_shapes(tc, num_sources, k)
-    layouts = batch_shardings(mesh, {n: x.shape for n, x in shapes.items()}, rules)
-    batch = {n: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=layouts[n]) for n, x in shapes.items()}
-    with sharding.use_rules(rules), jax.set_mesh(mesh):
-        opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                 jax.eval_shape(tx.init, params), opt_state_shardings(tx, params))
-        state = {"params": params, "opt_state": opt_state,
-                 "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))}
-        state_shardings = jax.tree.map(lambda x: x.sharding, state)
-        jitted = jax.jit(make_train_step(nnx.graphdef(model), tx, opts),
-                         in_shardings=(state_shardings, layouts),
-                         out_shardings=(state_shardings, None), donate_argnums=0)
-        compiled = jitted.lower(state, batch).compile()
+    micro = (tc.grad_accum, tc.batch_size // tc.grad_accum)
+    rows = row_layout(tc.seq_len, num_sources, k, tc.ce_level, n_bytes=False)
+    layouts = batch_shardings(mesh, {n: (*micro, *shape) for n, (shape, _) in rows.items()}, dict(model.rules))
+    batch = {n: jax.ShapeDtypeStruct((*micro, *shape), dtype, sharding=layouts[n])
+             for n, (shape, dtype) in rows.items()}
+    with jax.set_mesh(mesh):
+        opt_state = abstract_opt_state(tx, params)
+    state = {"params": params, "opt_state": opt_state,
+             "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))}
+    compiled = compile_step(nnx.graphdef(model), tx, opts, state, batch, mesh)
     shardings = []
     for path, x in jax.tree_util.tree_leaves_with_path(params):
         name = ".".join(str(getattr(p, "key", p)) for p in path)
@@ -142,7 +122,7 @@ def plan_devices(data: int, fsdp: int, tensor: int) -> list[jax.Device]:
         f"without the hardware, run with XLA_FLAGS=--xla_force_host_platform_device_count={needed}")
 
 
-def device_memory_bytes(mesh_cfg, device: jax.Device) -> int | None:
+def device_memory_bytes(mesh_cfg: MeshConfig, device: jax.Device) -> int | None:
     """``mesh.device_memory_gib`` in bytes, else the device's own limit when it reports one (not on CPU)."""
     if mesh_cfg.device_memory_gib is not None:
         return int(mesh_cfg.device_memory_gib * GIB)
@@ -156,7 +136,7 @@ def _gib(n: int) -> str:
     return f"{n / GIB:9.2f} GiB"
 
 
-def _remedies(tc, mesh) -> list[str]:
+def _remedies(tc: TrainConfig, mesh) -> list[str]:
     """Settings that lower the step's memory and are not in effect yet."""
     out = [] if tc.remat == "full" else ["train.remat=full"]
     rows_per_device = tc.batch_size // tc.grad_accum // (mesh.shape["data"] * mesh.shape["fsdp"])
@@ -167,8 +147,8 @@ def _remedies(tc, mesh) -> list[str]:
     return out + ["more devices on mesh.fsdp"]
 
 
-def format_report(plan: dict, *, model_config: ModelConfig, tc, mesh, platform: str, num_sources: int, k: int,
-                  device_memory: int | None) -> str:
+def format_report(plan: dict, *, model_config: ModelConfig, tc: TrainConfig, mesh, platform: str, num_sources: int,
+                  k: int, device_memory: int | None) -> str:
     """The plan as the text ``fusejax plan`` prints (see :func:`run`)."""
     mem = plan["memory"]
     lines = [
@@ -210,7 +190,7 @@ def format_report(plan: dict, *, model_config: ModelConfig, tc, mesh, platform: 
     return "\n".join(lines)
 
 
-def run(cfg) -> dict:
+def run(cfg: Config) -> dict:
     """Stage ``plan``: print the per-device memory and parameter shardings of ``fusejax train``'s step for
     this config (target architecture from ``target.path``/config.json, mesh, ``train`` section, number of
     sources, ``represent.k``) and warn when it does not fit ``mesh.device_memory_gib``. Returns the byte
@@ -223,7 +203,7 @@ def run(cfg) -> dict:
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
     num_sources, k = len(cfg.sources), cfg.represent.k
     plan = plan_training(model_config, cfg.train, mesh, rules=cfg.mesh.rules, num_sources=num_sources, k=k,
-                         target_source=_target_source(cfg))
+                         target_source=target_source(cfg))
     device_memory = device_memory_bytes(cfg.mesh, devices[0])
     if is_main_process():
         print(format_report(plan, model_config=model_config, tc=cfg.train, mesh=mesh, platform=devices[0].platform,

@@ -12,11 +12,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fusejax.config import Config
 
-_CHUNK = 64  # vocabulary entries per chunk in ``_top_k``
+
+_CHUNK = 64  # vocabulary entries per chunk in ``top_k``
 
 
-def _top_k(logits: jax.Array, k: int):
+def top_k(logits: jax.Array, k: int):
     """``jax.lax.top_k`` over the last axis, exactly (values, ids and tie order), in two cheap stages.
 
     The vocabulary is cut into chunks of ``_CHUNK`` entries; each of the k largest logits lies in one of the
@@ -52,7 +54,7 @@ def topk_and_ce(logits: jax.Array, input_ids: jax.Array, attention_mask: jax.Arr
     mask = attention_mask.astype(bool)
     scored = mask & jnp.pad(mask[:, 1:], ((0, 0), (0, 1)))
     next_ids = jnp.pad(input_ids[:, 1:], ((0, 0), (0, 1)))
-    topk_logits, topk_ids = _top_k(logits, k)
+    topk_logits, topk_ids = top_k(logits, k)
     target = jnp.take_along_axis(logits, next_ids[..., None], axis=-1)[..., 0]
     lse = jax.nn.logsumexp(logits, axis=-1)  # NaN or +inf where any logit is NaN or +inf
     token_ce = jnp.where(scored, lse - target, 0.0)
@@ -63,7 +65,9 @@ def topk_and_ce(logits: jax.Array, input_ids: jax.Array, attention_mask: jax.Arr
 
 
 @functools.partial(nnx.jit, static_argnames="k")
-def _extract(model, input_ids, attention_mask, k):
+def extract_step(model, input_ids, attention_mask, k):
+    """The jitted core of :func:`extract_topk` on int32 arrays, plus per row the number of positions with
+    non-finite logits: ``(topk_logits, topk_ids, token_ce, seq_ce, nonfinite [B] int32)``."""
     logits = model(input_ids, attention_mask)
     return topk_and_ce(logits, input_ids, attention_mask, k, model.config.vocab_size)
 
@@ -81,7 +85,7 @@ def extract_topk(model, input_ids, attention_mask, k: int = 10):
         raise ValueError(f"k={k} must be between 1 and the model's vocabulary size {vocab}")
     input_ids = jnp.asarray(input_ids, jnp.int32)
     attention_mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-    return _extract(model, input_ids, attention_mask, k)[:4]
+    return extract_step(model, input_ids, attention_mask, k)[:4]
 
 
 def _bucket(n: int, limit: int) -> int:
@@ -120,7 +124,8 @@ def represent_source(
     from tqdm import tqdm
 
     from fusejax.distributed import process_slice
-    from fusejax.store import Field, StoreError, StoreWriter, open_store
+    from fusejax.schema import TOPK_KIND, topk_fields
+    from fusejax.store import StoreError, StoreWriter, open_store
     from fusejax.tokenizer import encode_block, load_tokenizer, tokenizer_fingerprint
 
     tok = load_tokenizer(tokenizer)
@@ -134,14 +139,7 @@ def represent_source(
     rows_per_shard = -(-rows_per_shard // batch_size) * batch_size
     context = model.config.max_position_embeddings
     start, stop = process_slice(len(corpus), process_index, num_processes)
-    fields = [
-        Field("input_ids", "int32", (), ragged=True),
-        Field("topk_ids", "int32", (k,), ragged=True),
-        Field("topk_logits", logits_dtype, (k,), ragged=True),
-        Field("token_ce", "float32", (), ragged=True),
-        Field("seq_ce", "float32"),
-        Field("nonfinite", "int32"),
-    ]
+    fields = topk_fields(k, logits_dtype)
     meta = {
         "source": name,
         "tokenizer_fingerprint": tokenizer_fingerprint(tok),
@@ -153,7 +151,7 @@ def represent_source(
     }
     stats = {"blocks": 0, "tokens": 0, "nonfinite_blocks": 0}
     t0 = time.perf_counter()
-    with StoreWriter(out_dir, kind="topk", meta=meta, fields=fields, rows_per_shard=rows_per_shard,
+    with StoreWriter(out_dir, kind=TOPK_KIND, meta=meta, fields=fields, rows_per_shard=rows_per_shard,
                      process_index=process_index) as writer:
         done = writer.completed_ids()
         if len(done) and not np.array_equal(done, [corpus.row(i)["id"] for i in range(start, start + len(done))]):
@@ -176,7 +174,7 @@ def represent_source(
                 mask = np.zeros((batch_size, length), np.int32)
                 for b, s in enumerate(seqs):
                     ids[b, : len(s)], mask[b, : len(s)] = s, 1
-                out = jax.device_get(_extract(model, jnp.asarray(ids), jnp.asarray(mask), k))
+                out = jax.device_get(extract_step(model, jnp.asarray(ids), jnp.asarray(mask), k))
                 tk_logits, tk_ids, token_ce, seq_ce, nonfinite = out
                 for b, (row, s) in enumerate(zip(rows, seqs)):
                     n = len(s)
@@ -202,36 +200,35 @@ def represent_source(
     return stats
 
 
-def run(cfg) -> dict:
+def run(cfg: Config) -> dict:
     """Stage ``represent``: a top-k store per source at ``<run.output_dir>/represent/<name>``.
 
     Reads the corpus store at ``<run.output_dir>/corpus`` (stage ``prepare``). Each source model is loaded
     onto this process's local devices; in a multi-process run each process handles its slice of the blocks.
     Returns ``{source name: summary}`` (also written to ``represent/summary.json`` by process 0).
     """
-    from pathlib import Path
-
     from fusejax.config import save_resolved
     from fusejax.distributed import is_main_process
+    from fusejax.files import write_json
     from fusejax.models import load_pretrained
-    from fusejax.store import write_json
+    from fusejax.schema import RunLayout
     from fusejax.sharding import make_mesh
 
-    out = Path(cfg.run.output_dir)
+    layout = RunLayout.of(cfg)
     if not cfg.sources:
         raise ValueError("the config lists no sources: add entries under 'sources:'")
     # each process runs its own slice on its own devices: no cross-host traffic in this stage
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=jax.local_devices())
     summaries = {}
     for src in cfg.sources:
-        model = load_pretrained(src.path, mesh=mesh, rules=cfg.mesh.rules or None)
+        model = load_pretrained(src.path, mesh=mesh, rules=cfg.mesh.rules)
         summaries[src.name] = represent_source(
-            model, src.tokenizer_path, out / "corpus", out / "represent" / src.name, name=src.name,
+            model, src.tokenizer_path, layout.corpus, layout.topk(src.name), name=src.name,
             k=cfg.represent.k, batch_size=cfg.represent.batch_size, logits_dtype=cfg.represent.logits_dtype,
             rows_per_shard=cfg.represent.shard_size, process_index=jax.process_index(),
             num_processes=jax.process_count(),
         )
     if is_main_process():
-        save_resolved(cfg, out / "represent")
-        write_json(out / "represent" / "summary.json", summaries)
+        save_resolved(cfg, layout.represent)
+        write_json(layout.represent / "summary.json", summaries)
     return summaries

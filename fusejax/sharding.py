@@ -1,9 +1,11 @@
 """Logical axes -> device mesh: the one place that decides how arrays are laid out.
 
 Model code names the axes of every parameter and activation with *logical* names (``embed``, ``mlp``,
-``heads``, ``kv_heads``, ``vocab``, ``batch``, ``length``, ...). The rules table below maps each logical
-name onto zero, one or several axes of a mesh whose axes are ``data``, ``fsdp`` and ``tensor``. The table
-can be overridden key by key from the config (``mesh.rules``).
+``heads``, ``kv_heads``, ``vocab``, ``batch``, ``length``, ...). One rules table,
+:data:`fusejax.config.DEFAULT_RULES` (the defaults of the ``mesh`` section, overridden key by key by
+``mesh.rules``), maps each logical name onto zero, one or several axes of a mesh whose axes are ``data``,
+``fsdp`` and ``tensor``; this module turns it into shardings. A model keeps its rules (``Transformer.rules``)
+and lays out its parameters and (inside ``jax.set_mesh``) its activations with them: the same rules for both.
 
 Dimensions that do not divide the mesh axes they are mapped to raise :class:`ShardingError` naming the
 array, the dimension and the sizes; nothing is silently replicated. To replicate a dimension on purpose,
@@ -12,8 +14,6 @@ map its logical name to ``null`` (``None``) in the rules.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
 from collections.abc import Mapping, Sequence
 
@@ -21,34 +21,11 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
-
-MeshAxes = str | tuple[str, ...] | None
-
-# logical axis name -> mesh axes it is split over (None: replicated)
-DEFAULT_RULES: dict[str, MeshAxes] = {
-    "batch": ("data", "fsdp"),  # examples are split over every data-parallel axis
-    "length": None,  # sequence positions stay whole
-    "embed": "fsdp",  # model width: ZeRO-3 style parameter sharding
-    "mlp": "tensor",  # MLP hidden units: Megatron-style tensor parallelism
-    "heads": "tensor",  # query heads
-    "kv_heads": "tensor",  # key/value heads (grouped-query attention)
-    "head_dim": None,
-    "vocab": "tensor",  # embedding/unembedding rows (vocabulary padded to a multiple of 128)
-    "layers": None,  # stacked-layer axis of scanned models
-    "norm": None,  # norm scales and biases
-    "sources": None,  # fusion sources
-    "topk": None,  # top-k entries per position
-}
+from fusejax.config import DEFAULT_RULES, MESH_AXES, MeshAxes
 
 
 class ShardingError(ValueError):
     """A logical layout that cannot be placed on the mesh (unknown name, indivisible dimension, ...)."""
-
-
-_current_rules: contextvars.ContextVar[dict[str, MeshAxes]] = contextvars.ContextVar(
-    "fusejax_sharding_rules", default=DEFAULT_RULES
-)
 
 
 def merge_rules(overrides: Mapping[str, MeshAxes] | None = None) -> dict[str, MeshAxes]:
@@ -66,18 +43,10 @@ def merge_rules(overrides: Mapping[str, MeshAxes] | None = None) -> dict[str, Me
     return rules
 
 
-@contextlib.contextmanager
-def use_rules(rules: Mapping[str, MeshAxes] | None):
-    """Within this context, :func:`logical_to_spec` and :func:`constrain` use ``rules`` (merged onto the defaults)."""
-    token = _current_rules.set(merge_rules(rules))
-    try:
-        yield
-    finally:
-        _current_rules.reset(token)
-
-
-def current_rules() -> dict[str, MeshAxes]:
-    return _current_rules.get()
+def frozen_rules(overrides: Mapping[str, MeshAxes] | None = None) -> tuple[tuple[str, MeshAxes], ...]:
+    """:func:`merge_rules` as a sorted tuple of ``(logical name, mesh axes)`` pairs: hashable, so that a model
+    can keep its rules as static data; ``dict(...)`` gives the mapping back."""
+    return tuple(sorted(merge_rules(overrides).items()))
 
 
 def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
@@ -133,7 +102,7 @@ def logical_to_spec(
     sizes (else :class:`ShardingError` naming ``name``). A mesh axis already used by an earlier dimension is
     not reused (the later dimension stays replicated along it), as GSPMD requires.
     """
-    rules = current_rules() if rules is None else rules
+    rules = DEFAULT_RULES if rules is None else rules
     if shape is not None and len(shape) != len(axes):
         raise ShardingError(f"{name}: {len(axes)} logical axes {tuple(axes)} for an array of shape {tuple(shape)}")
     used: set[str] = set()
@@ -166,12 +135,13 @@ def named_sharding(
     return NamedSharding(mesh, logical_to_spec(axes, rules=rules, mesh=mesh, shape=shape, name=name))
 
 
-def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-    """Constrain an activation's layout by logical names; a no-op outside a mesh context (``jax.set_mesh``)."""
+def constrain(x: jax.Array, axes: Sequence[str | None], rules: Mapping[str, MeshAxes]) -> jax.Array:
+    """Constrain an activation's layout by logical names under ``rules`` (the model's, the same that place its
+    parameters); a no-op outside a mesh context (``jax.set_mesh``)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    spec = logical_to_spec(axes, mesh=None)
+    spec = logical_to_spec(axes, rules=rules, mesh=None)
     spec = PartitionSpec(*(_drop_trivial(s, mesh) for s in spec))
     return jax.lax.with_sharding_constraint(x, spec)
 

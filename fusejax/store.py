@@ -79,6 +79,9 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from fusejax import files
+from fusejax.files import TEMP_PREFIX, json_bytes
+
 log = logging.getLogger(__name__)
 
 FORMAT = "fusejax-store"
@@ -222,39 +225,6 @@ def _sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` atomically (temporary file, fsync, rename): readers see the old file or
-    the new one, never a partial one. Used for every summary and report a stage writes."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
-    try:
-        _write_file(tmp, _json_bytes(obj))
-        os.replace(tmp, path)
-    except BaseException:  # a full disk, an interrupt: the old file stays, the partial one goes
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
 
 
 def _first_difference(a: Any, b: Any, path: str) -> tuple[str, Any, Any] | None:
@@ -531,7 +501,7 @@ class WriterLock:
                 self._take_over_if_stale()
                 continue
             with os.fdopen(fd, "wb") as f:
-                f.write(_json_bytes(info))
+                f.write(json_bytes(info))
             return
         raise StoreLockedError(f"{path}: could not take the lock")
 
@@ -625,9 +595,9 @@ class StoreWriter:
         """Remove this process's temp folders/files and shard folders that no manifest lists."""
         listed = {s["name"] for s in self._shards}
         for p in self.path.iterdir():
-            name = p.name.removeprefix(".tmp-")
-            ours = name.startswith(self._prefix) or name == self._manifest_path.name
-            if ours and (p.name.startswith(".tmp-") or (p.is_dir() and name not in listed)):
+            name = p.name.removeprefix(TEMP_PREFIX)
+            ours = name.startswith(self._prefix) or name.startswith(self._manifest_path.name)
+            if ours and (p.name.startswith(TEMP_PREFIX) or (p.is_dir() and name not in listed)):
                 log.info("%s: removing leftover %s of an interrupted writer", self.path, p.name)
                 if p.is_dir() and not p.is_symlink():
                     shutil.rmtree(p)
@@ -663,29 +633,29 @@ class StoreWriter:
         if not self._buffer:
             return
         name = self._shard_name(len(self._shards))
-        files = {ID_FILE: _npy_bytes(np.array([r for r, _ in self._buffer], dtype=np.int64))}
+        contents = {ID_FILE: _npy_bytes(np.array([r for r, _ in self._buffer], dtype=np.int64))}
         for k, f in enumerate(self.fields):
             values = [vals[k] for _, vals in self._buffer]
             if f.ragged:
                 lengths = np.array([len(v) for v in values], dtype=np.int64)
-                files[f"{f.name}.offsets.npy"] = _npy_bytes(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+                contents[f"{f.name}.offsets.npy"] = _npy_bytes(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
                 data = np.concatenate(values) if values else np.zeros((0, *f.shape), f.np_dtype)
             else:
                 data = np.stack(values)
-            files[f"{f.name}.npy"] = _npy_bytes(data.reshape(-1, *f.shape) if f.ragged else data)
-        tmp = self.path / f".tmp-{name}"
+            contents[f"{f.name}.npy"] = _npy_bytes(data.reshape(-1, *f.shape) if f.ragged else data)
+        tmp = self.path / f"{TEMP_PREFIX}{name}"
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        for fname, data in files.items():
-            _write_file(tmp / fname, data)
-        _fsync_dir(tmp)
+        for fname, data in contents.items():
+            files.write_file(tmp / fname, data)
+        files.fsync_dir(tmp)
         os.rename(tmp, self.path / name)
-        _fsync_dir(self.path)
+        files.fsync_dir(self.path)
         record = {
             "name": name,
             "rows": len(self._buffer),
-            "sha256": {fname: hashlib.sha256(data).hexdigest() for fname, data in sorted(files.items())},
+            "sha256": {fname: hashlib.sha256(data).hexdigest() for fname, data in sorted(contents.items())},
         }
         self._shards.append(record)
         self._write_manifest()
@@ -693,10 +663,7 @@ class StoreWriter:
 
     def _write_manifest(self) -> None:
         man = {**self._header, "process_index": self.process_index, "shards": self._shards}
-        tmp = self.path / f".tmp-{self._manifest_path.name}"
-        _write_file(tmp, _json_bytes(man))
-        os.rename(tmp, self._manifest_path)
-        _fsync_dir(self.path)
+        files.atomic_write(self._manifest_path, json_bytes(man))
 
     def close(self) -> None:
         """Write buffered rows as a last (shorter) shard, the manifest, and release the lock."""
@@ -739,12 +706,9 @@ def merge_manifests(path: str | os.PathLike) -> Path:
         raise StoreError(f"{root}: no manifests to merge")
     header, shards = _combine(root, [(p, _read_manifest(root, p)) for p in paths])
     target = root / "manifest.json"
-    tmp = root / ".tmp-manifest.json"
-    _write_file(tmp, _json_bytes({**header, "process_index": None, "shards": shards}))
-    os.rename(tmp, target)
-    _fsync_dir(root)
+    files.atomic_write(target, json_bytes({**header, "process_index": None, "shards": shards}))
     for p in paths:
         if p != target:
             p.unlink()
-    _fsync_dir(root)
+    files.fsync_dir(root)
     return target

@@ -35,6 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fusejax.config import Config
+from fusejax.schema import RunLayout
+
 log = logging.getLogger(__name__)
 
 STUDY_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "study"
@@ -48,7 +51,7 @@ def _link(src: Path, dest: Path) -> None:
         dest.symlink_to(src.resolve(), target_is_directory=True)
 
 
-def build_store(cfg, root: Path, shared: Path | None) -> Path:
+def build_store(cfg: Config, root: Path, shared: Path | None) -> Path:
     """Run ``prepare`` .. ``align`` for ``cfg`` (seed 0) in ``root/<align fingerprint[:12]>``, reusing the
     corpus and per-source represent folders of the store ``shared`` (None: compute them). Returns the store."""
     from fusejax import pipeline
@@ -57,31 +60,34 @@ def build_store(cfg, root: Path, shared: Path | None) -> Path:
     cfg = replace(cfg, "run.seed", 0)
     store = root / pipeline.fingerprints(cfg)["align"][:12]
     cfg = replace(cfg, "run.output_dir", str(store))
+    layout = RunLayout.of(cfg)
     if shared is not None and shared != store:
-        _link(shared / "corpus", store / "corpus")
+        reused = RunLayout.at(shared)
+        _link(reused.corpus, layout.corpus)
         for src in cfg.sources:
-            _link(shared / "represent" / src.name, store / "represent" / src.name)
+            _link(reused.topk(src.name), layout.topk(src.name))
         record = {"stage": "represent", "fingerprint": pipeline.fingerprints(cfg)["represent"], "status": "complete",
                   "started": time.time(), "finished": time.time()}
-        if pipeline.read_record(store / "represent") is None:
-            (store / "represent" / pipeline.RECORD).write_text(json.dumps(record))
-    aligned = pipeline.read_record(store / "aligned") or {}
+        if pipeline.read_record(layout.represent) is None:
+            (layout.represent / pipeline.RECORD).write_text(json.dumps(record))
+    aligned = pipeline.read_record(layout.aligned) or {}
     if aligned.get("status") != "complete" or aligned.get("fingerprint") != pipeline.fingerprints(cfg)["align"]:
         pipeline.run(cfg, stop_after="align")  # (its stop_after is not reached when align is skipped)
     return store
 
 
-def train_and_eval(cfg, store: Path, run_dir: Path, seed: int) -> dict:
+def train_and_eval(cfg: Config, store: Path, run_dir: Path, seed: int) -> dict:
     """Train ``cfg`` on ``store``'s aligned data with ``run.seed = seed`` in ``run_dir`` and evaluate it;
-    returns ``fusejax.evaluate.run``'s ``{"target": ..., "trained": ...}`` (bits per byte per domain)."""
-    from fusejax import evaluate, train
+    returns ``fusejax.evaluation.run``'s ``{"target": ..., "trained": ...}`` (bits per byte per domain)."""
+    from fusejax import evaluation, train
     from fusejax.config import replace
 
-    for name in ("corpus", "aligned"):
-        _link(store / name, run_dir / name)
     cfg = replace(replace(cfg, "run.output_dir", str(run_dir)), "run.seed", seed)
+    reused, layout = RunLayout.at(store), RunLayout.of(cfg)
+    _link(reused.corpus, layout.corpus)
+    _link(reused.aligned, layout.aligned)
     train.run(cfg)
-    return evaluate.run(cfg)
+    return evaluation.run(cfg)
 
 
 def run_study(configs: list[Path], seeds: list[int], out: Path) -> list[dict]:
@@ -109,7 +115,7 @@ def run_study(configs: list[Path], seeds: list[int], out: Path) -> list[dict]:
 
 
 def _bpb(result: dict) -> dict[str, float]:
-    """``{"all": bits/byte, <domain>: bits/byte, ...}`` of one ``fusejax.evaluate.evaluate`` result."""
+    """``{"all": bits/byte, <domain>: bits/byte, ...}`` of one ``fusejax.evaluation.evaluate`` result."""
     return {"all": result["bits_per_byte"], **{d: r["bits_per_byte"] for d, r in result["domains"].items()}}
 
 
@@ -238,7 +244,7 @@ def write_docs(results: list[dict], docs: Path, notes: str = "") -> Path:
 class Mixture(nnx.Module):
     """Output ensemble of same-vocabulary models: called like a model, returns the log of the mean of their
     next-token probabilities ``log(1/M sum_m softmax(logits_m))`` [B, T, V] float32 (already normalized, so
-    :func:`fusejax.evaluate.evaluate` scores the mixture as it is)."""
+    :func:`fusejax.evaluation.evaluate` scores the mixture as it is)."""
 
     def __init__(self, models: list):
         self.models = nnx.List(models)
@@ -250,8 +256,8 @@ class Mixture(nnx.Module):
 
 
 def ensemble_bits_per_byte(models: list, batches, *, batch_size: int, domains: list[str] | None = None) -> dict:
-    """:func:`fusejax.evaluate.evaluate` of the output ensemble (:class:`Mixture`) of ``models``."""
-    from fusejax.evaluate import evaluate
+    """:func:`fusejax.evaluation.evaluate` of the output ensemble (:class:`Mixture`) of ``models``."""
+    from fusejax.evaluation import evaluate
 
     return evaluate(Mixture(models), batches, batch_size=batch_size, domains=domains)
 
@@ -263,12 +269,12 @@ def average_weights(models: list):
     return models[0]
 
 
-def build_domain_sources(cfg, corpus: Path, passes: int = 2) -> None:
+def build_domain_sources(cfg: Config, corpus: Path, passes: int = 2) -> None:
     """Continue ``cfg.target`` CLM-only (lm_weight 1, ``cfg.train``'s batch, lr, warmup, seed 0) on the
     training blocks of one domain of ``corpus`` each, ``passes`` passes, into every ``cfg.sources`` folder
     (the source's name is the domain); a folder with a ``config.json`` is reused."""
     from fusejax.data import TokenBatches
-    from fusejax.evaluate import block_domains
+    from fusejax.evaluation import block_domains
     from fusejax.models import save_pretrained
     from fusejax.sharding import make_mesh
     from fusejax.store import write_json
@@ -308,7 +314,7 @@ def same_arch(seeds: list[int], out: Path, config: Path = SAME_ARCH_CONFIG) -> l
     CLM-only continual training on the same data (``train.lm_weight = 1``) for every seed."""
     from fusejax import corpus as corpus_stage
     from fusejax.config import load_config, replace
-    from fusejax.evaluate import block_domains, evaluate, heldout_batches
+    from fusejax.evaluation import block_domains, evaluate, heldout_batches
     from fusejax.models import load_pretrained
     from fusejax.sharding import make_mesh
 

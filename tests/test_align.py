@@ -1,5 +1,6 @@
-"""fusejax.align against independent references: a naive full DTW, a brute-force MinED map, and a direct,
-string-by-string transcription of the reference alignment rules; plus hand-checked cases."""
+"""fusejax.vocab, fusejax.vocab_maps and fusejax.align against independent references: a naive full DTW, a
+brute-force MinED map, and a direct, string-by-string transcription of the reference alignment rules; plus
+hand-checked cases."""
 
 import json
 import random
@@ -13,7 +14,7 @@ from rapidfuzz.distance import Levenshtein
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from fusejax import align
+from fusejax import align, dtw, vocab, vocab_maps
 
 CORPUS = "\n".join(topics[k] for k in sorted(topics))
 TRICKY = "Tabs\tand  double  spaces,\n\nnewlines, émoji 😀 and 漢字 text\t\tend."
@@ -117,8 +118,8 @@ def naive_partners(s, ids_s, t, ids_t, mode, markers=("Ġ", "▁")):
     if mode == "reference":
         a, b = reference_strings(s, ids_s, markers[0]), reference_strings(t, ids_t, markers[1])
     else:
-        a = [x.decode("latin-1") for x in align.token_texts(s, ids_s)]
-        b = [x.decode("latin-1") for x in align.token_texts(t, ids_t)]
+        a = [x.decode("latin-1") for x in vocab.token_texts(s, ids_s)]
+        b = [x.decode("latin-1") for x in vocab.token_texts(t, ids_t)]
     return naive_dtw_partner(a, b)
 
 
@@ -174,27 +175,28 @@ def text_pair(toks, text):
 
 
 def test_module_does_not_import_jax():
-    code = "import sys, fusejax.align, fusejax._align_kernels; print('jax' in sys.modules)"
+    code = ("import sys, fusejax.vocab, fusejax.vocab_maps, fusejax.dtw, fusejax.align; "
+            "print('jax' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 
 def test_markers_and_byte_level(toks):
     s, t = toks
-    assert align.word_start_marker(s) == "Ġ" and align.is_byte_level(s)
-    assert align.word_start_marker(t) == "▁" and not align.is_byte_level(t)
+    assert vocab.word_start_marker(s) == "Ġ" and vocab.is_byte_level(s)
+    assert vocab.word_start_marker(t) == "▁" and not vocab.is_byte_level(t)
 
 
 def test_token_texts(toks):
     s, t = toks
     ids_s, ids_t = text_pair(toks, TRICKY)
     # byte-level and byte-fallback tokens decode to the same bytes: the UTF-8 text itself
-    assert b"".join(align.token_texts(s, ids_s)) == TRICKY.encode()
-    assert b"".join(align.token_texts(t, ids_t)) == b" " + TRICKY.encode()  # Metaspace's dummy prefix
+    assert b"".join(vocab.token_texts(s, ids_s)) == TRICKY.encode()
+    assert b"".join(vocab.token_texts(t, ids_t)) == b" " + TRICKY.encode()  # Metaspace's dummy prefix
     sv, tv = s.get_vocab(), t.get_vocab()
-    assert align.token_texts(s, [sv["Ċ"], sv["  "]]) == [b"\n", b"  "]  # the added token is literal text
-    assert align.token_texts(t, [tv["<0x0A>"], tv["</s>"], tv["<s>"]]) == [b"\n", b"\xffeos", b"\xffbos"]
-    assert align.token_texts(s, [sv["<|endoftext|>"]]) == [b"\xffeos"]
+    assert vocab.token_texts(s, [sv["Ċ"], sv["  "]]) == [b"\n", b"  "]  # the added token is literal text
+    assert vocab.token_texts(t, [tv["<0x0A>"], tv["</s>"], tv["<s>"]]) == [b"\n", b"\xffeos", b"\xffbos"]
+    assert vocab.token_texts(s, [sv["<|endoftext|>"]]) == [b"\xffeos"]
 
 
 @pytest.mark.parametrize("mode", ["reference", "default"])
@@ -206,9 +208,9 @@ def test_align_tokens_matches_naive_dp_on_text(toks, mode):
         if mode == "reference":
             a, b = reference_strings(s, ids_s, "Ġ"), reference_strings(t, ids_t, "▁")
         else:  # the spelled bytes, one character per byte
-            a = [x.decode("latin-1") for x in align.token_texts(s, ids_s)]
-            b = [x.decode("latin-1") for x in align.token_texts(t, ids_t)]
-        got = align.align_tokens(s, ids_s, t, ids_t, mode=mode)
+            a = [x.decode("latin-1") for x in vocab.token_texts(s, ids_s)]
+            b = [x.decode("latin-1") for x in vocab.token_texts(t, ids_t)]
+        got = dtw.align_tokens(s, ids_s, t, ids_t, mode=mode)
         assert got.dtype == np.int32
         np.testing.assert_array_equal(got, naive_dtw_partner(a, b))
 
@@ -219,7 +221,7 @@ def test_align_tokens_matches_naive_dp_on_random_ids(toks, mode):
     rng = np.random.default_rng(0)
     for n, m in [(1, 1), (1, 7), (9, 1), (23, 40), (60, 31)]:
         ids_s, ids_t = rng.integers(0, len(s), n), rng.integers(0, len(t), m)
-        np.testing.assert_array_equal(align.align_tokens(s, ids_s, t, ids_t, mode=mode),
+        np.testing.assert_array_equal(dtw.align_tokens(s, ids_s, t, ids_t, mode=mode),
                                       naive_partners(s, ids_s, t, ids_t, mode))
 
 
@@ -230,7 +232,7 @@ def test_align_tokens_ties_on_repetitive_text(toks):
     ids_s, ids_t = text_pair(toks, text)
     for ids_a, ids_b in [(ids_s, ids_t), (ids_s[::-1].copy(), ids_t)]:
         a, b = reference_strings(s, ids_a, "Ġ"), reference_strings(t, ids_b, "▁")
-        np.testing.assert_array_equal(align.align_tokens(s, ids_a, t, ids_b, mode="reference"), naive_dtw_partner(a, b))
+        np.testing.assert_array_equal(dtw.align_tokens(s, ids_a, t, ids_b, mode="reference"), naive_dtw_partner(a, b))
 
 
 TIE_SRC = ["a", "aa", "ab", "b", "Ġa", "Ġb", "ĠĠ", "Ċ", "ba"]
@@ -246,13 +248,13 @@ def test_align_tokens_pruning_keeps_ties_on_tiny_alphabets(mode):
     for _ in range(150):
         n, m = rng.integers(1, 30, 2)
         ids_s, ids_t = rng.integers(0, len(TIE_SRC), n), rng.integers(0, len(TIE_TGT), m)
-        np.testing.assert_array_equal(align.align_tokens(s, ids_s, t, ids_t, mode=mode),
+        np.testing.assert_array_equal(dtw.align_tokens(s, ids_s, t, ids_t, mode=mode),
                                       naive_partners(s, ids_s, t, ids_t, mode))
 
 
 def test_cost_to_go_bound_is_a_lower_bound():
     """The pruning bound never exceeds the exact DTW cost still to pay (naive backward DP with Levenshtein)."""
-    from fusejax import _align_kernels as K
+    from fusejax import align_kernels as K
 
     rng = np.random.default_rng(2)
     words = ["the", "then", "he", "a", "an", "and", "na", "", "x", "éé", "ab" * 4]
@@ -289,29 +291,29 @@ def test_vocab_map_reference_equals_brute_force(toks):
     keys_s = [x.replace("Ġ", "▁") for x in s.convert_ids_to_tokens(list(range(len(s))))]
     keys_t = t.convert_ids_to_tokens(list(range(len(t))))
     want_ids, want_d = brute_mined(keys_s, keys_t, t.get_vocab())
-    ids, dist = align.vocab_map(s, t, method="mined", mode="reference")
+    ids, dist = vocab_maps.vocab_map(s, t, method="mined", mode="reference")
     assert ids.dtype == np.int32 and dist.dtype == np.int32 and ids.shape == (len(s),)
     np.testing.assert_array_equal(ids, want_ids)
     np.testing.assert_array_equal(dist, want_d)
-    exact_ids, exact_d = align.vocab_map(s, t, method="exact", mode="reference")
+    exact_ids, exact_d = vocab_maps.vocab_map(s, t, method="exact", mode="reference")
     np.testing.assert_array_equal(exact_ids, np.where(want_d == 0, want_ids, -1))
     np.testing.assert_array_equal(exact_d, np.where(want_d == 0, 0, -1))
-    summary = align.vocab_map_summary(ids, dist)
+    summary = vocab_maps.vocab_map_summary(ids, dist)
     assert summary["exact_rate"] == pytest.approx(np.mean(want_d == 0))
     assert summary["mean_distance"] == pytest.approx(want_d.mean())
 
 
 def test_vocab_map_default_compares_spelled_text(toks):
     s, t = toks
-    ids, dist = align.vocab_map(s, t, method="mined", mode="default")
+    ids, dist = vocab_maps.vocab_map(s, t, method="mined", mode="default")
     sv, tv = s.get_vocab(), t.get_vocab()
     # newline, never equal as token strings; the tiny vocabulary learned a literal "\n", preferred to <0x0A>
-    assert align.token_texts(t, [ids[sv["Ċ"]]]) == [b"\n"] and dist[sv["Ċ"]] == 0
+    assert vocab.token_texts(t, [ids[sv["Ċ"]]]) == [b"\n"] and dist[sv["Ċ"]] == 0
     assert ids[sv["<|endoftext|>"]] == tv["</s>"]  # EOS by role
     a_s = s.convert_tokens_to_ids("A")
     assert ids[a_s] == tv["A"]  # the regular token is preferred over byte fallback <0x41>
-    keys_s = [x.decode("latin-1") for x in align.token_texts(s)]
-    keys_t = [x.decode("latin-1") for x in align.token_texts(t)]
+    keys_s = [x.decode("latin-1") for x in vocab.token_texts(s)]
+    keys_t = [x.decode("latin-1") for x in vocab.token_texts(t)]
     for sid in random.Random(0).sample(range(len(s)), 40):
         want = min(Levenshtein.distance(keys_s[sid], y) for y in keys_t)
         assert dist[sid] == want == Levenshtein.distance(keys_s[sid], keys_t[ids[sid]])
@@ -319,7 +321,7 @@ def test_vocab_map_default_compares_spelled_text(toks):
 
 def test_vocab_map_co_occurrence_breaks_ties_and_cache(toks, tmp_path):
     s, t = toks
-    ids, dist = align.vocab_map(s, t, mode="reference")
+    ids, dist = vocab_maps.vocab_map(s, t, mode="reference")
     keys_s = [x.replace("Ġ", "▁") for x in s.convert_ids_to_tokens(list(range(len(s))))]
     keys_t = t.convert_ids_to_tokens(list(range(len(t))))
     # a source token with several equally distant candidates
@@ -329,17 +331,17 @@ def test_vocab_map_co_occurrence_breaks_ties_and_cache(toks, tmp_path):
     other = tied[-1]
     far = int(np.argmax([Levenshtein.distance(keys_s[sid], y) for y in keys_t]))  # not a tie: ignored
     co = (np.array([sid, sid, sid]), np.array([other, far, far]), np.array([2.0, 50.0, 50.0]))
-    ids_co, dist_co = align.vocab_map(s, t, mode="reference", co_occurrence=co, cache_dir=tmp_path)
+    ids_co, dist_co = vocab_maps.vocab_map(s, t, mode="reference", co_occurrence=co, cache_dir=tmp_path)
     assert ids[sid] == tied[0] and ids_co[sid] == other and dist_co[sid] == dist[sid]
     changed = np.flatnonzero(ids_co != ids)
     assert changed.tolist() == [sid]
     # the cached map is reused (a file keyed by both fingerprints), not recomputed
     (cached,) = tmp_path.glob("vocab_map-*.npz")
     np.savez(cached, target_ids=np.zeros(len(s), np.int32), distances=np.zeros(len(s), np.int32))
-    again, _ = align.vocab_map(s, t, mode="reference", co_occurrence=co, cache_dir=tmp_path)
+    again, _ = vocab_maps.vocab_map(s, t, mode="reference", co_occurrence=co, cache_dir=tmp_path)
     assert not again.any()
     with pytest.raises(ValueError, match="co_occurrence"):
-        align.vocab_map(s, t, co_occurrence=(np.array([len(s)]), np.array([0]), np.array([1.0])))
+        vocab_maps.vocab_map(s, t, co_occurrence=(np.array([len(s)]), np.array([0]), np.array([1.0])))
 
 
 @pytest.mark.parametrize("soft", [False, True])
@@ -355,7 +357,7 @@ def test_align_topk_reference_equals_transcription(toks, soft):
     logits = rng.normal(size=topk.shape).astype(np.float32)
     mapping = vmap = None
     if soft:
-        vmap, _ = align.vocab_map(s, t, mode="reference")
+        vmap, _ = vocab_maps.vocab_map(s, t, mode="reference")
         tokens_t = t.convert_ids_to_tokens(list(range(len(t))))
         mapping = {x.replace("Ġ", "▁"): tokens_t[vmap[i]] for i, x in enumerate(s.convert_ids_to_tokens(list(range(len(s)))))}
     want = reference_transform(s, ids_s, topk, logits, t, ids_t, mapping, "Ġ", "▁", True)
@@ -434,30 +436,30 @@ def test_hand_marker_only_tokens_cost_zero(hand):
     tgt = _ids(TGT, ["▁▁▁", "▁Hello", "Hello"])
     # costs by hand: ""-"" 0, ""-"Hello" 5, ""-"Hello" 5 / "Hello"-"" 5, 0, 0 ->
     # D = [[0, 5, 10], [5, 0, 0]]; backtrack (1,2) -> left (1,1) -> diag (0,0)
-    assert align.align_tokens(s, src, t, tgt, mode="reference").tolist() == [0, 1, 1]
+    assert dtw.align_tokens(s, src, t, tgt, mode="reference").tolist() == [0, 1, 1]
 
 
 def test_bad_input_errors(hand):
     s, t = hand
     with pytest.raises(ValueError, match="mode"):
-        align.align_tokens(s, [1], t, [3], mode="fast")
+        dtw.align_tokens(s, [1], t, [3], mode="fast")
     with pytest.raises(ValueError, match="target_ids: id 99"):
-        align.align_tokens(s, [1], t, [99])
+        dtw.align_tokens(s, [1], t, [99])
     with pytest.raises(ValueError, match="empty sequence"):
-        align.align_tokens(s, [], t, [3])
+        dtw.align_tokens(s, [], t, [3])
     with pytest.raises(ValueError, match="source_topk_ids"):
         align.align_topk(s, [1, 2], np.zeros((3, 2), int), np.zeros((3, 2)), t, [3])
     with pytest.raises(ValueError, match="vocab_map"):
         align.align_topk(s, [1], np.zeros((1, 2), int), np.zeros((1, 2)), t, [3], vocab_map=np.zeros(3, int))
     with pytest.raises(ValueError, match="method"):
-        align.vocab_map(s, t, method="fuzzy")
+        vocab_maps.vocab_map(s, t, method="fuzzy")
 
 
 def test_kernel_levenshtein_equals_rapidfuzz_on_both_sides_of_64_characters():
     """The compiled edit distance (bit-parallel up to 64 characters, a plain DP beyond) against rapidfuzz."""
     from rapidfuzz.distance import Levenshtein
 
-    from fusejax import _align_kernels as K
+    from fusejax import align_kernels as K
 
     rng = np.random.default_rng(0)
     buf = np.zeros(200, np.int64)

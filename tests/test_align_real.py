@@ -1,9 +1,10 @@
-"""fusejax.align with the real tokenizers (Llama-2, GPT-NeoX-20B, OpenLLaMA v1, GPT-2) on real corpora."""
+"""fusejax.vocab and fusejax.align with the real tokenizers (Llama-2, GPT-NeoX-20B, OpenLLaMA v1, GPT-2) on
+real corpora."""
 
 import numpy as np
 import pytest
 
-from fusejax import align
+from fusejax import align, dtw, vocab
 from tests.test_align import naive_partners
 
 PAIRS = [("gpt-neox-20b", "llama2"), ("gpt2", "openllama-v1"), ("llama2", "gpt2")]
@@ -22,17 +23,17 @@ def real(shared_data):
 
 def test_markers_and_texts(real):
     toks, text = real
-    assert {n: align.word_start_marker(t) for n, t in toks.items()} == {
+    assert {n: vocab.word_start_marker(t) for n, t in toks.items()} == {
         "llama2": "▁", "gpt-neox-20b": "Ġ", "openllama-v1": "▁", "gpt2": "Ġ"}
-    assert [align.is_byte_level(toks[n]) for n in ("llama2", "gpt-neox-20b", "gpt2")] == [False, True, True]
+    assert [vocab.is_byte_level(toks[n]) for n in ("llama2", "gpt-neox-20b", "gpt2")] == [False, True, True]
     sample = "def f(x):\n\treturn  x  # é 😀 漢字"
     for name, tok in toks.items():
         ids = tok(sample, add_special_tokens=False)["input_ids"]
-        spelled = b"".join(align.token_texts(tok, ids))
+        spelled = b"".join(vocab.token_texts(tok, ids))
         assert spelled.removeprefix(b" ") == sample.encode(), name
     neox = toks["gpt-neox-20b"]
-    assert align.token_texts(neox, [neox.convert_tokens_to_ids("  ")]) == [b"  "]  # literal added spaces
-    assert align.token_texts(neox, [neox.eos_token_id]) == align.token_texts(toks["llama2"], [2]) == [b"\xffeos"]
+    assert vocab.token_texts(neox, [neox.convert_tokens_to_ids("  ")]) == [b"  "]  # literal added spaces
+    assert vocab.token_texts(neox, [neox.eos_token_id]) == vocab.token_texts(toks["llama2"], [2]) == [b"\xffeos"]
 
 
 @pytest.mark.parametrize("source,target", PAIRS)
@@ -42,8 +43,8 @@ def test_align_tokens_equals_naive_dp(real, source, target, mode):
     s, t = toks[source], toks[target]
     ids_t = np.array(t(text)["input_ids"][:260])
     ids_s = np.array(s(t.decode(ids_t, skip_special_tokens=True))["input_ids"])
-    markers = (align.word_start_marker(s), align.word_start_marker(t))
-    np.testing.assert_array_equal(align.align_tokens(s, ids_s, t, ids_t, mode=mode),
+    markers = (vocab.word_start_marker(s), vocab.word_start_marker(t))
+    np.testing.assert_array_equal(dtw.align_tokens(s, ids_s, t, ids_t, mode=mode),
                                   naive_partners(s, ids_s, t, ids_t, mode, markers))
 
 
@@ -59,7 +60,7 @@ def test_newlines_match_only_in_default_mode(real):
     ref, _ = align.align_topk(s, ids_s, topk, logits, t, ids_t, mode="reference")
     np.testing.assert_array_equal(ref[newline, 0], ids_t[newline])  # the current-token fallback
     default, _, stats = align.align_topk(s, ids_s, topk, logits, t, ids_t, mode="default", return_stats=True)
-    partner = align.align_tokens(s, ids_s, t, ids_t, mode="default")
+    partner = dtw.align_tokens(s, ids_s, t, ids_t, mode="default")
     matched = newline[(partner[newline] >= 0) & (ids_s[partner[newline]] == s.convert_tokens_to_ids("Ċ"))]
     assert matched.size > 3
     # matched newline positions carry the source's top-1 (here the source token itself: "Ċ" -> "<0x0A>")

@@ -3,12 +3,13 @@
 import json
 import shutil
 
+import jax
 import ml_dtypes
 import numpy as np
 import pytest
 from pydoc_data.topics import topics
 
-from fusejax import align
+from fusejax import align, dtw, vocab_maps
 from fusejax.config import load_config
 from fusejax.corpus import prepare_corpus
 from fusejax.store import Field, StoreWriter, open_store
@@ -87,7 +88,7 @@ def _shard_files(path):
 def aligned(run_dir):
     root, _ = run_dir
     cfg = _config(root)
-    summary = align.run_align(cfg)
+    summary = align.run(cfg)
     return cfg, summary
 
 
@@ -118,7 +119,7 @@ def test_rows_equal_align_topk(run_dir, aligned):
                                        vocab_map=vmap, mode="default", fallback="next_token")
             np.testing.assert_array_equal(row["table_ids"][:, n], ids)
             np.testing.assert_array_equal(row["table_logits"][:, n], lg)
-            partner = align.align_tokens(tok, src["input_ids"], tgt_tok, want_ids)
+            partner = dtw.align_tokens(tok, src["input_ids"], tgt_tok, want_ids)
             for i, j in enumerate(partner):
                 want = src["token_ce"][j] if j >= 0 else src["seq_ce"]
                 assert row["token_ce"][i, n] == np.float32(want)
@@ -164,10 +165,10 @@ def test_resume_after_kill_is_byte_identical(run_dir, aligned, monkeypatch):
 
     monkeypatch.setattr(StoreWriter, "add", dying_add)
     with pytest.raises(KeyboardInterrupt):
-        align.run_align(cfg)
+        align.run(cfg)
     monkeypatch.setattr(StoreWriter, "add", real_add)
     assert len(open_store(path)) == 3
-    align.run_align(cfg)
+    align.run(cfg)
     assert _shard_files(path) == want
 
 
@@ -176,11 +177,10 @@ def test_two_processes_cover_the_corpus(run_dir, aligned, monkeypatch, tmp_path)
     want = {r["id"]: r["table_ids"].tobytes() for r in open_store(root / "run" / "aligned")}
     shutil.copytree(root / "run", tmp_path / "run", ignore=shutil.ignore_patterns("aligned*"))
     cfg2 = _config(root, f"run.output_dir={tmp_path / 'run'}")
-    monkeypatch.setenv("FUSEJAX_COORDINATOR", "localhost:1")
-    monkeypatch.setenv("FUSEJAX_NUM_PROCESSES", "2")
-    for process in ("1", "0"):
-        monkeypatch.setenv("FUSEJAX_PROCESS_ID", process)
-        align.run_align(cfg2)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    for process in (1, 0):
+        monkeypatch.setattr(jax, "process_index", lambda: process)
+        align.run(cfg2)
     store = open_store(tmp_path / "run" / "aligned")
     assert {p.name for p in (tmp_path / "run" / "aligned").glob("manifest-p*")} == {"manifest-p0000.json",
                                                                                   "manifest-p0001.json"}
@@ -192,7 +192,7 @@ def test_mismatched_topk_store_is_refused(run_dir, aligned, override, key):
     root, _ = run_dir
     override = override.replace("TOK0", str(root / "tok" / NAMES[0]))
     with pytest.raises(ValueError, match=key) as err:
-        align.run_align(_config(root, override))
+        align.run(_config(root, override))
     assert str(root / "run" / "represent" / NAMES[0 if "k=" in override else 1]) in str(err.value)
 
 
@@ -200,7 +200,7 @@ def test_vocab_maps_with_co_occurrence(run_dir, aligned, tmp_path):
     """Co-occurrence only re-breaks ties among equally distant targets: same distances as the plain map."""
     root, _ = run_dir
     shutil.copytree(root / "run", tmp_path / "run", ignore=shutil.ignore_patterns("aligned*"))
-    summary = align.run_vocab_maps(_config(root, f"run.output_dir={tmp_path / 'run'}", "vocab_map.co_occurrence=true"))
+    summary = vocab_maps.run(_config(root, f"run.output_dir={tmp_path / 'run'}", "vocab_map.co_occurrence=true"))
     assert all(summary[n]["co_occurrence"] for n in NAMES)
     for name in NAMES:
         plain, co = (np.load(d / "vocab_maps" / f"{name}.npz") for d in (root / "run", tmp_path / "run"))

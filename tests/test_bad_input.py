@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fusejax import cli
+from fusejax import cli, stages
 from fusejax.config import ConfigError
 from fusejax.store import open_store
 
@@ -190,7 +190,7 @@ def test_bugs_keep_their_traceback_and_debug_shows_every_traceback(monkeypatch, 
     module.divide, module.numpy_shape_bug, module.user_error = divide, numpy_shape_bug, user_error
     monkeypatch.setitem(sys.modules, "fake_stages", module)
     for name in ("divide", "numpy_shape_bug", "user_error"):
-        monkeypatch.setitem(cli.STAGES, name, (f"fake_stages:{name}", name))
+        monkeypatch.setitem(stages.COMMANDS, name, (f"fake_stages:{name}", name))
     with pytest.raises(ZeroDivisionError):
         cli.main(["divide"])
     with pytest.raises(ValueError, match="same shape"):

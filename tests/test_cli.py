@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fusejax import cli
+from fusejax import cli, stages
 from fusejax.config import ConfigError, iter_fields
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,8 +117,8 @@ def test_registered_stage_gets_the_resolved_config(monkeypatch, tmp_path, capsys
         raise ConfigError("target.path is not set")
 
     fake_module(monkeypatch, "fake_stage_module", run=run, broken=broken)
-    monkeypatch.setitem(cli.STAGES, "fake", ("fake_stage_module:run", "fake stage help"))
-    monkeypatch.setitem(cli.STAGES, "broken", ("fake_stage_module:broken", "always fails"))
+    monkeypatch.setitem(stages.COMMANDS, "fake", ("fake_stage_module:run", "fake stage help"))
+    monkeypatch.setitem(stages.COMMANDS, "broken", ("fake_stage_module:broken", "always fails"))
     path = tmp_path / "c.yaml"
     path.write_text("train: {steps: 5}\n")
     assert cli.main(["fake", str(path), "train.lr=2e-5"]) == 3  # the stage's return value is the exit code
@@ -132,7 +132,7 @@ def test_registered_stage_gets_the_resolved_config(monkeypatch, tmp_path, capsys
 
 
 def test_listed_stages_exist():
-    for name, (spec, help_text) in cli.STAGES.items():
+    for name, (spec, help_text) in stages.COMMANDS.items():
         module, _, function = spec.partition(":")
         assert callable(getattr(importlib.import_module(module), function)), name
         assert help_text, name

@@ -15,7 +15,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from fusejax import corpus
-from fusejax.corpus import SPLITS, prepare_corpus, split_document
+from fusejax.corpus import prepare_corpus, split_document
+from fusejax.schema import SPLITS
 from fusejax.store import StoreMismatchError, open_store
 from fusejax.tokenizer import load_tokenizer
 

@@ -359,11 +359,11 @@ def _record_stage(cfg):
 
 
 def test_cli_initialises_before_a_stage_but_not_for_config(monkeypatch, capsys):
-    from fusejax import cli
+    from fusejax import cli, stages
 
     _events.clear()
     monkeypatch.setattr(cli, "initialize", lambda: _events.append(("initialize",)))
-    monkeypatch.setitem(cli.STAGES, "fakestage", (f"{__name__}:_record_stage", "a stage for this test"))
+    monkeypatch.setitem(stages.COMMANDS, "fakestage", (f"{__name__}:_record_stage", "a stage for this test"))
     assert cli.main(["fakestage", "train.lr=3e-5"]) == 0
     assert _events == [("initialize",), ("stage", 3e-5)]
     _events.clear()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from fusejax import embedded
-from fusejax.align import word_start_marker
+from fusejax.vocab import word_start_marker
 from fusejax.tokenizer import load_tokenizer
 
 TEXT = "def area(r):\n    return 3.14 * r ** 2  # the circle's area\n\nThe  quick brown fox."

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from fusejax.corpus import prepare_corpus
 from fusejax.data import TokenBatches
-from fusejax.evaluate import block_domains, domain_of, evaluate
+from fusejax.evaluation import block_domains, domain_of, evaluate
 from fusejax.models import ModelConfig, Transformer
 
 SEQ = 48

@@ -11,10 +11,12 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from fusejax.config import TrainConfig, load_config
-from fusejax.export import export, find_checkpoints, run as export_stage
+from fusejax.checkpoint import find_checkpoints
+from fusejax.export import export, run as export_stage
 from fusejax.models import ModelConfig, Transformer
 from fusejax.sharding import make_mesh
-from fusejax.train import SyntheticTables, Trainer
+from fusejax.testing import SyntheticTables
+from fusejax.train import Trainer
 
 MODEL = ModelConfig(arch="llama", vocab_size=200, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                     num_kv_heads=2, rope_theta=500.0, bos_token_id=1, eos_token_id=2)

@@ -11,7 +11,9 @@ import pytest
 from fusejax.config import TrainConfig
 from fusejax.models import ModelConfig
 from fusejax.sharding import make_mesh
-from fusejax.train import SyntheticTables, Trainer, build_target, stream_rows
+from fusejax.data import stream_rows
+from fusejax.testing import SyntheticTables
+from fusejax.train import Trainer, build_target
 from multiprocess import run_processes  # tests/multiprocess.py
 
 MODEL = dict(arch="llama", vocab_size=200, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -32,7 +34,8 @@ import jax
 from fusejax.config import TrainConfig
 from fusejax.models import ModelConfig
 from fusejax.sharding import make_mesh
-from fusejax.train import SyntheticTables, Trainer, build_target
+from fusejax.testing import SyntheticTables
+from fusejax.train import Trainer, build_target
 
 s = json.loads({settings!r})
 

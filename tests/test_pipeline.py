@@ -8,7 +8,7 @@ import transformers
 from flax import nnx
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from fusejax import pipeline
+from fusejax import pipeline, stages
 from fusejax.config import ConfigError, load_config, replace
 from fusejax.models import ModelConfig, Transformer, save_pretrained
 
@@ -21,7 +21,7 @@ class FakeStages:
 
     def __init__(self, monkeypatch):
         self.calls, self.fail = [], None
-        by_fn = {s.fn: s for s in pipeline.STAGES}
+        by_fn = {s.fn: s for s in stages.PIPELINE}
 
         def resolve(spec):
             stage = by_fn[spec]
@@ -38,7 +38,7 @@ class FakeStages:
 
             return fn
 
-        monkeypatch.setattr(pipeline, "_resolve", resolve)
+        monkeypatch.setattr(stages, "resolve", resolve)
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ def test_runs_every_stage_in_order_then_skips_them(setup):
     cfg, fake, tmp = setup
     assert pipeline.run(cfg, validate_first=False) == dict.fromkeys(ORDER, "ran")
     assert fake.calls == ORDER
-    for stage in pipeline.STAGES:
+    for stage in stages.PIPELINE:
         record = json.loads((stage.output(cfg) / "stage.json").read_text())
         assert record["status"] == "complete" and record["stage"] == stage.name
     assert (tmp / "out" / "export" / "stage.json").is_file()

@@ -26,7 +26,7 @@ import yaml
 from flax import nnx
 
 import fusejax.corpus
-import fusejax.store
+import fusejax.files
 from fusejax import cli
 from fusejax.store import open_store
 
@@ -45,7 +45,7 @@ CORPUS_ROWS_PER_SHARD = 8  # the prepare stage writes 4096 blocks per shard: too
 # KIND; a file is cut half way first. The last stdout line holds the counts as JSON.
 DRIVER = f"""
 import io, json, os, signal, sys
-import fusejax.corpus, fusejax.store as store
+import fusejax.corpus, fusejax.files as files
 from fusejax.cli import main
 
 fusejax.corpus.prepare_corpus.__kwdefaults__["rows_per_shard"] = {CORPUS_ROWS_PER_SHARD}
@@ -56,19 +56,19 @@ def event(kind):
     events[kind] += 1
     return kind == kill_kind and events[kind] == int(kill_at)
 
-def write_file(path, data, real=store._write_file):
+def write_file(path, data, real=files.write_file):
     if event("manifest" if "manifest" in path.name else "shard"):
         with open(path, "wb") as f:
             f.write(data[: len(data) // 2])
         os.kill(os.getpid(), signal.SIGKILL)
     real(path, data)
 
-def fsync_dir(path, real=store._fsync_dir):
+def fsync_dir(path, real=files.fsync_dir):
     if event("fsync"):
         os.kill(os.getpid(), signal.SIGKILL)
     real(path)
 
-store._write_file, store._fsync_dir = write_file, fsync_dir
+files.write_file, files.fsync_dir = write_file, fsync_dir
 config, *stages = sys.argv[1:]
 if {{"train", "export", "run"}} & set(stages):  # these import JAX and Orbax: not for the host-only stages
     import fusejax.models.hf_io as hf_io, fusejax.train as train
@@ -84,7 +84,7 @@ if {{"train", "export", "run"}} & set(stages):  # these import JAX and Orbax: no
             os.kill(os.getpid(), signal.SIGKILL)
         await real(self)
 
-    def atomic_write(path, write, real=hf_io._atomic_write):
+    def atomic_write(path, write, real=hf_io.atomic_write):
         if event("export"):
             def write(f, whole=write):
                 data = io.BytesIO()
@@ -94,7 +94,7 @@ if {{"train", "export", "run"}} & set(stages):  # these import JAX and Orbax: no
                 os.kill(os.getpid(), signal.SIGKILL)
         real(path, write)
 
-    train.Trainer._host_batch, hf_io._atomic_write, AtomicRenameTemporaryPath.finalize = host_batch, atomic_write, finalize
+    train.Trainer._host_batch, hf_io.atomic_write, AtomicRenameTemporaryPath.finalize = host_batch, atomic_write, finalize
 for stage in stages:
     code = main([stage, config])
     if code:
@@ -280,11 +280,11 @@ def test_full_disk_keeps_the_previous_state_and_reports_it(pipeline, tmp_path, m
     root, ref, _ = pipeline
     monkeypatch.setitem(fusejax.corpus.prepare_corpus.__kwdefaults__, "rows_per_shard", CORPUS_ROWS_PER_SHARD)
     config = write_config(tmp_path / "config.yaml", root, tmp_path / "run")
-    real = fusejax.store._write_file
+    real = fusejax.files.write_file
     seen = []
 
     def full_disk(path, data):
-        seen.append(path.parent.name if victim == "shard file" else path.name)
+        seen.append(path.parent.name if victim == "shard file" else path.name.rsplit(".", 1)[0])
         target = ".tmp-shard-p0000-000001" if victim == "shard file" else ".tmp-manifest-p0000.json"
         if seen.count(target) == (3 if victim == "shard file" else 2):  # third file of shard 1 / second manifest
             with open(path, "wb") as f:
@@ -292,7 +292,7 @@ def test_full_disk_keeps_the_previous_state_and_reports_it(pipeline, tmp_path, m
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         real(path, data)
 
-    monkeypatch.setattr(fusejax.store, "_write_file", full_disk)
+    monkeypatch.setattr(fusejax.files, "write_file", full_disk)
     assert cli.main(["prepare", str(config)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("fusejax: error: [Errno 28] No space left on device")
@@ -302,16 +302,16 @@ def test_full_disk_keeps_the_previous_state_and_reports_it(pipeline, tmp_path, m
     assert rows == CORPUS_ROWS_PER_SHARD  # the first shard stays readable, the second never appears
     assert not (corpus / "writer-p0000.lock").exists()  # the failed writer released its lock
 
-    monkeypatch.setattr(fusejax.store, "_write_file", real)  # space freed: the rerun completes the store
+    monkeypatch.setattr(fusejax.files, "write_file", real)  # space freed: the rerun completes the store
     assert cli.main(["prepare", str(config)]) == 0
     assert _store_files(corpus) == _store_files(ref / "corpus")
 
 
 HOLD_LOCK = """
 import sys
-from fusejax.corpus import FIELDS
+from fusejax.schema import CORPUS_FIELDS
 from fusejax.store import StoreWriter
-writer = StoreWriter(sys.argv[1], kind="corpus", meta={}, fields=FIELDS, rows_per_shard=8)
+writer = StoreWriter(sys.argv[1], kind="corpus", meta={}, fields=CORPUS_FIELDS, rows_per_shard=8)
 print("locked", flush=True)
 sys.stdin.read()
 """
@@ -387,7 +387,7 @@ def _check_training(out: Path, ref: Path, resumed_from: list[int] | None = None)
     """The training in ``out`` ended with ``ref``'s parameters, checkpoints and summary, and every per-step
     value logged by any of its processes (a step redone after a kill is logged again) equals ``ref``'s.
     ``resumed_from``: the step each restarted process must have resumed from (its first logged step - 1)."""
-    from fusejax.export import load_trained
+    from fusejax.checkpoint import load_trained
 
     (reference,) = _tb_files(ref / "train" / "tb")
     assert {step for _, step in reference} == set(range(1, 7))

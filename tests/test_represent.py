@@ -59,13 +59,13 @@ def test_extract_topk_matches_transformers(tmp_path, vocab):
 
 @pytest.mark.parametrize("vocab,k,high", [(5000, 10, 4), (5000, 1, 3), (4099, 10, 1000), (4099, 3, 1)])
 def test_two_stage_top_k_equals_a_full_sort_with_ties(vocab, k, high):
-    """``represent._top_k`` against a stable numpy sort: same values, same ids, ties broken by the lowest id;
+    """``represent.top_k`` against a stable numpy sort: same values, same ids, ties broken by the lowest id;
     integer-valued logits in a small range make ties common, some rows are mostly -inf."""
     rng = np.random.default_rng(vocab + k)
     logits = rng.integers(0, high, (3, 40, vocab)).astype(np.float32)
     logits[0, :5, 7:] = -np.inf
     assert vocab >= 4 * k * represent._CHUNK  # the two-stage path, not the small-vocabulary fallback
-    values, ids = map(np.asarray, represent._top_k(logits, k))
+    values, ids = map(np.asarray, represent.top_k(logits, k))
     order = np.argsort(-logits, axis=-1, kind="stable")[..., :k]
     np.testing.assert_array_equal(ids, order)
     np.testing.assert_array_equal(values, np.take_along_axis(logits, order, axis=-1))
@@ -126,7 +126,7 @@ def test_resume_after_interruption_is_byte_identical(setup, monkeypatch):
     represent_source(model, tok, root / "corpus", root / "straight", **kwargs)
 
     calls = {"n": 0}
-    real = represent._extract
+    real = represent.extract_step
 
     def dies_on_fifth_batch(*args):
         calls["n"] += 1
@@ -134,11 +134,11 @@ def test_resume_after_interruption_is_byte_identical(setup, monkeypatch):
             raise KeyboardInterrupt("simulated kill")
         return real(*args)
 
-    monkeypatch.setattr(represent, "_extract", dies_on_fifth_batch)
+    monkeypatch.setattr(represent, "extract_step", dies_on_fifth_batch)
     with pytest.raises(KeyboardInterrupt):
         represent_source(model, tok, root / "corpus", root / "resumed", **kwargs)
     assert 0 < len(open_store(root / "resumed")) < len(open_store(root / "corpus"))
-    monkeypatch.setattr(represent, "_extract", real)
+    monkeypatch.setattr(represent, "extract_step", real)
     represent_source(model, tok, root / "corpus", root / "resumed", **kwargs)
     assert _files(root / "resumed") == _files(root / "straight")
 

@@ -122,6 +122,22 @@ def test_rules_override_changes_placement(llama_folder):
     assert model.embed.get_value().sharding.spec == P(None, "fsdp")
 
 
+def test_activations_follow_the_model_rules_not_ambient_state(llama_folder):
+    """The rules a model was loaded with lay out its activations too (here the logits), whoever calls it."""
+    mesh = make_mesh(2, 2, 2)
+    ids = jnp.zeros((4, 8), jnp.int32)
+    batch = NamedSharding(mesh, P(("data", "fsdp")))
+    forward = nnx.jit(lambda model, ids: model(ids))
+    specs = {}
+    for name, rules in (("default", None), ("vocab replicated", {"vocab": None})):
+        model = load_pretrained(llama_folder, mesh=mesh, rules=rules)
+        with jax.set_mesh(mesh):
+            spec = tuple(forward(model, jax.device_put(ids, batch)).sharding.spec)
+            specs[name] = spec + (None,) * (3 - len(spec))  # trailing None entries may be dropped
+    assert specs["default"] == (("data", "fsdp"), None, "tensor")
+    assert specs["vocab replicated"] == (("data", "fsdp"), None, None)
+
+
 def test_indivisible_parameter_is_an_error(llama_folder):
     with pytest.raises(ShardingError, match=r"layers\.wk: dimension 2 \('kv_heads', size 2\) does not divide"):
         load_pretrained(llama_folder, mesh=make_mesh(1, 2, 4))

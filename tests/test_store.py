@@ -284,18 +284,18 @@ def test_duplicate_ids_detected(tmp_path):
 def test_write_json_failure_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
     import errno
 
-    import fusejax.store as store
+    import fusejax.files as files
 
     target = tmp_path / "summary.json"
-    store.write_json(target, {"blocks": 1})
+    files.write_json(target, {"blocks": 1})
     before = target.read_bytes()
 
     def full_disk(path, data):
         path.write_bytes(data[: len(data) // 2])
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(store, "_write_file", full_disk)
+    monkeypatch.setattr(files, "write_file", full_disk)
     with pytest.raises(OSError, match="No space left"):
-        store.write_json(target, {"blocks": 2})
+        files.write_json(target, {"blocks": 2})
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]

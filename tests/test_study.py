@@ -75,7 +75,7 @@ V, T = 50, 12
 
 
 class _Rows:
-    """Fixed random rows of a CLM batch (``fusejax.train.Batches``): variable lengths, random byte counts."""
+    """Fixed random rows of a CLM batch (``fusejax.data.Batches``): variable lengths, random byte counts."""
 
     def __init__(self, n=5, seed=0):
         from fusejax.data import next_token_targets
@@ -102,7 +102,7 @@ def _tiny(seed):
 
 
 def test_ensemble_bits_per_byte_matches_numpy_mixture():
-    from fusejax.evaluate import evaluate
+    from fusejax.evaluation import evaluate
 
     data, models = _Rows(), [_tiny(0), _tiny(1)]
     probs = []

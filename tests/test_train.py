@@ -20,14 +20,11 @@ from fusejax.fusion import fusion_loss
 from fusejax.models import ModelConfig, Transformer
 from fusejax.sharding import make_mesh
 from fusejax.store import StoreLockedError
-from fusejax.train import (
-    CheckpointMismatchError,
-    SyntheticTables,
-    Trainer,
-    build_target,
-    make_optimizer,
-    stream_rows,
-)
+from fusejax.checkpoint import CheckpointMismatchError
+from fusejax.data import stream_rows
+from fusejax.step import make_optimizer
+from fusejax.testing import SyntheticTables
+from fusejax.train import Trainer, build_target
 from tiny import read_events
 
 MODEL = ModelConfig(arch="llama", vocab_size=200, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,

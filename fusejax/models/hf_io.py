@@ -17,9 +17,7 @@ import json
 import math
 import os
 import struct
-import tempfile
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -30,9 +28,10 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from safetensors import SafetensorError, safe_open
 
+from fusejax.files import TEMP_PREFIX, atomic_write
 from fusejax.models.config import ModelConfig
 from fusejax.models.transformer import Transformer
-from fusejax.sharding import make_mesh, merge_rules, named_sharding
+from fusejax.sharding import make_mesh, named_sharding
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -289,14 +288,13 @@ def _default_mesh():
     return make_mesh(1, 1, 1, devices=jax.devices()[:1])
 
 
-def model_shardings(model: nnx.Module, mesh: jax.sharding.Mesh | None = None, rules=None) -> nnx.State:
-    """The model state with every Variable's value replaced by its ``NamedSharding`` (from ``logical_axes``).
-
-    ``mesh=None``: the default device alone. ``rules`` override :data:`fusejax.sharding.DEFAULT_RULES`.
-    Works on concrete and on abstract (``nnx.eval_shape``) models.
+def model_shardings(model: Transformer, mesh: jax.sharding.Mesh | None = None) -> nnx.State:
+    """The model state with every Variable's value replaced by its ``NamedSharding`` (from ``logical_axes``,
+    under the model's own ``rules``). ``mesh=None``: the default device alone. Works on concrete and on
+    abstract (``nnx.eval_shape``) models.
     """
     mesh = _default_mesh() if mesh is None else mesh
-    rules = merge_rules(rules)
+    rules = dict(model.rules)
     flat = []
     for path, var in nnx.to_flat_state(nnx.state(model)):
         shape = var.get_value().shape
@@ -317,16 +315,17 @@ def load_pretrained(
 ) -> Transformer:
     """A :class:`Transformer` from a Hugging Face folder (config.json + safetensors), placed on ``mesh``.
 
-    ``dtype``: parameter dtype; ``compute_dtype``: activation dtype (default ``dtype``); ``remat``: policy name.
-    Raises :class:`CheckpointError` or ``ModelConfigError`` naming the file and tensor or field at fault.
+    ``dtype``: parameter dtype; ``compute_dtype``: activation dtype (default ``dtype``); ``remat``: policy name;
+    ``rules``: sharding-rule overrides of the model (parameters and activations). Raises
+    :class:`CheckpointError` or ``ModelConfigError`` naming the file and tensor or field at fault.
     """
     folder = Path(path)
     config = read_config(folder, param_dtype=dtype, dtype=compute_dtype or dtype, remat=remat)
     config_source = folder / CONFIG_NAME
     checkpoint = _Checkpoint(folder)
-    abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0), rules=rules))
     graphdef, state = nnx.split(abstract)
-    shardings = dict(nnx.to_flat_state(model_shardings(abstract, mesh, rules)))
+    shardings = dict(nnx.to_flat_state(model_shardings(abstract, mesh)))
     rows = {ours: (row, j) for row in _weight_map(config) for j, ours in enumerate(row.ours)}
     param_dtype = np.dtype(jax.numpy.dtype(config.param_dtype))
     used: set[str] = set()
@@ -416,28 +415,15 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, *, max_shard_by
         weight_map = {hf: name for name, shard in zip(names, shards) for hf, *_ in shard}
         total = sum(math.prod(t[1]) for t in tensors) * dtype.itemsize
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        _atomic_write(folder / INDEX_NAME, lambda f: f.write(json.dumps(index, indent=2).encode()))
-    _atomic_write(folder / CONFIG_NAME, lambda f: f.write(json.dumps(c.to_hf(), indent=2).encode()))
+        atomic_write(folder / INDEX_NAME, lambda f: f.write(json.dumps(index, indent=2).encode()))
+    atomic_write(folder / CONFIG_NAME, lambda f: f.write(json.dumps(c.to_hf(), indent=2).encode()))
     keep = set(names) | ({INDEX_NAME} if len(shards) > 1 else set())
     # weight files of an earlier save with other shards; temporary files of a save that was killed
-    leftovers = [*folder.glob("model*.safetensors*"), *folder.glob(".model*.safetensors*.tmp"),
-                 *folder.glob(f".{CONFIG_NAME}.*.tmp")]
+    leftovers = [*folder.glob("model*.safetensors*"), *folder.glob(f"{TEMP_PREFIX}model*.safetensors*"),
+                 *folder.glob(f"{TEMP_PREFIX}{CONFIG_NAME}.*")]
     for stale in leftovers:
         if stale.name not in keep:
             stale.unlink()
-
-
-def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write ``path`` through ``write(file)`` into a temporary file in the same folder, then rename it into place."""
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as f:
-        try:
-            write(f)
-        except BaseException:
-            f.close()
-            os.unlink(f.name)
-            raise
-    os.chmod(f.name, 0o644)
-    os.replace(f.name, path)
 
 
 def _write_safetensors(path: Path, entries, dtype: np.dtype, writer: bool) -> None:
@@ -463,4 +449,4 @@ def _write_safetensors(path: Path, entries, dtype: np.dtype, writer: bool) -> No
         for *_, produce in entries:
             f.write(np.ascontiguousarray(produce()).tobytes())
 
-    _atomic_write(path, write)
+    atomic_write(path, write)

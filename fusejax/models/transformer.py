@@ -2,7 +2,8 @@
 
 Per-layer parameters are stacked along a leading ``layers`` axis (module :class:`Layers`) and applied with
 ``jax.lax.scan``, under ``jax.checkpoint`` when ``config.remat`` is not ``"none"``. Every ``nnx.Param`` carries
-``logical_axes`` metadata (names from :mod:`fusejax.sharding`); activations are constrained by logical names.
+``logical_axes`` metadata (names from :mod:`fusejax.sharding`); activations are constrained by logical names
+under the model's own ``rules`` (given at construction), the same rules that place its parameters.
 
 Weight layouts (``L`` layers, ``D`` hidden, ``H``/``K`` query/kv heads, ``E`` head_dim, ``F`` mlp, ``V`` padded vocab):
   embed [V, D]; pos_embed [P, D] (learned positions); lm_head [D, V] (absent when tied)
@@ -22,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from fusejax.models.config import ModelConfig
-from fusejax.sharding import constrain
+from fusejax.sharding import constrain, frozen_rules
 
 ACTIVATIONS = {
     "silu": jax.nn.silu,
@@ -87,10 +88,15 @@ class Layers(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    """Decoder-only LM: ``model(input_ids [B,T] int32, attention_mask [B,T] | None) -> logits [B,T,Vp] float32``."""
+    """Decoder-only LM: ``model(input_ids [B,T] int32, attention_mask [B,T] | None) -> logits [B,T,Vp] float32``.
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    ``rules``: sharding-rule overrides (merged onto :data:`fusejax.config.DEFAULT_RULES`) that lay out both
+    the parameters (:func:`fusejax.models.model_shardings`) and the activations of this model.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, rules=None):
         c = self.config = config
+        self.rules = frozen_rules(rules)
         dt = jnp.dtype(c.param_dtype)
         D, V = c.hidden_size, c.padded_vocab_size
         # rows past vocab_size are padding: zero, never looked up, their logits are masked to -inf
@@ -112,6 +118,7 @@ class Transformer(nnx.Module):
         if c.position == "learned" and T > c.max_position_embeddings:
             raise ValueError(f"sequence length {T} exceeds max_position_embeddings={c.max_position_embeddings}")
         dt = jnp.dtype(c.dtype)
+        rules = dict(self.rules)
         key_valid = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
         mask = _attention_mask(key_valid, c.sliding_window)  # [B, T, T]
         positions = jnp.arange(T)  # HF default positions; right padding keeps them correct
@@ -119,12 +126,12 @@ class Transformer(nnx.Module):
         x = jnp.take(self.embed[...], input_ids, axis=0).astype(dt)
         if c.position == "learned":
             x = x + self.pos_embed[...][:T].astype(dt)
-        x = constrain(x, ("batch", "length", "embed"))
+        x = constrain(x, ("batch", "length", "embed"), rules)
         rope = _rope_tables(positions, c.rotary_dim, c.rope_theta) if c.position == "rope" else None
         alibi = _alibi_bias(c.num_heads, T, c.alibi_bias_max) if c.position == "alibi" else None
 
         def body(h, p):
-            return _layer(c, p, h, mask, rope, alibi), None
+            return _layer(c, rules, p, h, mask, rope, alibi), None
 
         policy = REMAT_POLICIES[c.remat]
         if c.remat != "none":
@@ -138,7 +145,7 @@ class Transformer(nnx.Module):
             logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(dt), preferred_element_type=jnp.float32)
         if c.padded_vocab_size > c.vocab_size:  # XLA does not drop an all-true mask, and it costs a pass
             logits = jnp.where(jnp.arange(c.padded_vocab_size) < c.vocab_size, logits, -jnp.inf)
-        return constrain(logits, ("batch", "length", "vocab"))
+        return constrain(logits, ("batch", "length", "vocab"), rules)
 
 
 def _attention_mask(key_valid: jax.Array, sliding_window: int | None) -> jax.Array:
@@ -198,7 +205,7 @@ def _norm(c: ModelConfig, x: jax.Array, scale: jax.Array, bias: jax.Array | None
     return y.astype(x.dtype)
 
 
-def _attention(c: ModelConfig, p: dict, h: jax.Array, mask: jax.Array, rope, alibi) -> jax.Array:
+def _attention(c: ModelConfig, rules: dict, p: dict, h: jax.Array, mask: jax.Array, rope, alibi) -> jax.Array:
     """Grouped-query self-attention of h [B, T, D] -> [B, T, D]; softmax in float32."""
     dt = h.dtype
     B, T, _ = h.shape
@@ -209,8 +216,8 @@ def _attention(c: ModelConfig, p: dict, h: jax.Array, mask: jax.Array, rope, ali
         q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
     if rope is not None:
         q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
-    q = constrain(q, ("batch", "length", "heads", "head_dim"))
-    k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
+    q = constrain(q, ("batch", "length", "heads", "head_dim"), rules)
+    k = constrain(k, ("batch", "length", "kv_heads", "head_dim"), rules)
     K, G = c.num_kv_heads, c.num_heads // c.num_kv_heads
     q = q.reshape(B, T, K, G, c.head_dim)
     scale = c.head_dim**-0.5 if c.softmax_scale is None else c.softmax_scale
@@ -227,7 +234,7 @@ def _attention(c: ModelConfig, p: dict, h: jax.Array, mask: jax.Array, rope, ali
     return out
 
 
-def _mlp(c: ModelConfig, p: dict, h: jax.Array) -> jax.Array:
+def _mlp(c: ModelConfig, rules: dict, p: dict, h: jax.Array) -> jax.Array:
     """act(h W_up) W_down, or act(h W_gate) * (h W_up) W_down for gated MLPs; h [B, T, D] -> [B, T, D]."""
     dt = h.dtype
     act = ACTIVATIONS[c.activation]
@@ -237,18 +244,18 @@ def _mlp(c: ModelConfig, p: dict, h: jax.Array) -> jax.Array:
         return y + p["b" + name].astype(dt) if c.mlp_bias else y
 
     u = act(proj("_gate")) * proj("_up") if c.mlp == "gated" else act(proj("_up"))
-    u = constrain(u, ("batch", "length", "mlp"))
+    u = constrain(u, ("batch", "length", "mlp"), rules)
     out = jnp.einsum("btf,fd->btd", u, p["w_down"].astype(dt))
     return out + p["b_down"].astype(dt) if c.mlp_bias else out
 
 
-def _layer(c: ModelConfig, p: dict, x: jax.Array, mask, rope, alibi) -> jax.Array:
+def _layer(c: ModelConfig, rules: dict, p: dict, x: jax.Array, mask, rope, alibi) -> jax.Array:
     """One pre-norm decoder layer on x [B, T, D] with this layer's parameters ``p`` (sliced by scan)."""
     attn_in = _norm(c, x, p["attn_norm_scale"], p.get("attn_norm_bias"))
-    attn = _attention(c, p, attn_in, mask, rope, alibi)
+    attn = _attention(c, rules, p, attn_in, mask, rope, alibi)
     if c.parallel_residual:
-        x = x + attn + _mlp(c, p, _norm(c, x, p["mlp_norm_scale"], p.get("mlp_norm_bias")))
+        x = x + attn + _mlp(c, rules, p, _norm(c, x, p["mlp_norm_scale"], p.get("mlp_norm_bias")))
     else:
         x = x + attn
-        x = x + _mlp(c, p, _norm(c, x, p["mlp_norm_scale"], p.get("mlp_norm_bias")))
-    return constrain(x, ("batch", "length", "embed"))
+        x = x + _mlp(c, rules, p, _norm(c, x, p["mlp_norm_scale"], p.get("mlp_norm_bias")))
+    return constrain(x, ("batch", "length", "embed"), rules)

@@ -279,7 +279,8 @@ def dtw_rows(codes_s, offs_s, seq_s, codes_t, offs_t, seq_t, memo, lo, hi, thres
 
 
 @njit(cache=True)
-def _cell(values, row_start, row_lo, row_len, i, j):
+def cell(values, row_start, row_lo, row_len, i, j):
+    """Value of cell (i, j) of the ragged DTW matrix (INF outside the stored columns of row i)."""
     k = j - row_lo[i]
     if k < 0 or k >= row_len[i]:
         return INF
@@ -297,14 +298,14 @@ def backtrack(values, row_start, row_lo, row_len, n, m):
     count = np.zeros(m, np.int32)
     i = n - 1
     j = m - 1
-    if _cell(values, row_start, row_lo, row_len, i, j) >= INF:
+    if cell(values, row_start, row_lo, row_len, i, j) >= INF:
         return partner, False
     while i > 0 or j > 0:
         count[j] += 1
         partner[j] = i
-        diag = _cell(values, row_start, row_lo, row_len, i - 1, j - 1) if i > 0 and j > 0 else INF
-        up = _cell(values, row_start, row_lo, row_len, i - 1, j) if i > 0 else INF
-        left = _cell(values, row_start, row_lo, row_len, i, j - 1) if j > 0 else INF
+        diag = cell(values, row_start, row_lo, row_len, i - 1, j - 1) if i > 0 and j > 0 else INF
+        up = cell(values, row_start, row_lo, row_len, i - 1, j) if i > 0 else INF
+        left = cell(values, row_start, row_lo, row_len, i, j - 1) if j > 0 else INF
         if diag <= up and diag <= left:
             i -= 1
             j -= 1

@@ -1,6 +1,6 @@
 """Held-out evaluation of a target model: causal-LM loss (nats per token) and bits per byte, per domain.
 
-:func:`evaluate` runs a jitted forward pass over fixed-shape batches of any :class:`fusejax.train.Batches`
+:func:`evaluate` runs a jitted forward pass over fixed-shape batches of any :class:`fusejax.data.Batches`
 (e.g. :class:`fusejax.data.TokenBatches` of the held-out split) and sums, per row, the cross-entropy of every
 scored position (``loss_mask``) and the row's UTF-8 bytes (``n_bytes``):
 
@@ -18,9 +18,22 @@ The stage (:func:`run`) evaluates the target before training and the trained mod
 from __future__ import annotations
 
 import math
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+
+from fusejax.checkpoint import load_trained
+from fusejax.config import Config, save_resolved
+from fusejax.data import TokenBatches
+from fusejax.distributed import is_main_process
+from fusejax.files import write_json
+from fusejax.models import load_pretrained
+from fusejax.schema import RunLayout
+from fusejax.sharding import make_mesh
+from fusejax.tokenizer import load_tokenizer
 
 
 def domain_of(doc_id: str) -> str:
@@ -42,9 +55,6 @@ def block_domains(batches) -> list[str]:
 
 def _row_sums(model, input_ids, attention_mask, labels, loss_mask):
     """Per row: summed next-token CE over scored positions [B] float32 and the number of them [B] int32."""
-    import jax
-    import jax.numpy as jnp
-
     logits = model(input_ids, attention_mask).astype(jnp.float32)
     logp = jax.nn.log_softmax(logits, axis=-1)
     safe = jnp.where(loss_mask > 0, labels, 0)
@@ -63,8 +73,6 @@ def evaluate(model, batches, *, batch_size: int, max_batches: int | None = None,
     corpus store, :func:`block_domains`; ``[]`` for none). Returns ``{"loss", "bits_per_byte", "tokens",
     "bytes", "blocks", "domains": {name: {the same keys}}}``.
     """
-    from flax import nnx
-
     if batch_size < 1:
         raise ValueError(f"evaluate: batch_size must be >= 1, got {batch_size}")
     n = batches.num_rows if max_batches is None else min(batches.num_rows, max_batches * batch_size)
@@ -98,34 +106,24 @@ def _summary(ce: np.ndarray, tokens: np.ndarray, n_bytes: np.ndarray) -> dict:
             "tokens": n_tok, "bytes": n_b, "blocks": len(ce)}
 
 
-def heldout_batches(cfg, tokenizer=None):
+def heldout_batches(cfg: Config, tokenizer=None) -> TokenBatches:
     """``TokenBatches`` of the held-out blocks of ``<out>/corpus`` with the target tokenizer and ``train.seq_len``."""
-    from fusejax.data import TokenBatches
-    from fusejax.tokenizer import load_tokenizer
-
     tok = load_tokenizer(cfg.target.tokenizer_path if tokenizer is None else tokenizer)
-    return TokenBatches(Path(cfg.run.output_dir) / "corpus", tok, seq_len=cfg.train.seq_len, split="heldout")
+    return TokenBatches(RunLayout.of(cfg).corpus, tok, seq_len=cfg.train.seq_len, split="heldout")
 
 
-def run(cfg) -> dict:
+def run(cfg: Config) -> dict:
     """Stage ``eval``: the target before training and the trained model (``<out>/train``) on the held-out
     blocks; writes and returns ``<out>/eval/results.json`` as ``{"target": {...}, "trained": {...}}``."""
-    from fusejax.config import save_resolved
-    from fusejax.distributed import is_main_process
-    from fusejax.export import load_trained
-    from fusejax.models import load_pretrained
-    from fusejax.sharding import make_mesh
-    from fusejax.store import write_json
-
-    out = Path(cfg.run.output_dir)
+    layout = RunLayout.of(cfg)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    rules = cfg.mesh.rules or None
+    rules = cfg.mesh.rules
     data = heldout_batches(cfg)
     domains = block_domains(data)
     kw = dict(batch_size=cfg.eval.batch_size, max_batches=cfg.eval.max_batches, domains=domains)
     results = {"target": evaluate(load_pretrained(cfg.target.path, mesh=mesh, rules=rules), data, **kw),
-               "trained": evaluate(load_trained(out / "train", mesh=mesh, rules=rules)[0], data, **kw)}
+               "trained": evaluate(load_trained(layout.train, mesh=mesh, rules=rules)[0], data, **kw)}
     if is_main_process():
-        write_json(out / "eval" / "results.json", results)
-        save_resolved(cfg, out / "eval")
+        write_json(layout.eval / "results.json", results)
+        save_resolved(cfg, layout.eval)
     return results
