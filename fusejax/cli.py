@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 
 from fusejax import __version__, stages
-from fusejax.config import iter_fields, load_config, to_yaml
+from fusejax.config import ConfigError, iter_fields, load_config, to_yaml
 from fusejax.distributed import initialize
 from fusejax.errors import debug, user_error_message
 
@@ -84,12 +84,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = stages.resolve(DEMO)(args.output)
         else:
             cfg = _config_from(args)
+            if args.command in stages.STAGE_NAMES and (conflicts := stages.output_conflicts(cfg)):
+                raise ConfigError("; ".join(conflicts))
             initialize()  # join the other processes of a pod / cluster before any JAX use
             logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
             logging.getLogger("fusejax").setLevel(logging.INFO)  # our progress notes; libraries: warnings only
             result = stages.resolve(stages.COMMANDS[args.command][0])(cfg)
             if isinstance(result, dict):  # every stage returns its summary: show it
                 print(json.dumps(result, indent=2, sort_keys=True, default=str))
+    except KeyboardInterrupt as e:  # Ctrl-C: one line, the shell's exit code for SIGINT
+        print(f"fusejax: {e or 'interrupted'}", file=sys.stderr)
+        return 130
     except Exception as e:  # a user error is one line and exit code 2; a bug keeps its traceback
         message = None if debug() else user_error_message(e)
         if message is None:

@@ -200,6 +200,9 @@ class TrainConfig:
     checkpoint_every: int = opt(500, "steps between checkpoints (0: only at the end)", NON_NEGATIVE)
     keep_checkpoints: int = opt(3, "most recent checkpoints kept", POSITIVE)
     peak_flops: float | None = opt(None, "peak FLOP/s per device for MFU; null: from the device kind", POSITIVE)
+    nonfinite: Literal["stop", "skip"] = opt(
+        "stop", "a step whose loss or gradient norm is NaN/inf is never applied; then stop the run (keeping the "
+        "last checkpoint) or skip such steps and count them")
 
     def __post_init__(self):
         if self.batch_size % self.grad_accum:  # the one check: YAML, overrides and Python all build through here

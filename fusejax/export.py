@@ -35,9 +35,15 @@ def export(path: str | Path, out_path: str | Path, *, step: int | None = None, d
 
     ``dtype``: dtype of the written weights (default: the checkpoint's parameter dtype). ``mesh``/``rules``:
     where the parameters are restored (default: one device; pass a mesh for models larger than a device).
-    ``path`` is a run, checkpoints or step folder (:func:`fusejax.checkpoint.find_checkpoints`).
+    ``path`` is a run, checkpoints or step folder (:func:`fusejax.checkpoint.find_checkpoints`). Weights with
+    NaN or inf are refused (ValueError naming the tensors): a non-finite model is never exported.
     """
     model, step, meta = load_trained(path, step=step, mesh=mesh, rules=rules)
+    bad = [".".join(map(str, k)) for k, v in nnx.to_flat_state(nnx.state(model))
+           if not bool(jnp.isfinite(v.get_value()).all())]
+    if bad:
+        raise ValueError(f"checkpoint step {step} of {path} has non-finite (NaN/inf) weights in {bad}; "
+                         "refusing to export them")
     config = model.config.replace(param_dtype=dtype or model.config.param_dtype, remat="none")
     params = jax.tree.map(lambda x: x.astype(jnp.dtype(config.param_dtype)), nnx.to_pure_dict(nnx.state(model)))
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0), rules=dict(model.rules))))

@@ -11,6 +11,7 @@ Never imports JAX.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -65,9 +66,22 @@ def atomic_write(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], Non
     return path
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by None, so that it is valid JSON (``null``)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def json_bytes(obj: Any) -> bytes:
-    """``obj`` as the JSON every fusejax file uses: sorted keys, indented, UTF-8, trailing newline."""
-    return (json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+    """``obj`` as the JSON every fusejax file uses: sorted keys, indented, UTF-8, trailing newline; NaN and
+    infinities become ``null`` (:func:`json_safe`), so the file is always valid JSON."""
+    text = json.dumps(json_safe(obj), sort_keys=True, indent=1, ensure_ascii=False, allow_nan=False)
+    return (text + "\n").encode("utf-8")
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:

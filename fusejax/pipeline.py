@@ -33,7 +33,7 @@ from fusejax.config import Config, ConfigError, config_to_dict
 from fusejax.distributed import barrier
 from fusejax.files import write_json
 from fusejax.schema import RunLayout
-from fusejax.stages import PIPELINE, STAGE_NAMES, Stage
+from fusejax.stages import PIPELINE, STAGE_NAMES, Stage, output_conflicts
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,8 @@ RECORD = "stage.json"
 
 # settings that change how a stage reports or checkpoints, not what it computes: left out of fingerprints,
 # so changing them resumes the stage instead of redoing it
-BOOKKEEPING = {"train": ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "peak_flops")}
+BOOKKEEPING = {"train": ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "peak_flops",
+                         "nonfinite")}
 
 
 def _section(cfg: Config, dotted: str):
@@ -167,13 +168,14 @@ def _say(main: bool, text: str) -> None:
 def validate(cfg: Config, *, raise_error: bool = False, n_devices: int | None = None) -> list[str]:
     """Every problem of ``cfg`` that would make a stage fail, as messages naming the setting and value.
 
-    Checks: at least one source; corpus inputs, model and tokenizer folders exist; tokenizers load and fit
-    their model's vocabulary; the mesh fits ``n_devices`` (default: all devices) and every model's weights
+    Checks: no output overwrites or moves an input (:func:`fusejax.stages.output_conflicts`); at least one
+    source; corpus inputs, model and tokenizer folders exist; tokenizers load and fit their model's
+    vocabulary; the mesh fits ``n_devices`` (default: all devices) and every model's weights
     and the training batch divide it; ``represent.k`` <= every vocabulary; ``corpus.block_size + 1`` (the
     block plus EOS) <= ``train.seq_len`` and <= every model's context. ``raise_error``: raise one
     ConfigError listing all of them instead of returning them.
     """
-    problems: list[str] = []
+    problems: list[str] = list(output_conflicts(cfg))
     if not cfg.sources:
         problems.append("sources: the config lists no sources (add at least one under 'sources:')")
     if not cfg.corpus.inputs:

@@ -69,6 +69,40 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def _inputs(cfg: Config) -> list[tuple[str, str]]:
+    """``(setting, path)`` of every file or folder a run reads."""
+    refs = [("target", cfg.target)] + [(f"sources.{i}", s) for i, s in enumerate(cfg.sources)]
+    out = [(f"{key}.{attr}", getattr(ref, attr)) for key, ref in refs for attr in ("path", "tokenizer")]
+    out += [(f"corpus.inputs.{i}", p) for i, p in enumerate(cfg.corpus.inputs)]
+    return [(key, p) for key, p in out if p]
+
+
+def _overlap(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` are the same path or one lies inside the other."""
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
+def output_conflicts(cfg: Config) -> list[str]:
+    """One line for each way the outputs of ``cfg`` would overwrite or move one of its inputs, or each other:
+    a folder a stage writes (or ``stale/``, where ``fusejax run`` moves outdated ones) that is, contains or
+    lies inside an input (model, tokenizer, corpus input), and an ``export.path`` that is or contains
+    ``run.output_dir`` or another stage's folder. Inputs elsewhere under ``run.output_dir`` are fine."""
+    layout = RunLayout.of(cfg)
+    written = [(s.folder if s.name != "export" else "export.path", getattr(layout, s.folder)) for s in PIPELINE]
+    written = [(name, path.resolve()) for name, path in written + [("stale", layout.stale)]]
+    problems = [f"{name} ({path}) would overwrite or move the input {key}={raw}; choose another "
+                f"{'export.path' if name == 'export.path' else 'run.output_dir'} or move the input"
+                for key, raw in _inputs(cfg) for name, path in written if _overlap(Path(raw).resolve(), path)]
+    export, root = layout.export.resolve(), layout.root.resolve()
+    if root.is_relative_to(export):
+        problems.append(f"export.path ({layout.export}) is or contains run.output_dir ({layout.root}); export to "
+                        "a folder of its own")
+    else:
+        problems += [f"export.path ({layout.export}) overlaps the {name} folder ({path}) of the run"
+                     for name, path in written if name != "export.path" and _overlap(export, path)]
+    return problems
+
+
 def resolve(spec: str) -> Callable:
     """The callable named by ``"package.module:function"`` (imported now)."""
     module, _, name = spec.partition(":")

@@ -125,7 +125,9 @@ def _lm_weight(opts: StepOptions, step):
 def make_train_step(graphdef, tx: optax.GradientTransformation, opts: StepOptions, loss_impl=fusion_loss):
     """``step(state, batch) -> (state, metrics)``; state = {"params", "opt_state", "step"}; batch fields have
     a leading micro-batch axis of size ``opts.grad_accum``. Metrics are the micro-batch means of
-    :func:`fusion_loss`'s metrics (of the parameters before the update) plus ``grad_norm`` (before clipping)."""
+    :func:`fusion_loss`'s metrics (of the parameters before the update) plus ``grad_norm`` (before clipping)
+    and ``skipped`` (1.0 when the loss, the gradient norm or the update is not finite: then the parameters and
+    the optimizer state are returned unchanged, so no NaN or inf ever reaches them; the step counter advances)."""
     grad_fn = jax.value_and_grad(make_loss_fn(graphdef, opts, loss_impl), has_aux=True)
 
     def step(state, batch):
@@ -143,7 +145,11 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, opts: StepOption
         grads, metrics = jax.tree.map(lambda x: x / opts.grad_accum, acc)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (params, opt_state),
+                                         (state["params"], state["opt_state"]))
+        metrics = dict(metrics, grad_norm=grad_norm, skipped=(~finite).astype(jnp.float32))
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     return step

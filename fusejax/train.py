@@ -30,7 +30,7 @@ from fusejax.corpus import corpus_totals
 from fusejax.data import AlignedBatches, Batches, stream_rows
 from fusejax.distributed import is_main_process
 from fusejax.evaluation import evaluate, heldout_batches
-from fusejax.files import write_json
+from fusejax.files import json_safe, write_json
 from fusejax.models import ModelConfig, Transformer, load_pretrained, model_shardings
 from fusejax.schema import CE_FIELDS, CHECKPOINTS, STEP_AXES, SUMMARY, TABLE_FIELDS, TENSORBOARD, TEXT_FIELDS, RunLayout
 from fusejax.sharding import make_mesh
@@ -52,6 +52,14 @@ from fusejax.step import (
 from fusejax.store import WriterLock
 
 log = logging.getLogger(__name__)
+
+
+class NonFiniteError(ValueError):
+    """Training stopped at a step whose loss or gradient norm was not finite (``train.nonfinite: stop``)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT (Ctrl-C) after saving a checkpoint; the CLI exits 130 with this message."""
 
 
 def build_target(tc: TrainConfig, mesh, *, path: str | None = None, config: ModelConfig | None = None, rules=None,
@@ -112,6 +120,9 @@ class Trainer:
         self.state = {"params": params, "opt_state": opt_state, "step": step}
         self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
         self.data_position = 0  # rows of the stream consumed so far
+        self.last_metrics: dict | None = None  # the last logged summary (kept in checkpoints)
+        self.skipped_steps = 0  # steps not applied because their loss or gradient norm was not finite
+        self._checked = 0  # steps below this index were checked for non-finite updates
         self.ckpt = checkpoint.checkpoint_manager(self.out_dir / CHECKPOINTS, max_to_keep=tc.keep_checkpoints)
         self.restore_latest()
 
@@ -176,7 +187,8 @@ class Trainer:
     def save(self, wait: bool = False):
         """Start an (asynchronous) checkpoint of the current state; ``wait``: block until it is complete."""
         meta = {"step": self.step, "data_position": self.data_position, "seed": self.seed,
-                "model": dataclasses.asdict(self.model_config), "config": self.resolved_config}
+                "model": dataclasses.asdict(self.model_config), "config": self.resolved_config,
+                "metrics": json_safe(self.last_metrics), "skipped_steps": self.skipped_steps}
         checkpoint.save(self.ckpt, self.step, self.state["params"], self.state["opt_state"], meta)
         if wait:
             self.ckpt.wait_until_finished()
@@ -197,6 +209,7 @@ class Trainer:
         self.state = {"params": restored["params"], "opt_state": restored["opt_state"],
                       "step": jax.device_put(jnp.int32(meta["step"]), self.state_shardings["step"])}
         self.data_position = int(meta["data_position"])
+        self.last_metrics, self.skipped_steps = meta.get("metrics"), int(meta.get("skipped_steps", 0))
         log.info("resumed from %s (data position %d)", where, self.data_position)
         return step
 
@@ -247,7 +260,11 @@ class Trainer:
         Every ``train.log_every`` steps (and at the end) the means since the last log, with ``tokens_per_s``
         and ``mfu`` (both count every position of the padded ``[batch_size, seq_len]`` batch: the work the
         device does), go to the progress bar, TensorBoard (``<out_dir>/tb``) and ``log_fn(dict)``. Saves every
-        ``train.checkpoint_every`` steps (0: never before the end), at the end, and on SIGTERM (then stops).
+        ``train.checkpoint_every`` steps (0: never before the end), at the end, and on SIGTERM (then stops) or
+        SIGINT / Ctrl-C (then raises :class:`Interrupted`, a KeyboardInterrupt). A step whose loss or gradient
+        norm is not finite is never applied (see :func:`fusejax.step.make_train_step`); with
+        ``train.nonfinite: stop`` the run then raises :class:`NonFiniteError` without saving again, with
+        ``skip`` it goes on and counts the step in ``skipped_steps``.
         """
         from tqdm.auto import tqdm
 
@@ -261,8 +278,8 @@ class Trainer:
         flops_per_token = model_flops_per_token(self.model_config, self.num_params, self.seq_len)
         history: list[dict[str, float]] = []
         pending: list[tuple[int, dict]] = []  # device metrics not yet fetched
-        stop = {"flag": False}
-        previous = _install_sigterm(lambda *_: stop.__setitem__("flag", True))
+        stop = {"signal": None}
+        previous = _install_handlers(lambda signum, _: stop.__setitem__("signal", signal.Signals(signum)))
         bar = tqdm(total=end, initial=start, desc="train", disable=not main, dynamic_ncols=True)
         t_log = time.perf_counter()
         try:
@@ -272,9 +289,10 @@ class Trainer:
                 self.data_position += tc.batch_size
                 pending.append((step, metrics))
                 bar.update(1)
-                last = step + 1 == end or stop["flag"]
+                last = step + 1 == end or stop["signal"] is not None
                 if (step + 1) % tc.log_every == 0 or last:
                     fetched = [(s, self._scalars(m)) for s, m in jax.device_get(pending)]
+                    self._check_finite([(s, m["skipped"]) for s, m in fetched])
                     elapsed = time.perf_counter() - t_log
                     t_log = time.perf_counter()
                     for s, m in fetched:
@@ -286,24 +304,49 @@ class Trainer:
                         summary["mfu"] = summary["tokens_per_s"] * flops_per_token / (peak * jax.device_count())
                     pending.clear()
                     self._log(summary, writer, bar, log_fn)
+                    self.last_metrics = dict(history[-1], skipped_steps=self.skipped_steps)
                 t_pause = time.perf_counter()
                 if tc.eval_every and self.eval_data is not None and (step + 1) % tc.eval_every == 0:
                     self._log({f"eval/{k}": v for k, v in self.evaluate().items()} | {"step": step + 1},
                               writer, bar, log_fn)
-                if (tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0) or last or stop["flag"]:
+                if (tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0) or last or stop["signal"]:
+                    if pending:  # steps not logged yet: none that was not applied goes unseen into a checkpoint
+                        self._check_finite(jax.device_get([(s, m["skipped"]) for s, m in pending]))
                     self.save()
                 t_log += time.perf_counter() - t_pause  # throughput excludes evaluation and checkpointing
-                if stop["flag"]:
-                    log.warning("SIGTERM received: saved a checkpoint at step %d and stopping", step + 1)
+                if stop["signal"] is not None:
+                    log.warning("%s received: saved a checkpoint at step %d and stopping", stop["signal"].name,
+                                step + 1)
                     break
         finally:
             bar.close()
             self.ckpt.wait_until_finished()
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
             if writer is not None:
                 writer.close()
+        if stop["signal"] == signal.SIGINT:
+            raise Interrupted(f"interrupted: saved a checkpoint at step {self.step} in {self.ckpt.directory}; "
+                              "rerun the same command to resume")
         return history
+
+    def _check_finite(self, skipped: list[tuple[int, float]]) -> None:
+        """Count the steps ``[(step index, skipped flag)]`` that were not applied; with ``train.nonfinite: stop``
+        raise :class:`NonFiniteError` at the first one."""
+        bad = [s + 1 for s, flag in skipped if flag and s >= self._checked]
+        self._checked = max([self._checked] + [s + 1 for s, _ in skipped])
+        if not bad:
+            return
+        if self.tc.nonfinite == "stop":
+            kept = self.ckpt.latest_step()
+            raise NonFiniteError(
+                f"step {bad[0]}: the loss or the gradient norm is not finite (NaN/inf), so the update was not "
+                f"applied and training stopped; the last checkpoint ({'none' if kept is None else f'step {kept}'}) "
+                f"in {self.ckpt.directory} is kept. Check the target's weights and train.lr, or set "
+                "train.nonfinite=skip to skip such steps")
+        self.skipped_steps += len(bad)
+        log.warning("steps %s: the loss or gradient norm is not finite; updates skipped (%d so far)", bad,
+                    self.skipped_steps)
 
     def _log(self, summary: dict, writer, bar, log_fn):
         step = int(summary["step"])
@@ -320,12 +363,15 @@ class Trainer:
             log_fn(summary)
 
 
-def _install_sigterm(handler):
-    """Install a SIGTERM handler (main thread only); returns the previous one, or None if not installed."""
-    try:
-        return signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        return None
+def _install_handlers(handler) -> dict:
+    """Install ``handler`` for SIGTERM and SIGINT (main thread only); returns the previous handlers."""
+    previous = {}
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        try:
+            previous[signum] = signal.signal(signum, handler)
+        except ValueError:  # not the main thread
+            break
+    return previous
 
 
 def _tb_writer(folder: Path):
@@ -363,7 +409,9 @@ def run(cfg: Config) -> dict:
         history = trainer.fit()
     finally:
         trainer.close()
-    summary = {"steps": trainer.step, "final": history[-1] if history else None, "memory": trainer.memory}
+    # a rerun of a finished run (or one killed after its last checkpoint) takes the final metrics from there
+    summary = {"steps": trainer.step, "final": history[-1] if history else trainer.last_metrics,
+               "skipped_steps": trainer.skipped_steps, "memory": trainer.memory}
     if is_main_process():
         write_json(layout.train / SUMMARY, summary)
         save_resolved(cfg, layout.train)

@@ -131,6 +131,16 @@ def test_registered_stage_gets_the_resolved_config(monkeypatch, tmp_path, capsys
     assert "fake stage help" in capsys.readouterr().out
 
 
+def test_ctrl_c_is_one_line_and_exit_code_130(monkeypatch, capsys):
+    def interrupted(cfg):
+        raise KeyboardInterrupt("interrupted: saved a checkpoint at step 3")
+
+    fake_module(monkeypatch, "fake_stage_module", interrupted=interrupted)
+    monkeypatch.setitem(stages.COMMANDS, "slow", ("fake_stage_module:interrupted", "a stage that gets Ctrl-C"))
+    assert cli.main(["slow"]) == 130
+    assert capsys.readouterr().err == "fusejax: interrupted: saved a checkpoint at step 3\n"
+
+
 def test_listed_stages_exist():
     for name, (spec, help_text) in stages.COMMANDS.items():
         module, _, function = spec.partition(":")

@@ -206,3 +206,37 @@ def test_run_validates_before_any_stage(setup):
         pipeline.run(cfg)
     assert fake.calls == []
     assert not os.path.exists(cfg.run.output_dir)
+
+
+def test_outputs_never_overwrite_or_move_inputs(tmp_path, capsys):
+    from fusejax import cli
+
+    target, corpus, out = tmp_path / "target", tmp_path / "docs", tmp_path / "out"
+    target.mkdir()
+    (target / "model.safetensors").write_bytes(b"the user's weights")
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("some text\n")
+    base = [f"target.path={target}", "sources.0.name=a", f"sources.0.path={target}", f"corpus.inputs=[{corpus}]"]
+    cases = [
+        ([f"run.output_dir={out}", f"export.path={target}"], f"export.path ({target}) would overwrite or move the "
+                                                             f"input target.path={target}"),
+        ([f"run.output_dir={out}", f"export.path={out}"], f"export.path ({out}) is or contains run.output_dir"),
+        ([f"run.output_dir={corpus / 'run'}"], f"would overwrite or move the input corpus.inputs.0={corpus}"),
+        ([f"run.output_dir={out}", f"export.path={out / 'train'}"], "overlaps the train folder"),
+        ([f"run.output_dir={target.parent}", f"export.path={out}", f"target.path={target.parent / 'train'}"],
+         "train (" + str(target.parent / "train") + ") would overwrite or move the input target.path"),
+    ]
+    for overrides, message in cases:
+        cfg = load_config(None, base + overrides)
+        problems = stages.output_conflicts(cfg)
+        assert any(message in p for p in problems), (overrides, problems)
+        assert any(message in p for p in pipeline.validate(cfg, n_devices=8)), overrides
+    # a single stage refuses before it runs, in one line, and the input stays as it was
+    assert cli.main(["export", *base, f"run.output_dir={out}", f"export.path={target}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"export.path ({target}) would overwrite" in err
+    assert (target / "model.safetensors").read_bytes() == b"the user's weights"
+    # inputs elsewhere under the run folder are fine (the embedded default keeps its models there)
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", f"target.path={target}", "sources.0.name=a",
+                             f"sources.0.path={target}", f"corpus.inputs=[{corpus}]"])
+    assert stages.output_conflicts(cfg) == []

@@ -15,16 +15,17 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec
 
+from fusejax.checkpoint import CheckpointMismatchError
 from fusejax.config import TrainConfig
+from fusejax.data import stream_rows
+from fusejax.export import export
 from fusejax.fusion import fusion_loss
 from fusejax.models import ModelConfig, Transformer
 from fusejax.sharding import make_mesh
-from fusejax.store import StoreLockedError
-from fusejax.checkpoint import CheckpointMismatchError
-from fusejax.data import stream_rows
 from fusejax.step import make_optimizer
+from fusejax.store import StoreLockedError
 from fusejax.testing import SyntheticTables
-from fusejax.train import Trainer, build_target
+from fusejax.train import Interrupted, NonFiniteError, Trainer, build_target
 from tiny import read_events
 
 MODEL = ModelConfig(arch="llama", vocab_size=200, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -242,6 +243,73 @@ def test_sigterm_then_resume_gives_the_uninterrupted_run(straight, tmp_path):
     second.close()
     assert [h["loss"] for h in part1 + part2] == [h["loss"] for h in history]
     assert_params_close(second.state["params"], as_numpy(straight[0].state["params"]), atol=0)
+
+
+def test_ctrl_c_saves_then_raises_and_resume_gives_the_uninterrupted_run(straight, tmp_path):
+    """SIGINT is handled like SIGTERM (finish the step, save), then raises Interrupted (never swallowed)."""
+    _, history, params0, data, _ = straight
+
+    def interrupt(summary):
+        if summary["step"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    mesh = make_mesh(fsdp=8)
+    tc = dataclasses.replace(TC, log_every=1, checkpoint_every=100)
+    first = Trainer(initial_model(params0), data, tc, tmp_path, mesh=mesh, seed=SEED)
+    with pytest.raises(Interrupted, match="saved a checkpoint at step 2"):
+        first.fit(log_fn=interrupt)
+    first.close()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
+    second = Trainer(Transformer(MODEL, rngs=nnx.Rngs(99)), data, tc, tmp_path, mesh=mesh, seed=SEED)
+    assert second.step == 2
+    part2 = second.fit()
+    second.close()
+    assert [h["loss"] for h in part2] == [h["loss"] for h in history[2:]]
+
+
+def test_a_finished_run_keeps_its_final_metrics(straight, tmp_path):
+    """Reopening a finished run (or one killed after its last checkpoint) gives back the last logged metrics."""
+    trainer, history, _, data, out = straight
+    shutil.copytree(out / "checkpoints", tmp_path / "checkpoints")
+    again = Trainer(Transformer(MODEL, rngs=nnx.Rngs(5)), data, TC, tmp_path, mesh=make_mesh(fsdp=8), seed=SEED)
+    assert again.fit() == []  # nothing left to train
+    again.close()
+    assert again.last_metrics["step"] == history[-1]["step"] == TC.steps
+    assert again.last_metrics["loss"] == history[-1]["loss"] and again.last_metrics["skipped_steps"] == 0
+
+
+def _with_inf_weight(params0):
+    params = jax.tree.map(np.copy, params0)
+    params["layers"]["wq"][0, 0, 0, 0] = np.inf
+    return initial_model(params)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
+    _, params0 = fresh_params(4)
+    data = SyntheticTables(16, T, MODEL.vocab_size, seed=2)
+    tc = dataclasses.replace(TC, steps=3, checkpoint_every=1, log_every=2)
+    trainer = Trainer(_with_inf_weight(params0), data, tc, tmp_path, mesh=make_mesh(fsdp=8), seed=SEED)
+    with pytest.raises(NonFiniteError, match="step 1: the loss or the gradient norm is not finite.*checkpoint "
+                                             r"\(none\).*train.nonfinite=skip"):
+        trainer.fit()
+    trainer.close()
+    assert trainer.ckpt.latest_step() is None  # nothing was saved after the bad step
+
+
+def test_non_finite_steps_are_skipped_counted_and_never_exported(tmp_path):
+    _, params0 = fresh_params(4)
+    data = SyntheticTables(16, T, MODEL.vocab_size, seed=2)
+    tc = dataclasses.replace(TC, steps=2, checkpoint_every=1, log_every=1, nonfinite="skip")
+    trainer = Trainer(_with_inf_weight(params0), data, tc, tmp_path, mesh=make_mesh(fsdp=8), seed=SEED)
+    history = trainer.fit()
+    trainer.close()
+    assert [h["skipped"] for h in history] == [1.0, 1.0] and trainer.skipped_steps == 2
+    params = as_numpy(trainer.state["params"])  # the updates were never applied: the weights are the initial ones
+    np.testing.assert_array_equal(params["layers"]["w_up"], params0["layers"]["w_up"])
+    assert np.isinf(params["layers"]["wq"]).sum() == 1
+    with pytest.raises(ValueError, match=r"non-finite \(NaN/inf\) weights in \['layers.wq'\]"):
+        export(tmp_path, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
 
 
 def test_checkpoint_restores_onto_another_mesh(straight, tmp_path):
