@@ -8,8 +8,9 @@ store (plain causal-LM rows, no tables).
 
 Data order (:func:`stream_rows`) is a pure function of ``(seed, position)``: the rows are read in
 epoch-wise permutations seeded by ``(seed, epoch)``, and a step reads the next ``batch_size`` positions of
-that endless stream. A checkpoint stores the position, so a resumed run reads exactly the rows an
-uninterrupted one would (even with another batch size).
+that endless stream (at most ``MAX_EPOCHS_PER_BATCH`` times the rows, refused before anything is allocated).
+A checkpoint stores the position, so a resumed run reads exactly the rows an uninterrupted one would (even
+with another batch size).
 
 This module never imports JAX.
 """
@@ -34,11 +35,24 @@ class Batches(Protocol):
     def rows(self, indices: np.ndarray) -> dict[str, np.ndarray]: ...
 
 
-def stream_rows(seed: int, start: int, count: int, num_rows: int) -> np.ndarray:
-    """Row indices [count] int64 at positions ``start .. start+count`` of the endless row stream: epoch e
-    is the permutation of ``range(num_rows)`` drawn with ``np.random.default_rng([seed, e])``."""
+MAX_EPOCHS_PER_BATCH = 16  # a batch reads every row at most this many times
+
+
+def check_batch_size(batch_size: int, num_rows: int) -> None:
+    """Refuse (ValueError naming ``train.batch_size``) a batch that no data holds: none without rows, none of
+    more than ``MAX_EPOCHS_PER_BATCH`` times the ``num_rows`` training rows."""
     if num_rows < 1:
         raise ValueError(f"training data has {num_rows} rows; need at least one")
+    if batch_size > MAX_EPOCHS_PER_BATCH * num_rows:
+        raise ValueError(f"train.batch_size={batch_size}: more than {MAX_EPOCHS_PER_BATCH} x the {num_rows} "
+                         f"training rows (a batch would read every row {batch_size // num_rows} times)")
+
+
+def stream_rows(seed: int, start: int, count: int, num_rows: int) -> np.ndarray:
+    """Row indices [count] int64 at positions ``start .. start+count`` of the endless row stream: epoch e
+    is the permutation of ``range(num_rows)`` drawn with ``np.random.default_rng([seed, e])``. A ``count``
+    beyond :func:`check_batch_size` is refused before anything is allocated."""
+    check_batch_size(count, num_rows)
     flat = start + np.arange(count, dtype=np.int64)
     epochs, positions = np.divmod(flat, num_rows)
     out = np.empty(count, dtype=np.int64)

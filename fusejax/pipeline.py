@@ -172,9 +172,12 @@ def validate(cfg: Config, *, raise_error: bool = False, n_devices: int | None = 
     source; corpus inputs, model and tokenizer folders exist; tokenizers load and fit their model's
     vocabulary; the mesh fits ``n_devices`` (default: all devices) and every model's weights
     and the training batch divide it; ``represent.k`` <= every vocabulary; ``corpus.block_size + 1`` (the
-    block plus EOS) <= ``train.seq_len`` and <= every model's context. ``raise_error``: raise one
+    block plus EOS) <= ``train.seq_len`` and <= every model's context; ``train.seq_len`` <= the target's
+    context and a batch's tokens within int32 (:func:`fusejax.step.size_problems`). ``raise_error``: raise one
     ConfigError listing all of them instead of returning them.
     """
+    from fusejax.step import size_problems
+
     problems: list[str] = list(output_conflicts(cfg))
     if not cfg.sources:
         problems.append("sources: the config lists no sources (add at least one under 'sources:')")
@@ -192,6 +195,8 @@ def validate(cfg: Config, *, raise_error: bool = False, n_devices: int | None = 
     for key, ref in models:
         config = _check_model(key, ref, problems)
         _check_tokenizer(key, ref, config, problems)
+        if key == "target":
+            problems += size_problems(cfg.train, None if config is None else config.max_position_embeddings)
         if config is None:
             continue
         if config.max_position_embeddings < need:

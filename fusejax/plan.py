@@ -36,6 +36,7 @@ from fusejax.step import (
     compile_step,
     compiled_memory,
     make_optimizer,
+    size_problems,
     target_source,
     training_model_config,
 )
@@ -44,7 +45,7 @@ GIB = 1024**3
 
 
 class PlanError(ValueError):
-    """A plan that cannot be made (too few devices, no target model)."""
+    """A plan that cannot be made (too few devices, no target model, sizes no step holds)."""
 
 
 def nbytes_per_device(x: jax.ShapeDtypeStruct) -> int:
@@ -199,6 +200,9 @@ def run(cfg: Config) -> dict:
         raise PlanError("target.path is not set: name the Hugging Face folder of the model to plan for "
                         "(its config.json is enough)")
     model_config = read_config(Path(cfg.target.path))
+    problems = size_problems(cfg.train, model_config.max_position_embeddings)
+    if problems:
+        raise PlanError("; ".join(problems))
     devices = plan_devices(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
     num_sources, k = len(cfg.sources), cfg.represent.k

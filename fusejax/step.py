@@ -28,6 +28,8 @@ from fusejax.fusion import fusion_loss, lm_weight_schedule
 from fusejax.models import ModelConfig
 from fusejax.schema import STEP_AXES
 
+INT32_MAX = 2**31 - 1
+
 # dense bf16 peak FLOP/s per device by device_kind substring (for MFU when train.peak_flops is null)
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
               "TPU v5p": 459e12, "TPU v6": 918e12}
@@ -153,6 +155,21 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, opts: StepOption
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     return step
+
+
+def size_problems(tc: TrainConfig, context: int | None) -> list[str]:
+    """Sizes of the ``train`` section no step can hold, as messages naming the settings: ``train.seq_len``
+    beyond the target's ``context`` (its max_position_embeddings; None: not known) and a batch of more tokens
+    than int32 counts. Checked before anything is allocated (by ``validate``, the trainer and ``plan``)."""
+    out = []
+    if context is not None and tc.seq_len > context:
+        out.append(f"train.seq_len={tc.seq_len}: more than the target's context (max_position_embeddings = "
+                   f"{context})")
+    tokens = tc.batch_size * tc.seq_len
+    if tokens > INT32_MAX:
+        out.append(f"train.batch_size={tc.batch_size} x train.seq_len={tc.seq_len} = {tokens} tokens per batch: "
+                   f"more than int32 counts ({INT32_MAX})")
+    return out
 
 
 def batch_shardings(mesh, batch_shapes: dict[str, tuple[int, ...]], rules) -> dict[str, NamedSharding]:

@@ -43,7 +43,9 @@ Atomicity and resume
     run: nothing in a shard or manifest depends on time, host or process id.
 
     Reopening with a different ``kind``, ``meta``, ``fields`` or ``rows_per_shard`` raises
-    :class:`StoreMismatchError` naming the first differing key and both values.
+    :class:`StoreMismatchError` naming the first differing key and both values, unless no manifest lists a
+    shard yet (an empty store, e.g. of a corpus that gave no blocks): its differing manifests are then
+    removed with a logged warning naming the folder, and the writer starts a new store there.
 
 Several writer processes
     Separate jobs may write disjoint rows into the same folder, each with its own ``process_index``: their
@@ -571,15 +573,25 @@ class StoreWriter:
         manifests = [(p, _read_manifest(self.path, p)) for p in _manifest_paths(self.path)]
         if not manifests:
             return []
+        empty = not any(man["shards"] for _, man in manifests)
+        kept = []
         for path, man in manifests:
-            for key in _HEADER_KEYS:
-                diff = _first_difference(man[key], self._header[key], key)
-                if diff:
-                    raise StoreMismatchError(
-                        f"store {self.path} ({path.name}) was written with {diff[0]} = {diff[1]!r}; "
-                        f"this writer asks for {diff[2]!r}"
-                    )
-        _, shards = _combine(self.path, manifests)
+            diff = next(filter(None, (_first_difference(man[key], self._header[key], key) for key in _HEADER_KEYS)),
+                        None)
+            if diff and empty:  # no complete shard yet: nothing to keep, the new inputs replace the old ones
+                log.warning("%s: replacing an empty store (%s, no complete shard) written with %s = %r; this writer "
+                            "asks for %r", self.path, path.name, *diff)
+                path.unlink()
+            elif diff:
+                raise StoreMismatchError(
+                    f"store {self.path} ({path.name}) was written with {diff[0]} = {diff[1]!r}; "
+                    f"this writer asks for {diff[2]!r}"
+                )
+            else:
+                kept.append((path, man))
+        if not kept:
+            return []
+        _, shards = _combine(self.path, kept)
         mine = [s for s in shards if s["name"].startswith(self._prefix)]
         for k, s in enumerate(mine):
             if s["name"] != self._shard_name(k):

@@ -27,11 +27,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 from fusejax import checkpoint
 from fusejax.config import Config, TrainConfig, config_to_dict, save_resolved
 from fusejax.corpus import corpus_totals
-from fusejax.data import AlignedBatches, Batches, stream_rows
+from fusejax.data import AlignedBatches, Batches, check_batch_size, stream_rows
 from fusejax.distributed import is_main_process
 from fusejax.evaluation import evaluate, heldout_batches
 from fusejax.files import json_safe, write_json
 from fusejax.models import ModelConfig, Transformer, load_pretrained, model_shardings
+from fusejax.models.hf_io import read_config
 from fusejax.schema import CE_FIELDS, CHECKPOINTS, STEP_AXES, SUMMARY, TABLE_FIELDS, TENSORBOARD, TEXT_FIELDS, RunLayout
 from fusejax.sharding import make_mesh
 from fusejax.step import (
@@ -46,6 +47,7 @@ from fusejax.step import (
     model_flops_per_token,
     opt_state_shardings,
     peak_flops_per_device,
+    size_problems,
     target_source,
     training_model_config,
 )
@@ -96,6 +98,10 @@ class Trainer:
                  seed: int = 0, target_source: int | None = None, eval_data: Batches | None = None,
                  config: Config | None = None, source_names: list[str] | None = None,
                  eval_batch_size: int | None = None, eval_max_batches: int | None = None):
+        problems = size_problems(tc, model.config.max_position_embeddings)
+        if problems:
+            raise ValueError("; ".join(problems))
+        check_batch_size(tc.batch_size, data.num_rows)
         self.tc, self.mesh, self.seed = tc, mesh, seed
         self.eval_batch_size = eval_batch_size or tc.batch_size // tc.grad_accum
         self.eval_max_batches = eval_max_batches
@@ -391,6 +397,9 @@ def run(cfg: Config) -> dict:
     tc, layout = cfg.train, RunLayout.of(cfg)
     if cfg.target.path is None:
         raise ValueError("target.path is not set: name the Hugging Face folder of the model to train")
+    problems = size_problems(tc, read_config(Path(cfg.target.path)).max_position_embeddings)
+    if problems:  # before any store, model or mesh is touched (the trainer checks again for library callers)
+        raise ValueError("; ".join(problems))
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     data = AlignedBatches(layout.aligned, split="train", seq_len=tc.seq_len, ce_level=tc.ce_level,
                           ce_unit=tc.ce_unit)

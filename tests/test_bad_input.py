@@ -163,6 +163,16 @@ def test_block_longer_than_a_source_context(run, capsys, tmp_path):
           "lower corpus.block_size")
 
 
+def test_sizes_no_step_holds_refused_up_front(run, capsys, tmp_path):
+    _, config = run
+    out = f"run.output_dir={tmp_path / 'out'}"  # nothing prepared: refused before any store is opened
+    fails(capsys, ["train", config, out, "train.batch_size=1000000000000"],
+          "train.batch_size=1000000000000 x train.seq_len=2048", "more than int32 counts")
+    fails(capsys, ["train", config, out, "train.seq_len=1000000000"], "train.seq_len=1000000000",
+          "max_position_embeddings = 256")
+    fails(capsys, ["run", config, out, "train.batch_size=1000000000000"], "train.batch_size=1000000000000 x")
+
+
 def test_mesh_that_does_not_divide_the_devices(run, capsys, tmp_path):
     _, config = run
     out = f"run.output_dir={fresh(tmp_path, run, 'corpus')}"

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import logging
+import subprocess
 import sys
 import types
 
@@ -72,7 +73,38 @@ def test_split_document_against_tokenizer(tok, backend):
         check_blocks(text, blocks, block_size, lambda s: len(backend.encode(s).ids), ends)
         if block_size >= 64:  # no needless short blocks: all but the last are at least half full
             assert min(m for _, _, m in blocks[:-1]) >= block_size // 2
+        # tokenized in small windows instead of at once: the same blocks
+        assert split_document(text, tok, block_size, piece_chars=3000) == blocks
     assert split_document("", tok, 8) == []
+
+
+MEMORY_SCRIPT = """
+import sys
+from transformers import PreTrainedTokenizerFast
+from fusejax.corpus import split_document
+
+def peak_mib():
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) // 1024
+
+tok = PreTrainedTokenizerFast(tokenizer_file=sys.argv[1])
+text = open(sys.argv[2], encoding="utf-8").read()
+base = peak_mib()
+blocks = split_document(text, tok, 512)
+assert blocks[0][0] == 0 and blocks[-1][1] == len(text)
+print(peak_mib() - base)
+"""
+
+
+def test_split_memory_bounded_by_piece_not_document(tmp_path, backend):
+    # a 1 MiB single-line document: tokenized at once it grows the peak RSS by ~300 MiB (250x the text);
+    # in windows of PIECE_CHARS code points by a few MiB whatever the document's length
+    backend.save(str(tmp_path / "tok.json"))
+    line = " ".join(DOCS).replace("\n", " ")
+    (tmp_path / "doc.txt").write_text((line * (2**20 // len(line) + 1))[: 2**20], encoding="utf-8")
+    out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(tmp_path / "tok.json"), str(tmp_path / "doc.txt")],
+                         capture_output=True, text=True, check=True)
+    growth_mib = int(out.stdout.split()[-1])
+    assert growth_mib < 64, f"cutting a 1 MiB document grew the peak RSS by {growth_mib} MiB"
 
 
 def test_split_prefers_newline_then_whitespace(tok, backend):
@@ -133,6 +165,7 @@ def test_split_with_real_tokenizers(shared_data, name):
     for block_size in (64, 512):
         blocks = split_document(text, load_tokenizer(folder), block_size)
         check_blocks(text, blocks, block_size, count, ends(text))
+        assert split_document(text, load_tokenizer(folder), block_size, piece_chars=4096) == blocks
 
 
 def write_inputs(root):
@@ -244,6 +277,19 @@ def test_ids_stable_and_rerun_idempotent(tmp_path, tok):
     (tmp_path / "in" / "a.txt").write_text(DOCS[0] + "more")
     with pytest.raises(StoreMismatchError, match="inputs"):
         prepare_corpus(inputs, tok, tmp_path / "one", block_size=40, rows_per_shard=8)
+
+
+def test_empty_corpus_store_replaced_by_fixed_inputs(tmp_path, tok, caplog):
+    (tmp_path / "empty.jsonl").write_text(json.dumps({"text": " "}) + "\n")
+    (tmp_path / "good.jsonl").write_text(json.dumps({"text": DOCS[0]}) + "\n")
+    assert prepare_corpus(tmp_path / "empty.jsonl", tok, tmp_path / "out", block_size=40)["blocks"] == 0
+    with caplog.at_level(logging.WARNING, logger="fusejax.store"):
+        summary = prepare_corpus(tmp_path / "good.jsonl", tok, tmp_path / "out", block_size=40)
+    assert f"{tmp_path / 'out'}: replacing an empty store" in caplog.text
+    prepare_corpus(tmp_path / "good.jsonl", tok, tmp_path / "ref", block_size=40)
+    assert summary["blocks"] > 0 and tree_bytes(tmp_path / "out") == tree_bytes(tmp_path / "ref")
+    with pytest.raises(StoreMismatchError, match="inputs"):  # a store with blocks is still never replaced
+        prepare_corpus(tmp_path / "empty.jsonl", tok, tmp_path / "out", block_size=40)
 
 
 def test_heldout_split_deterministic_by_document(tmp_path, tok):

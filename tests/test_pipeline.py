@@ -192,6 +192,13 @@ def test_validation_lists_every_problem_at_once(folders, tmp_path):
     assert text.startswith(f"{text.count(chr(10) + '  - ')} problem(s)")
 
 
+def test_validation_of_sizes_against_the_target_context_and_int32(folders):
+    problems = pipeline.validate(_cfg(folders, "train.seq_len=65", "train.batch_size=40000000"), n_devices=8)
+    assert problems == ["train.seq_len=65: more than the target's context (max_position_embeddings = 64)",
+                        "train.batch_size=40000000 x train.seq_len=65 = 2600000000 tokens per batch: more than int32 "
+                        "counts (2147483647)"]
+
+
 def test_validation_of_mesh_and_missing_sources(folders):
     cfg = load_config(None, ["mesh.data=3", "mesh.fsdp=1", f"target.path={folders / 'good'}"])
     problems = pipeline.validate(cfg, n_devices=8)

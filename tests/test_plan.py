@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from fusejax import cli
 from fusejax.config import load_config
 from fusejax.plan import PlanError, plan_devices, run
 
@@ -43,6 +44,15 @@ def tiny_config(tmp_path, *overrides):
         f"target.path={folder}", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "train.batch_size=8",
         "train.grad_accum=2", "train.seq_len=16", "represent.k=3", f"sources=[{{name: a, path: {folder}}}, "
         "{name: b, path: elsewhere}]", *overrides])
+
+
+def test_sizes_no_step_holds_refused_before_compiling(tmp_path, capsys):
+    folder = model_folder(tmp_path, TINY)
+    for override, fragment in [("train.seq_len=1000000000", "more than the target's context (max_position_embeddings "
+                                "= 64)"), ("train.batch_size=1000000000000", "more than int32 counts")]:
+        assert cli.main(["plan", f"target.path={folder}", override]) == 2
+        line = capsys.readouterr().err.strip()
+        assert line.startswith("fusejax: error: ") and "\n" not in line and override in line and fragment in line
 
 
 def test_tiny_plan_equals_a_hand_computation(tmp_path, capsys):

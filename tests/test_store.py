@@ -175,6 +175,16 @@ def test_mismatched_meta_or_fields_refused(tmp_path):
     assert not list(tmp_path.glob("*.lock"))  # a refused writer releases its lock
 
 
+def test_empty_store_with_other_meta_replaced(tmp_path, caplog):
+    write(tmp_path / "two", [], process_index=1)  # two writers closed without a row: no shard anywhere
+    write(tmp_path / "two", [])
+    with caplog.at_level(logging.WARNING, logger="fusejax.store"):
+        write(tmp_path / "two", make_rows(3), meta={**META, "k": 5})
+    assert caplog.text.count(f"{tmp_path / 'two'}: replacing an empty store") == 2 and "meta['k']" in caplog.text
+    store = open_store(tmp_path / "two", verify=True)
+    assert store.meta["k"] == 5 and len(store) == 3
+
+
 def test_corruption_detected_and_named(tmp_path):
     write(tmp_path, make_rows(6))
     target = tmp_path / "shard-p0000-000001" / "topk_ids.npy"

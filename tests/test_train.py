@@ -342,6 +342,21 @@ def test_a_second_trainer_on_the_same_folder_is_refused_until_the_first_closes(t
     assert not (tmp_path / "trainer.lock").exists()
 
 
+def test_refuses_sizes_no_step_or_data_holds_before_allocating(tmp_path):
+    data, mesh = SyntheticTables(16, T, MODEL.vocab_size, seed=1), make_mesh(fsdp=8)
+    model = Transformer(MODEL, rngs=nnx.Rngs(0))
+    for tc, message in [
+        (dataclasses.replace(TC, batch_size=10**12), f"train.batch_size=1000000000000 x train.seq_len={T}"),
+        (dataclasses.replace(TC, batch_size=17 * 16), "train.batch_size=272: more than 16 x the 16 training rows"),
+        (dataclasses.replace(TC, seq_len=10**9), "train.seq_len=1000000000: more than the target's context"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            Trainer(model, data, tc, tmp_path, mesh=mesh)
+    with pytest.raises(ValueError, match="a batch would read every row 20 times"):
+        stream_rows(0, 0, 20 * 16, 16)
+    assert not (tmp_path / "trainer.lock").exists()
+
+
 def test_refuses_a_checkpoint_of_another_model(straight, tmp_path):
     *_, out = straight
     shutil.copytree(out / "checkpoints", tmp_path / "checkpoints")
