@@ -59,6 +59,19 @@ def test_config_mistakes_name_key_and_value(run, capsys, tmp_path):
     fails(capsys, ["represent", config, "sources.0.name=../evil"], "'sources.0.name'", "'../evil'")
 
 
+@pytest.mark.parametrize("text, overrides, fragments", [
+    ("run: {seed: 1}\n".encode("utf-16"), [], ["is not UTF-8 text"]),
+    ("run: {output_dir: caf\u00e9}\n".encode("latin-1"), [], ["is not UTF-8 text"]),
+    (b"run: {seed: -3}\n", [], ["'run.seed'", "got -3"]),
+    (b"train: {lr: 1e400}\n", [], ["'train.lr'", "expected a finite number"]),
+    (b"{}\n", ["train.lr=.inf"], ["'train.lr' in override 'train.lr=.inf'", "expected a finite number"]),
+], ids=["utf-16", "latin-1", "negative seed", "1e400", ".inf override"])
+def test_unusable_config_is_one_line(capsys, tmp_path, text, overrides, fragments):
+    path = tmp_path / "config.yaml"
+    path.write_bytes(text)
+    fails(capsys, ["config", path, *overrides], *fragments)
+
+
 def test_missing_files_are_named(run, capsys, tmp_path):
     root, config = run
     out = f"run.output_dir={tmp_path / 'out'}"
