@@ -127,6 +127,20 @@ def test_path_traversal_in_a_manifest_is_refused(run, capsys, tmp_path):
     fails(capsys, ["represent", config, f"run.output_dir={out}"], str(manifest), "invalid shard name '../../escape'")
 
 
+def test_empty_shard_file_or_malformed_manifest_is_named(run, capsys, tmp_path):
+    _, config = run
+    for sub in "ab":
+        (tmp_path / sub).mkdir()
+    out = fresh(tmp_path / "a", run, "corpus")
+    npy = out / "corpus" / "shard-p0000-000000" / "id.npy"
+    npy.write_bytes(b"")  # e.g. a copy that ran out of space
+    fails(capsys, ["represent", config, f"run.output_dir={out}"], f"{npy}: cannot load")
+    out = fresh(tmp_path / "b", run, "corpus")
+    manifest = out / "corpus" / "manifest-p0000.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "fields": 7}))
+    fails(capsys, ["represent", config, f"run.output_dir={out}"], str(manifest), "'fields' is 7")
+
+
 @pytest.mark.parametrize("docs, fragments", [
     ({"blank.txt": b"  \n\t\n"}, ["gave no blocks", "'empty': 1"]),
     ({"latin1.txt": "caf\u00e9 cr\u00e8me".encode("latin-1")}, ["gave no blocks", "'invalid_utf8': 1"]),
