@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fusejax import cli, stages
-from fusejax.config import ConfigError
+from fusejax import cli, pipeline, stages
+from fusejax.config import ConfigError, load_config
 from fusejax.store import open_store
 
 from test_reliability import ROOT, TEXTS, _copy_outputs, build_pipeline
@@ -98,6 +98,21 @@ def test_store_of_another_k_or_tokenizer_is_refused(run, capsys, tmp_path):
     fails(capsys, ["represent", config, out, "represent.k=5"], "represent/llama", "meta['k'] = 4", "asks for 5")
     fails(capsys, ["represent", config, out, f"sources.1.tokenizer={root / 'tok_target'}"],
           "represent/neox", "meta['tokenizer_fingerprint']")
+
+
+def test_zero_kv_heads_in_a_source_config(run, capsys, tmp_path):
+    root, config = run
+    model = tmp_path / "model"
+    model.mkdir()
+    for file in (root / "model_llama").iterdir():
+        (model / file.name).write_bytes(file.read_bytes())
+    hf = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**hf, "num_key_value_heads": 0}))
+    out = f"run.output_dir={fresh(tmp_path, run, 'corpus')}"
+    bad = f"sources.0.path={model}"
+    fails(capsys, ["represent", config, out, bad], str(model / "config.json"), "'num_key_value_heads'=0")
+    problems = pipeline.validate(load_config(config, [out, bad]))
+    assert any(p.startswith("sources.0.path: ") and "'num_key_value_heads'=0" in p for p in problems), problems
 
 
 def test_k_larger_than_the_vocabulary(run, capsys, tmp_path):

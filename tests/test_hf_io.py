@@ -13,7 +13,8 @@ import transformers
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from fusejax.models import CheckpointError, ModelConfigError, load_pretrained, save_pretrained
+from fusejax.models import CheckpointError, ModelConfig, ModelConfigError, load_pretrained, save_pretrained
+from fusejax.models.hf_io import read_config
 
 LLAMA = dict(vocab_size=130, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=32)
@@ -105,6 +106,31 @@ def test_bad_config(ckpt, changes, match):
     _edit_config(ckpt, **changes)
     with pytest.raises(ModelConfigError, match=match):
         load_pretrained(ckpt)
+
+
+@pytest.mark.parametrize("arch, field, value", [
+    ("llama", "num_key_value_heads", 0), ("llama", "num_attention_heads", 0), ("llama", "hidden_size", -32),
+    ("llama", "head_dim", 0), ("llama", "num_hidden_layers", 0), ("llama", "max_position_embeddings", 0),
+    ("gpt_neox", "num_attention_heads", 0), ("gpt_neox", "intermediate_size", -1), ("mpt", "n_heads", 0),
+    ("mpt", "expansion_ratio", 0), ("gpt2", "n_head", 0), ("gpt2", "n_positions", -5),
+])
+def test_zero_or_negative_sizes_in_config_json(tmp_path, arch, field, value):
+    configs = {"llama": transformers.LlamaConfig(**LLAMA), "gpt_neox": transformers.GPTNeoXConfig(
+        hidden_size=32, num_attention_heads=4, num_hidden_layers=1, intermediate_size=64, vocab_size=100),
+        "mpt": transformers.MptConfig(d_model=32, n_heads=4, n_layers=1, vocab_size=100),
+        "gpt2": transformers.GPT2Config(n_embd=32, n_head=4, n_layer=1, vocab_size=100)}
+    config = {**configs[arch].to_dict(), field: value}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    match = rf"{tmp_path / 'config.json'}: field '{field}'={value}: expected a positive integer"
+    with pytest.raises(ModelConfigError, match=match):
+        read_config(tmp_path)
+
+
+def test_model_config_refuses_zero_sizes():
+    base = dict(arch="llama", vocab_size=100, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4)
+    for field in ("num_kv_heads", "head_dim", "max_position_embeddings"):
+        with pytest.raises(ModelConfigError, match=f"ModelConfig.{field}=0: expected a positive integer"):
+            ModelConfig(**base, **{field: 0})
 
 
 @pytest.mark.parametrize("field,value", [
