@@ -66,6 +66,30 @@ def test_index_lists_missing_file(ckpt):
         load_pretrained(ckpt)
 
 
+@pytest.mark.parametrize("where", ["../outside/x.safetensors", "sub/../../x.safetensors", "absolute"])
+def test_index_entry_outside_the_folder_is_refused(ckpt, tmp_path, where):
+    (tmp_path / "outside").mkdir()
+    shutil.move(ckpt / "model.safetensors", tmp_path / "outside" / "x.safetensors")
+    file = str(tmp_path / "outside" / "x.safetensors") if where == "absolute" else where
+    index = {"metadata": {}, "weight_map": dict.fromkeys(load_file(tmp_path / "outside" / "x.safetensors"), file)}
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    match = rf"index\.json: weight_map entry '.*': '{file}' is not a file inside {ckpt}"
+    with pytest.raises(CheckpointError, match=match):
+        load_pretrained(ckpt)
+
+
+def test_index_entry_that_is_a_link_inside_the_folder_loads(ckpt, tmp_path, hf_llama):
+    """A snapshot folder of the Hugging Face cache links its files to blobs elsewhere: that is fine."""
+    (tmp_path / "blobs").mkdir()
+    shutil.move(ckpt / "model.safetensors", tmp_path / "blobs" / "abc")
+    (ckpt / "sub").mkdir()
+    (ckpt / "sub" / "w.safetensors").symlink_to(tmp_path / "blobs" / "abc")
+    index = {"metadata": {}, "weight_map": dict.fromkeys(load_file(tmp_path / "blobs" / "abc"), "sub/w.safetensors")}
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    model = load_pretrained(ckpt)
+    assert model.config.num_layers == 2
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
 def test_corrupt_safetensors(ckpt, damage):
     file = ckpt / "model.safetensors"
