@@ -160,6 +160,7 @@ def test_empty_shard_file_or_malformed_manifest_is_named(run, capsys, tmp_path):
     ({"blank.txt": b"  \n\t\n"}, ["gave no blocks", "'empty': 1"]),
     ({"latin1.txt": "caf\u00e9 cr\u00e8me".encode("latin-1")}, ["gave no blocks", "'invalid_utf8': 1"]),
     ({"notes.md": b"# not a corpus file\n"}, ["holds no .txt/.jsonl/.parquet files"]),
+    ({"cut.parquet": b"PAR1\x15\x04"}, ["cut.parquet: not a readable parquet file"]),
 ])
 def test_empty_or_undecodable_corpus(run, capsys, tmp_path, docs, fragments):
     _, config = run
