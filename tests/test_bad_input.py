@@ -244,6 +244,22 @@ def test_bugs_keep_their_traceback_and_debug_shows_every_traceback(monkeypatch, 
         cli.main(["user_error"])
 
 
+def test_os_error_reported_by_tensorstore_is_one_line(monkeypatch, capsys):
+    """How a full disk surfaces while Orbax writes a checkpoint: a ValueError raised outside fusejax."""
+    full = ('RESOURCE_EXHAUSTED: Error writing "w/0.0" in OCDBT database at local file "/run/train/checkpoints/'
+            '4.orbax-checkpoint-tmp/params.orbax-checkpoint-tmp/ocdbt.process_0/": Failed to write 752307 bytes to '
+            "file 4: No space left on device [os_error_code='28']")
+
+    def save(cfg):
+        raise ValueError(full)
+
+    module = types.ModuleType("fake_stages")
+    module.save = save
+    monkeypatch.setitem(sys.modules, "fake_stages", module)
+    monkeypatch.setitem(stages.COMMANDS, "save", ("fake_stages:save", "save"))
+    assert fails(capsys, ["save"]) == f"fusejax: error: {full}"
+
+
 def test_console_command_prints_no_traceback_unless_debugging(run, tmp_path):
     argv = [sys.executable, "-m", "fusejax.cli", "prepare", str(run[1]), f"corpus.inputs=[{tmp_path / 'nowhere'}]",
             f"run.output_dir={tmp_path / 'out'}"]
