@@ -5,7 +5,8 @@ writes them to a store of kind ``"corpus"`` (see :mod:`fusejax.store`). Every la
 alignment, training) tokenizes exactly a block's ``text``, so all models see the same characters.
 
 Inputs (``fmt="auto"`` decides per path; a folder that is no dataset is searched recursively, sorted, for
-``.txt`` / ``.jsonl`` / ``.parquet`` files, hidden ones ignored):
+``.txt`` / ``.jsonl`` / ``.parquet`` files, hidden ones ignored; a FIFO, socket or device, given or found, is
+refused before it is opened):
 
 * ``.txt``: the whole file is one document (``txt_split="file"``), or each run of non-blank lines is one
   (``txt_split="blank_line"``; a blank line is empty or whitespace-only; the last line ending is dropped);
