@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import difflib
 import functools
+import math
 import os
 import re
 import types
@@ -45,6 +46,7 @@ NON_NEGATIVE = (lambda v: v >= 0, "must be >= 0")
 FRACTION = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
 HOLDOUT = (lambda v: 0 <= v < 1, "must be in [0, 1)")
 MESH_SIZE = (lambda v: v == -1 or v >= 1, "must be a positive integer or -1")
+SEED = (lambda v: 0 <= v < 2**63, "must be in [0, 2**63)")  # numpy and JAX both take it
 
 
 def opt(default: Any, help: str, check: tuple[Callable[[Any], bool], str] | None = None):
@@ -87,7 +89,7 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
 @section
 class RunConfig:
     output_dir: str = opt("runs/default", "folder for everything the run writes (logits, checkpoints, logs)")
-    seed: int = opt(0, "random seed for initialization, data order and the holdout split")
+    seed: int = opt(0, "random seed for initialization, data order and the holdout split", SEED)
 
 
 @section
@@ -350,6 +352,8 @@ def _read_yaml(path: Path, where: str) -> dict:
         raise ConfigError(f"config file {where} not found") from None
     except OSError as e:
         raise ConfigError(f"cannot read config file {where}: {e}") from None
+    except UnicodeDecodeError as e:  # e.g. Latin-1 or UTF-16 text
+        raise ConfigError(f"config file {where} is not UTF-8 text: {e}") from None
     try:
         raw = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
@@ -558,7 +562,13 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
             raise _bad(key, where, f"expected a mapping ({_type_name(tp)})", value)
         return {_convert(k, args[0], key, where): _convert(v, args[1], f"{key}.{k}", where) for k, v in value.items()}
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond the float range
+            number = math.inf
+        if not math.isfinite(number):  # .inf, .nan, 1e400
+            raise _bad(key, where, "expected a finite number", value)
+        return number
     if tp in (bool, int, str) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return value
     if tp in (bool, int, float, str):

@@ -5,7 +5,8 @@ writes them to a store of kind ``"corpus"`` (see :mod:`fusejax.store`). Every la
 alignment, training) tokenizes exactly a block's ``text``, so all models see the same characters.
 
 Inputs (``fmt="auto"`` decides per path; a folder that is no dataset is searched recursively, sorted, for
-``.txt`` / ``.jsonl`` / ``.parquet`` files, hidden ones ignored):
+``.txt`` / ``.jsonl`` / ``.parquet`` files, hidden ones ignored; a FIFO, socket or device, given or found, is
+refused before it is opened):
 
 * ``.txt``: the whole file is one document (``txt_split="file"``), or each run of non-blank lines is one
   (``txt_split="blank_line"``; a blank line is empty or whitespace-only; the last line ending is dropped);
@@ -219,8 +220,8 @@ def _expand_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], fmt:
             out.append(_Input(path, base_name, fmt if fmt != "auto" else kind))
         elif path.is_dir():
             files = sorted(
-                p for p in path.rglob("*")
-                if p.is_file()
+                _regular_file(p) for p in path.rglob("*")
+                if not p.is_dir()
                 and not any(part.startswith(".") for part in p.relative_to(path).parts)
                 and _SUFFIX_FORMATS.get(p.suffix) in ((fmt,) if fmt != "auto" else FORMATS)
             )
@@ -236,12 +237,19 @@ def _expand_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], fmt:
                     f"corpus input {path}: cannot tell the format from suffix {path.suffix!r} "
                     f"(fmt={fmt!r}; files must be .txt, .jsonl or .parquet)"
                 )
-            out.append(_Input(path, base_name, file_fmt))
+            out.append(_Input(_regular_file(path), base_name, file_fmt))
     names = Counter(inp.name for inp in out)
     dups = sorted(name for name, k in names.items() if k > 1)
     if dups:
         raise ValueError(f"corpus inputs have the same relative names {dups}; document ids would collide")
     return out
+
+
+def _regular_file(path: Path) -> Path:
+    """``path``, if it is a regular file (or a link to one): reading a FIFO or device could block forever."""
+    if not path.is_file():
+        raise ValueError(f"corpus input {path} is not a regular file (a FIFO, socket, device or broken link)")
+    return path
 
 
 def _dataset_kind(folder: Path) -> str | None:
@@ -312,16 +320,20 @@ def _arrow_column(batch, field: str, where: str):
 
 
 def _read_parquet(inp: _Input, text_field: str) -> Iterator[_Record]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(inp.path)
-    if text_field not in pf.schema_arrow.names:
-        raise KeyError(f"{inp.path}: no column {text_field!r} (columns: {pf.schema_arrow.names}); set text_field")
-    index = 0
-    for batch in pf.iter_batches(batch_size=256, columns=[text_field]):
-        for value in _arrow_column(batch, text_field, str(inp.path)):
-            yield _Record(f"{inp.name}:{index}", value, f"{inp.path} row {index}")
-            index += 1
+    try:
+        pf = pq.ParquetFile(inp.path)
+        if text_field not in pf.schema_arrow.names:
+            raise KeyError(f"{inp.path}: no column {text_field!r} (columns: {pf.schema_arrow.names}); set text_field")
+        index = 0
+        for batch in pf.iter_batches(batch_size=256, columns=[text_field]):
+            for value in _arrow_column(batch, text_field, str(inp.path)):
+                yield _Record(f"{inp.name}:{index}", value, f"{inp.path} row {index}")
+                index += 1
+    except pa.ArrowException as err:  # truncated or corrupt file
+        raise ValueError(f"{inp.path}: not a readable parquet file: {err}") from None
 
 
 def _read_json_file(path: Path) -> Any:

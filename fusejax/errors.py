@@ -8,7 +8,10 @@ and exits with code 2, without a traceback. These are
   ``DistributedError``; all but the last subclass ``ValueError``;
 * ``ValueError``, ``KeyError``, ``TypeError``, ``LookupError`` and ``ImportError`` raised by a ``raise``
   statement in fusejax itself (the innermost traceback frame is in this package): our own validation;
-* any ``OSError``: a missing file, a full disk (``ENOSPC``), a permission or read-only file system.
+* any ``OSError``: a missing file, a full disk (``ENOSPC``), a permission or read-only file system; also
+  an OS error that TensorStore (Orbax's array writer) reports as a ``ValueError`` naming it as
+  ``[os_error_code='N']`` (a full disk while saving a checkpoint: ``RESOURCE_EXHAUSTED: Error writing ...:
+  No space left on device [os_error_code='28']``).
 
 Anything else (an exception raised inside numpy, JAX, ...) is treated as a bug and keeps its traceback.
 Setting the environment variable ``FUSEJAX_DEBUG=1`` shows the traceback of every error.
@@ -17,6 +20,7 @@ Setting the environment variable ``FUSEJAX_DEBUG=1`` shows the traceback of ever
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from fusejax.distributed import DistributedError
@@ -25,6 +29,8 @@ DEBUG_ENV = "FUSEJAX_DEBUG"
 _PACKAGE = Path(__file__).resolve().parent
 # exception types that count as user errors only when a fusejax frame raised them
 _OWN_VALIDATION = (ValueError, LookupError, TypeError, ImportError)
+# how TensorStore's ValueError names the OS error behind it
+_TENSORSTORE_OS_ERROR = re.compile(r"\[os_error_code='\d+'\]")
 
 
 def debug() -> bool:
@@ -50,8 +56,8 @@ def _is_declared(exc: BaseException) -> bool:
 
 def user_error_message(exc: BaseException) -> str | None:
     """The one-line message of a user error (see the module docstring); None when ``exc`` looks like a bug."""
-    if not (isinstance(exc, OSError) or _is_declared(exc)
-            or (isinstance(exc, _OWN_VALIDATION) and _raised_in_fusejax(exc))):
+    os_error = isinstance(exc, OSError) or (isinstance(exc, ValueError) and _TENSORSTORE_OS_ERROR.search(str(exc)))
+    if not (os_error or _is_declared(exc) or (isinstance(exc, _OWN_VALIDATION) and _raised_in_fusejax(exc))):
         return None
     # KeyError's str() is the repr of its key: show a message argument as written
     text = exc.args[0] if isinstance(exc, KeyError) and len(exc.args) == 1 else str(exc)

@@ -261,37 +261,49 @@ def _header(kind: str, meta: Mapping, fields: Sequence[Field], rows_per_shard: i
 _HEADER_KEYS = ("format", "version", "kind", "meta", "fields", "rows_per_shard")
 
 
+# JSON types of the manifest's top-level entries (format and version are compared by value)
+_MANIFEST_TYPES = {"kind": str, "meta": dict, "fields": list, "rows_per_shard": int, "shards": list}
+
+
 def _read_manifest(root: Path, path: Path) -> dict:
-    """Load one manifest and validate its names; raises StoreError naming the file."""
+    """Load one manifest and validate its structure and names; raises StoreCorruptError naming the file."""
     try:
         man = json.loads(path.read_text("utf-8"))
-    except (OSError, ValueError) as err:
+    except OSError as err:
         raise StoreError(f"{path}: cannot read manifest: {err}") from None
+    except ValueError as err:  # not UTF-8, not JSON
+        raise StoreCorruptError(f"{path}: cannot read manifest: {err}") from None
     if not isinstance(man, dict) or man.get("format") != FORMAT or man.get("version") != VERSION:
-        raise StoreError(
+        raise StoreCorruptError(
             f"{path}: not a {FORMAT} manifest of version {VERSION} "
             f"(format={man.get('format') if isinstance(man, dict) else None!r}, "
             f"version={man.get('version') if isinstance(man, dict) else None!r})"
         )
     missing = [k for k in (*_HEADER_KEYS, "shards") if k not in man]
     if missing:
-        raise StoreError(f"{path}: manifest lacks {missing}")
-    fields = [Field.from_json(f) for f in man["fields"]]
+        raise StoreCorruptError(f"{path}: manifest lacks {missing}")
+    for key, kind in _MANIFEST_TYPES.items():
+        if not isinstance(man[key], kind) or isinstance(man[key], bool):
+            raise StoreCorruptError(f"{path}: manifest entry {key!r} is {man[key]!r}, expected a JSON {kind.__name__}")
+    try:
+        fields = [Field.from_json(f) for f in man["fields"]]
+    except StoreError as err:
+        raise StoreCorruptError(f"{path}: {err}") from None
     expected_files = {ID_FILE, *(name for f in fields for name in f.files)}
     for shard in man["shards"]:
         name = shard.get("name") if isinstance(shard, dict) else None
         if not isinstance(name, str) or not _SHARD_RE.match(name):
-            raise StoreError(f"{path}: invalid shard name {name!r} (expected shard-pNNNN-NNNNNN)")
+            raise StoreCorruptError(f"{path}: invalid shard name {name!r} (expected shard-pNNNN-NNNNNN)")
         files = shard.get("sha256")
         if not isinstance(files, dict) or set(files) != expected_files:
-            raise StoreError(
+            raise StoreCorruptError(
                 f"{path}: shard {name!r} lists files {sorted(files) if isinstance(files, dict) else files!r}, "
                 f"expected {sorted(expected_files)}"
             )
         for fname in files:
             _inside(root, root / name / fname)
         if not isinstance(shard.get("rows"), int) or shard["rows"] < 0:
-            raise StoreError(f"{path}: shard {name!r} has invalid row count {shard.get('rows')!r}")
+            raise StoreCorruptError(f"{path}: shard {name!r} has invalid row count {shard.get('rows')!r}")
     return man
 
 
@@ -359,7 +371,7 @@ class Shard:
         path = self.path / fname
         try:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, EOFError) as err:  # EOFError: an empty file
             raise StoreCorruptError(f"{path}: cannot load: {err}") from None
         if arr.dtype != _storage_dtype(dtype):
             raise StoreCorruptError(f"{path}: dtype {arr.dtype}, expected {_storage_dtype(dtype)}")

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fusejax import cli, stages
-from fusejax.config import ConfigError
+from fusejax import cli, pipeline, stages
+from fusejax.config import ConfigError, load_config
 from fusejax.store import open_store
 
 from test_reliability import ROOT, TEXTS, _copy_outputs, build_pipeline
@@ -59,6 +59,19 @@ def test_config_mistakes_name_key_and_value(run, capsys, tmp_path):
     fails(capsys, ["represent", config, "sources.0.name=../evil"], "'sources.0.name'", "'../evil'")
 
 
+@pytest.mark.parametrize("text, overrides, fragments", [
+    ("run: {seed: 1}\n".encode("utf-16"), [], ["is not UTF-8 text"]),
+    ("run: {output_dir: caf\u00e9}\n".encode("latin-1"), [], ["is not UTF-8 text"]),
+    (b"run: {seed: -3}\n", [], ["'run.seed'", "got -3"]),
+    (b"train: {lr: 1e400}\n", [], ["'train.lr'", "expected a finite number"]),
+    (b"{}\n", ["train.lr=.inf"], ["'train.lr' in override 'train.lr=.inf'", "expected a finite number"]),
+], ids=["utf-16", "latin-1", "negative seed", "1e400", ".inf override"])
+def test_unusable_config_is_one_line(capsys, tmp_path, text, overrides, fragments):
+    path = tmp_path / "config.yaml"
+    path.write_bytes(text)
+    fails(capsys, ["config", path, *overrides], *fragments)
+
+
 def test_missing_files_are_named(run, capsys, tmp_path):
     root, config = run
     out = f"run.output_dir={tmp_path / 'out'}"
@@ -85,6 +98,21 @@ def test_store_of_another_k_or_tokenizer_is_refused(run, capsys, tmp_path):
     fails(capsys, ["represent", config, out, "represent.k=5"], "represent/llama", "meta['k'] = 4", "asks for 5")
     fails(capsys, ["represent", config, out, f"sources.1.tokenizer={root / 'tok_target'}"],
           "represent/neox", "meta['tokenizer_fingerprint']")
+
+
+def test_zero_kv_heads_in_a_source_config(run, capsys, tmp_path):
+    root, config = run
+    model = tmp_path / "model"
+    model.mkdir()
+    for file in (root / "model_llama").iterdir():
+        (model / file.name).write_bytes(file.read_bytes())
+    hf = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**hf, "num_key_value_heads": 0}))
+    out = f"run.output_dir={fresh(tmp_path, run, 'corpus')}"
+    bad = f"sources.0.path={model}"
+    fails(capsys, ["represent", config, out, bad], str(model / "config.json"), "'num_key_value_heads'=0")
+    problems = pipeline.validate(load_config(config, [out, bad]))
+    assert any(p.startswith("sources.0.path: ") and "'num_key_value_heads'=0" in p for p in problems), problems
 
 
 def test_k_larger_than_the_vocabulary(run, capsys, tmp_path):
@@ -114,10 +142,25 @@ def test_path_traversal_in_a_manifest_is_refused(run, capsys, tmp_path):
     fails(capsys, ["represent", config, f"run.output_dir={out}"], str(manifest), "invalid shard name '../../escape'")
 
 
+def test_empty_shard_file_or_malformed_manifest_is_named(run, capsys, tmp_path):
+    _, config = run
+    for sub in "ab":
+        (tmp_path / sub).mkdir()
+    out = fresh(tmp_path / "a", run, "corpus")
+    npy = out / "corpus" / "shard-p0000-000000" / "id.npy"
+    npy.write_bytes(b"")  # e.g. a copy that ran out of space
+    fails(capsys, ["represent", config, f"run.output_dir={out}"], f"{npy}: cannot load")
+    out = fresh(tmp_path / "b", run, "corpus")
+    manifest = out / "corpus" / "manifest-p0000.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "fields": 7}))
+    fails(capsys, ["represent", config, f"run.output_dir={out}"], str(manifest), "'fields' is 7")
+
+
 @pytest.mark.parametrize("docs, fragments", [
     ({"blank.txt": b"  \n\t\n"}, ["gave no blocks", "'empty': 1"]),
     ({"latin1.txt": "caf\u00e9 cr\u00e8me".encode("latin-1")}, ["gave no blocks", "'invalid_utf8': 1"]),
     ({"notes.md": b"# not a corpus file\n"}, ["holds no .txt/.jsonl/.parquet files"]),
+    ({"cut.parquet": b"PAR1\x15\x04"}, ["cut.parquet: not a readable parquet file"]),
 ])
 def test_empty_or_undecodable_corpus(run, capsys, tmp_path, docs, fragments):
     _, config = run
@@ -209,6 +252,22 @@ def test_bugs_keep_their_traceback_and_debug_shows_every_traceback(monkeypatch, 
     monkeypatch.setenv("FUSEJAX_DEBUG", "1")
     with pytest.raises(ConfigError, match="target.path"):
         cli.main(["user_error"])
+
+
+def test_os_error_reported_by_tensorstore_is_one_line(monkeypatch, capsys):
+    """How a full disk surfaces while Orbax writes a checkpoint: a ValueError raised outside fusejax."""
+    full = ('RESOURCE_EXHAUSTED: Error writing "w/0.0" in OCDBT database at local file "/run/train/checkpoints/'
+            '4.orbax-checkpoint-tmp/params.orbax-checkpoint-tmp/ocdbt.process_0/": Failed to write 752307 bytes to '
+            "file 4: No space left on device [os_error_code='28']")
+
+    def save(cfg):
+        raise ValueError(full)
+
+    module = types.ModuleType("fake_stages")
+    module.save = save
+    monkeypatch.setitem(sys.modules, "fake_stages", module)
+    monkeypatch.setitem(stages.COMMANDS, "save", ("fake_stages:save", "save"))
+    assert fails(capsys, ["save"]) == f"fusejax: error: {full}"
 
 
 def test_console_command_prints_no_traceback_unless_debugging(run, tmp_path):

@@ -248,12 +248,33 @@ def test_error_names_the_base_file_that_holds_the_mistake(tmp_path):
         ("corpus: {holdout_fraction: 1}", "corpus.holdout_fraction", r"must be in \[0, 1\)"),
         ("train: {lm_weight: 1.5}", "train.lm_weight", r"must be in \[0, 1\]"),
         ("represent: {k: 0}", "represent.k", "must be > 0"),
+        ("run: {seed: -1}", "run.seed", r"must be in \[0, 2\*\*63\)"),
+        ("run: {seed: 9223372036854775808}", "run.seed", r"must be in \[0, 2\*\*63\)"),
+        ("train: {lr: .inf}", "train.lr", "expected a finite number, got inf"),
+        ("train: {lr: 1e400}", "train.lr", "expected a finite number, got inf"),
+        ("train: {weight_decay: .nan}", "train.weight_decay", "expected a finite number, got nan"),
+        ("mesh: {device_memory_gib: .inf}", "mesh.device_memory_gib", "expected a finite number"),
+        (f"train: {{peak_flops: 1{'0' * 400}}}", "train.peak_flops", "expected a finite number"),
     ],
 )
 def test_wrong_types_and_values(tmp_path, text, key, problem):
     path = write(tmp_path / "bad.yaml", text + "\n")
     with pytest.raises(ConfigError, match=f"bad value for '{key}' in {path}: {problem}"):
         load_config(path)
+
+
+@pytest.mark.parametrize("text", ["train.lr=.inf", "train.lr=-.inf", "train.lr=1e400", "train.clip_norm=.nan",
+                                  "train.lr=nan"])
+def test_non_finite_overrides_are_refused(text):
+    key = text.partition("=")[0]
+    with pytest.raises(ConfigError, match=f"bad value for '{key}' in override '{text}': expected a (finite )?number"):
+        load_config(overrides=[text])
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 10**400], ids=["inf", "nan", "huge int"])
+def test_non_finite_values_in_python_are_refused(value):
+    with pytest.raises(ConfigError, match="'train.lr' in replace.*expected a finite number"):
+        replace(Config(), "train.lr", value)
 
 
 def test_literal_choices(tmp_path):
@@ -276,6 +297,14 @@ def test_yaml_syntax_and_shape_errors(tmp_path):
     with pytest.raises(ConfigError, match="list.yaml must hold a YAML mapping"):
         load_config(write(tmp_path / "list.yaml", "- 1\n- 2\n"))
     assert load_config(write(tmp_path / "empty.yaml", "# nothing\n")) == Config()
+
+
+@pytest.mark.parametrize("encoding", ["latin-1", "utf-16"])
+def test_config_file_that_is_not_utf8(tmp_path, encoding):
+    path = tmp_path / "x.yaml"
+    path.write_bytes("run: {output_dir: caf\u00e9}\n".encode(encoding))
+    with pytest.raises(ConfigError, match=f"config file {path} is not UTF-8 text"):
+        load_config(path)
 
 
 def test_exponent_without_dot_is_a_float(tmp_path):

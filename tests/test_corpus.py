@@ -3,8 +3,10 @@
 import hashlib
 import json
 import logging
+import os
 import subprocess
 import sys
+import threading
 import types
 
 import numpy as np
@@ -227,6 +229,48 @@ def test_every_input_format(tmp_path, tok):
     assert summary["tokens"] == sum(int(r["n_tokens"]) for r in store)
     assert summary["bytes"] == sum(len(doc.encode()) for doc in expected.values())
     assert store.meta["block_size"] == 50 and store.kind == "corpus"
+
+
+def never_blocks_on(fifo, call):
+    """``call()``'s exception (None if it returned), run in a thread; if it is still reading ``fifo`` after a
+    minute, the FIFO gets a writer that closes at once (EOF) and the test fails instead of hanging."""
+    raised = []
+
+    def target():
+        try:
+            call()
+        except Exception as e:
+            raised.append(e)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(60)
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join()
+        pytest.fail(f"blocked reading the FIFO {fifo}")
+    return raised[0] if raised else None
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["given", "in a folder"])
+def test_fifo_input_is_refused_not_read(tmp_path, tok, inside):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("a document")
+    fifo = tmp_path / "in" / "pipe.txt"
+    os.mkfifo(fifo)
+    error = never_blocks_on(fifo, lambda: prepare_corpus(tmp_path / "in" if inside else fifo, tok, tmp_path / "out",
+                                                         block_size=16))
+    assert isinstance(error, ValueError) and str(error) == (
+        f"corpus input {fifo} is not a regular file (a FIFO, socket, device or broken link)")
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_parquet_file_is_named(tmp_path, tok, damage):
+    path = tmp_path / "x.parquet"
+    pq.write_table(pa.table({"text": DOCS[:3]}), path)
+    path.write_bytes(b"PAR1 not parquet" if damage == "garbage" else path.read_bytes()[:-20])
+    with pytest.raises(ValueError, match=f"^{path}: not a readable parquet file: "):
+        prepare_corpus(path, tok, tmp_path / "out", block_size=16)
 
 
 def test_bad_documents_counted_and_named(tmp_path, tok, caplog):

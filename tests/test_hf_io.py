@@ -13,7 +13,8 @@ import transformers
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from fusejax.models import CheckpointError, ModelConfigError, load_pretrained, save_pretrained
+from fusejax.models import CheckpointError, ModelConfig, ModelConfigError, load_pretrained, save_pretrained
+from fusejax.models.hf_io import read_config
 
 LLAMA = dict(vocab_size=130, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=32)
@@ -65,6 +66,30 @@ def test_index_lists_missing_file(ckpt):
         load_pretrained(ckpt)
 
 
+@pytest.mark.parametrize("where", ["../outside/x.safetensors", "sub/../../x.safetensors", "absolute"])
+def test_index_entry_outside_the_folder_is_refused(ckpt, tmp_path, where):
+    (tmp_path / "outside").mkdir()
+    shutil.move(ckpt / "model.safetensors", tmp_path / "outside" / "x.safetensors")
+    file = str(tmp_path / "outside" / "x.safetensors") if where == "absolute" else where
+    index = {"metadata": {}, "weight_map": dict.fromkeys(load_file(tmp_path / "outside" / "x.safetensors"), file)}
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    match = rf"index\.json: weight_map entry '.*': '{file}' is not a file inside {ckpt}"
+    with pytest.raises(CheckpointError, match=match):
+        load_pretrained(ckpt)
+
+
+def test_index_entry_that_is_a_link_inside_the_folder_loads(ckpt, tmp_path, hf_llama):
+    """A snapshot folder of the Hugging Face cache links its files to blobs elsewhere: that is fine."""
+    (tmp_path / "blobs").mkdir()
+    shutil.move(ckpt / "model.safetensors", tmp_path / "blobs" / "abc")
+    (ckpt / "sub").mkdir()
+    (ckpt / "sub" / "w.safetensors").symlink_to(tmp_path / "blobs" / "abc")
+    index = {"metadata": {}, "weight_map": dict.fromkeys(load_file(tmp_path / "blobs" / "abc"), "sub/w.safetensors")}
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    model = load_pretrained(ckpt)
+    assert model.config.num_layers == 2
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
 def test_corrupt_safetensors(ckpt, damage):
     file = ckpt / "model.safetensors"
@@ -105,6 +130,31 @@ def test_bad_config(ckpt, changes, match):
     _edit_config(ckpt, **changes)
     with pytest.raises(ModelConfigError, match=match):
         load_pretrained(ckpt)
+
+
+@pytest.mark.parametrize("arch, field, value", [
+    ("llama", "num_key_value_heads", 0), ("llama", "num_attention_heads", 0), ("llama", "hidden_size", -32),
+    ("llama", "head_dim", 0), ("llama", "num_hidden_layers", 0), ("llama", "max_position_embeddings", 0),
+    ("gpt_neox", "num_attention_heads", 0), ("gpt_neox", "intermediate_size", -1), ("mpt", "n_heads", 0),
+    ("mpt", "expansion_ratio", 0), ("gpt2", "n_head", 0), ("gpt2", "n_positions", -5),
+])
+def test_zero_or_negative_sizes_in_config_json(tmp_path, arch, field, value):
+    configs = {"llama": transformers.LlamaConfig(**LLAMA), "gpt_neox": transformers.GPTNeoXConfig(
+        hidden_size=32, num_attention_heads=4, num_hidden_layers=1, intermediate_size=64, vocab_size=100),
+        "mpt": transformers.MptConfig(d_model=32, n_heads=4, n_layers=1, vocab_size=100),
+        "gpt2": transformers.GPT2Config(n_embd=32, n_head=4, n_layer=1, vocab_size=100)}
+    config = {**configs[arch].to_dict(), field: value}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    match = rf"{tmp_path / 'config.json'}: field '{field}'={value}: expected a positive integer"
+    with pytest.raises(ModelConfigError, match=match):
+        read_config(tmp_path)
+
+
+def test_model_config_refuses_zero_sizes():
+    base = dict(arch="llama", vocab_size=100, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4)
+    for field in ("num_kv_heads", "head_dim", "max_position_embeddings"):
+        with pytest.raises(ModelConfigError, match=f"ModelConfig.{field}=0: expected a positive integer"):
+            ModelConfig(**base, **{field: 0})
 
 
 @pytest.mark.parametrize("field,value", [

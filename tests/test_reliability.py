@@ -50,7 +50,7 @@ from fusejax.cli import main
 
 fusejax.corpus.prepare_corpus.__kwdefaults__["rows_per_shard"] = {CORPUS_ROWS_PER_SHARD}
 kill_kind, _, kill_at = os.environ.get("FUSEJAX_TEST_KILL_AT", ":0").partition(":")
-events = {{"shard": 0, "manifest": 0, "fsync": 0, "step": 0, "checkpoint": 0, "export": 0}}
+events = {{"shard": 0, "manifest": 0, "fsync": 0, "step": 0, "checkpoint": 0, "export": 0, "array": 0}}
 
 def event(kind):
     events[kind] += 1
@@ -95,6 +95,15 @@ if {{"train", "export", "run"}} & set(stages):  # these import JAX and Orbax: no
         real(path, write)
 
     train.Trainer._host_batch, hf_io.atomic_write, AtomicRenameTemporaryPath.finalize = host_batch, atomic_write, finalize
+    import orbax.checkpoint._src.serialization.serialization as serialization
+
+    async def serialize(*args, real=serialization.async_serialize_from_host, **kwargs):
+        if event("array") and os.environ.get("FUSEJAX_TEST_SIGNAL") == "ENOSPC":  # a full disk, as TensorStore says
+            raise ValueError('RESOURCE_EXHAUSTED: Error writing "w/0.0" in OCDBT database at local file "/x/": '
+                             "Failed to write 752307 bytes to file 4: No space left on device [os_error_code='28']")
+        return await real(*args, **kwargs)
+
+    serialization.async_serialize_from_host = serialize
 for stage in stages:
     code = main([stage, config])
     if code:
@@ -440,6 +449,28 @@ def test_train_stopped_by_sigterm_and_killed_twice_resumes_to_the_same_run(train
     assert proc.returncode == 0, proc.stderr
     assert _checkpoints(checkpoints)[1] == [], "the restart must remove the killed save's unfinished folder"
     _check_training(out, ref, resumed_from)
+
+
+@pytest.mark.slow
+def test_train_on_a_full_disk_reports_one_line_and_resumes_to_the_same_run(trained, tmp_path):
+    """Orbax's array writer (TensorStore) fails with RESOURCE_EXHAUSTED / ENOSPC while saving the second
+    checkpoint: exit 2 with the error as the last line (Orbax's background threads log their own tracebacks
+    above it); after space is freed the rerun resumes to the uninterrupted run."""
+    root, ref, events = trained
+    out = tmp_path / "run"
+    _copy_outputs(ref, out, ["corpus", "represent", "vocab_maps", "aligned"])
+    config = write_config(tmp_path / "config.yaml", root, out, training=True)
+    proc = _drive(config, "train", kill_at=f"array:{events['array'] // 3 + 1}", sig="ENOSPC",
+                  cache=root / "jax-cache")
+    assert proc.returncode == 2, proc.stderr
+    line = proc.stderr.splitlines()[-1]
+    assert line.startswith("fusejax: error: RESOURCE_EXHAUSTED: Error writing") and line.endswith(
+        "No space left on device [os_error_code='28']") and proc.stderr.count("fusejax: error") == 1, proc.stderr
+    assert _checkpoints(out / "train" / "checkpoints")[0] == [2]
+    proc = _drive(config, "train", cache=root / "jax-cache")
+    assert proc.returncode == 0, proc.stderr
+    assert _checkpoints(out / "train" / "checkpoints")[1] == []
+    _check_training(out, ref, [2])
 
 
 @pytest.mark.slow

@@ -198,6 +198,44 @@ def test_corruption_detected_and_named(tmp_path):
         open_store(tmp_path).verify()
 
 
+@pytest.mark.parametrize("data", [b"", b"\x93NUMPY\x01\x00"], ids=["empty", "cut header"])
+def test_empty_or_cut_npy_file_is_named(tmp_path, data):
+    write(tmp_path, make_rows(6))
+    target = tmp_path / "shard-p0000-000001" / "id.npy"
+    good = target.read_bytes()
+    target.write_bytes(data)
+    with pytest.raises(StoreCorruptError, match=f"{target}: cannot load"):
+        open_store(tmp_path)
+    target.write_bytes(good)
+    (tmp_path / "shard-p0000-000001" / "doc.npy").write_bytes(data)
+    with pytest.raises(StoreCorruptError, match="shard-p0000-000001/doc.npy: cannot load"):
+        list(open_store(tmp_path))
+
+
+@pytest.mark.parametrize("key, value", [
+    ("fields", 3), ("fields", [3]), ("fields", [{"name": "x"}]), ("fields", "abc"), ("shards", {"a": 1}),
+    ("shards", [7]), ("kind", ["topk"]), ("meta", [1]), ("rows_per_shard", "4"), ("rows_per_shard", True),
+])
+def test_malformed_manifest_structure_is_named(tmp_path, key, value):
+    write(tmp_path, make_rows(2))
+    path = tmp_path / "manifest-p0000.json"
+    man = json.loads(path.read_text())
+    man[key] = value
+    path.write_text(json.dumps(man))
+    with pytest.raises(StoreCorruptError, match=f"^{path}: "):
+        open_store(tmp_path)
+    with pytest.raises(StoreCorruptError, match=f"^{path}: "):
+        write(tmp_path, [])
+
+
+def test_manifest_that_is_not_json_is_named(tmp_path):
+    write(tmp_path, make_rows(2))
+    path = tmp_path / "manifest-p0000.json"
+    path.write_bytes(b"\xff{")
+    with pytest.raises(StoreCorruptError, match=f"^{path}: cannot read manifest"):
+        open_store(tmp_path)
+
+
 @pytest.mark.parametrize(
     "name",
     ["../evil", "shard-p0000-000000/../../x", "/etc", "shard-p0000-000000\n"],

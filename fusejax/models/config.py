@@ -107,6 +107,10 @@ class ModelConfig:
                     f"ModelConfig: hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
                 )
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        for field in ("num_kv_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                raise ModelConfigError(f"ModelConfig.{field}={value!r}: expected a positive integer")
         if self.rotary_dim is None:
             object.__setattr__(self, "rotary_dim", self.head_dim)
         if isinstance(self.eos_token_id, list):
@@ -177,6 +181,8 @@ class _Reader:
         self.config, self.source = config, source
 
     def get(self, key: str, default: Any = _REQUIRED, types: type | tuple[type, ...] = object, within=None):
+        """``config[key]`` (or ``within[key]``) of type ``types``; every int read this way is a size or count
+        and must be positive."""
         where = within if within is not None else self.config
         if key not in where or where[key] is None:
             if default is _REQUIRED:
@@ -187,6 +193,8 @@ class _Reader:
             value = float(value)
         if not isinstance(value, types) or (isinstance(value, bool) and types in (int, float)):
             raise ModelConfigError(f"{self.source}: field {key!r}={value!r} has the wrong type (expected {types})")
+        if types is int and value < 1:
+            raise ModelConfigError(f"{self.source}: field {key!r}={value!r}: expected a positive integer")
         return value
 
     def unsupported(self, key: str, value: Any, why: str = "") -> ModelConfigError:

@@ -18,7 +18,7 @@ import math
 import os
 import struct
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import BinaryIO
 
 import jax
@@ -231,6 +231,11 @@ class _Checkpoint:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index}: not a safetensors index with a 'weight_map' ({e!r})") from None
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: 'weight_map' is a {type(weight_map).__name__}, not a mapping")
+            for name, file in weight_map.items():  # lexically inside: a link inside the folder may point anywhere
+                if not isinstance(file, str) or PurePath(file).is_absolute() or ".." in PurePath(file).parts:
+                    raise CheckpointError(f"{index}: weight_map entry {name!r}: {file!r} is not a file inside {folder}")
             self.where = {name: folder / file for name, file in weight_map.items()}
             for file in sorted(set(self.where.values())):
                 if not file.is_file():
