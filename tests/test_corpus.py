@@ -3,6 +3,7 @@
 import hashlib
 import json
 import logging
+import os
 import sys
 import types
 
@@ -244,6 +245,19 @@ def test_ids_stable_and_rerun_idempotent(tmp_path, tok):
     (tmp_path / "in" / "a.txt").write_text(DOCS[0] + "more")
     with pytest.raises(StoreMismatchError, match="inputs"):
         prepare_corpus(inputs, tok, tmp_path / "one", block_size=40, rows_per_shard=8)
+
+
+def test_input_edited_to_the_same_size_and_mtime_is_refused(tmp_path, tok):
+    """An edit of an early document, which a resumed run skips without reading its blocks: refused by content."""
+    path = tmp_path / "a.txt"
+    path.write_text("\n\n".join(DOCS[:3]))
+    prepare_corpus(path, tok, tmp_path / "out", block_size=40, txt_split="blank_line")
+    before, data = path.stat(), path.read_bytes()
+    path.write_bytes(data[:100].swapcase() + data[100:])  # same size, other text
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    with pytest.raises(StoreMismatchError, match="inputs"):
+        prepare_corpus(path, tok, tmp_path / "out", block_size=40, txt_split="blank_line")
 
 
 def test_heldout_split_deterministic_by_document(tmp_path, tok):
