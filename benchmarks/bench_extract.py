@@ -121,6 +121,7 @@ def throughput(a) -> list[dict]:
 MEMORY_CHILD = """
 import json, resource, sys, time
 from fusejax.models import load_pretrained
+from fusejax.models.hf_io import model_fingerprint
 from fusejax.represent import represent_source
 
 def peaks():
@@ -131,7 +132,8 @@ model_dir, tok_dir, corpus, out = sys.argv[1:5]
 model = load_pretrained(model_dir)
 before = peaks()
 t0 = time.perf_counter()
-stats = represent_source(model, tok_dir, corpus, out, name="src", k=10, batch_size=8, progress=False)
+stats = represent_source(model, tok_dir, corpus, out, name="src", k=10, batch_size=8, progress=False,
+                         model_fingerprint=model_fingerprint(model_dir))
 print(json.dumps({"after_model_load": before, "at_end": peaks(), "blocks": stats["blocks"],
                   "tokens": stats["tokens"], "seconds": round(time.perf_counter() - t0, 1)}))
 """

@@ -41,7 +41,11 @@ bytes), ``n_tokens`` (int32), ``n_bytes`` (int64), ``split`` (uint8 index into `
 goes wholly to ``heldout`` when the hash of (seed, document id) falls below ``holdout_fraction``.
 
 Resume / idempotence: the store meta holds the target tokenizer fingerprint, the cutting parameters and
-the inputs (name, format, size in bytes); a rerun with other values is refused. A rerun reads the inputs
+the inputs (name, format, size in bytes, ``sha256``: :func:`input_fingerprint` of the contents); a rerun with
+other values is refused (:class:`fusejax.store.StoreMismatchError` naming the key), so an input edited in
+place, even to the same size and modification time, is refused, not mixed into the old blocks. Refused, not
+redone: a store never deletes rows, and the blocks already written may have been read by later stages (their
+stores embed this meta); ``fusejax run`` moves the old folder aside instead, or remove it. A rerun reads the inputs
 again but does not tokenize documents whose blocks are all complete, checks that regenerated blocks of
 the last complete document match the stored ids, and writes only the missing blocks; an interrupted and
 resumed run gives a byte-identical store.
@@ -266,6 +270,22 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file())
 
 
+def input_fingerprint(path: str | os.PathLike) -> str:
+    """sha256 hex of a corpus input's contents: a file's bytes; for a folder (a dataset), the relative name
+    (POSIX) and the sha256 of the bytes of every file under it, sorted by name. Reads every byte once, in 1 MiB
+    chunks (about as long as prepare takes to read it again); never modification times."""
+    path = Path(path)
+    if path.is_file():
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        return digest.hexdigest()
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    listing = [[p.relative_to(path).as_posix(), input_fingerprint(p)] for p in files]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+
 def _read_txt(inp: _Input, txt_split: str) -> Iterator[_Record]:
     if txt_split == "file":
         yield _Record(f"{inp.name}:0", inp.path.read_bytes(), f"{inp.path}")
@@ -473,7 +493,8 @@ def prepare_corpus(
         "holdout_fraction": holdout_fraction,
         "seed": seed,
         "splits": list(SPLITS),
-        "inputs": [{"name": inp.name, "format": inp.fmt, "bytes": _size(inp.path)} for inp in found],
+        "inputs": [{"name": inp.name, "format": inp.fmt, "bytes": _size(inp.path),
+                    "sha256": input_fingerprint(inp.path)} for inp in found],
     }
     skipped: Counter[str] = Counter()
     documents = 0

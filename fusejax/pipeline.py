@@ -5,8 +5,8 @@ Each stage writes one folder under ``run.output_dir`` and, next to its output in
 ``{"stage", "fingerprint", "status": "running" | "complete", "started", "finished"}``.
 
 The fingerprint of a stage is a sha256 over the config sections it reads, the fingerprints of the stages it
-reads from, and the name, size and modification time of every file under the paths it reads (corpus inputs,
-model and tokenizer folders). On a rerun a stage is
+reads from, and the name, size, modification time and a content hash of every file under the paths it reads
+(corpus inputs, model and tokenizer folders; see :func:`_file_stats`). On a rerun a stage is
 
 * **skipped** when its ``stage.json`` is complete with the same fingerprint;
 * **resumed** (run again; every stage resumes its own partial output) when it is ``running`` with the same
@@ -56,20 +56,32 @@ def _section(cfg: Config, dotted: str):
     return value
 
 
+def _content(path: Path) -> str | None:
+    """The content hash of one file: :func:`fusejax.models.hf_io.safetensors_fingerprint` for weights (header
+    and 1 MiB of sampled tensor data), None for pickle checkpoints (never read), else the sha256 of every byte
+    (:func:`fusejax.corpus.input_fingerprint`: corpus inputs, tokenizer and config files)."""
+    from fusejax.corpus import input_fingerprint
+    from fusejax.models.hf_io import PICKLE_SUFFIXES, safetensors_fingerprint
+
+    if path.suffix == ".safetensors":
+        return safetensors_fingerprint(path)
+    return None if path.suffix in PICKLE_SUFFIXES else input_fingerprint(path)
+
+
 def _file_stats(paths) -> list:
-    """``[path, [[relative file, size, mtime_ns], ...]]`` for each path (missing paths record ``None``)."""
+    """``[path, [[relative file, size, mtime_ns, content hash], ...]]`` for each path (missing paths record
+    ``None``); the content hash (:func:`_content`) notices an edit that keeps size and modification time."""
     out = []
     for raw in paths:
         path = Path(raw)
         if path.is_file():
-            st = path.stat()
-            out.append([str(raw), [["", st.st_size, st.st_mtime_ns]]])
+            files = [("", path)]
         elif path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file())
-            out.append([str(raw), [[p.relative_to(path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns]
-                                   for p in files]])
+            files = [(p.relative_to(path).as_posix(), p) for p in sorted(path.rglob("*")) if p.is_file()]
         else:
             out.append([str(raw), None])
+            continue
+        out.append([str(raw), [[name, p.stat().st_size, p.stat().st_mtime_ns, _content(p)] for name, p in files]])
     return out
 
 

@@ -101,6 +101,7 @@ def represent_source(
     out_dir,
     *,
     name: str,
+    model_fingerprint: str,
     k: int = 10,
     batch_size: int = 8,
     logits_dtype: str = "bfloat16",
@@ -116,7 +117,16 @@ def represent_source(
     int32, ``topk_ids [T,k]`` int32, ``topk_logits [T,k]`` ``logits_dtype``, ``token_ce [T]`` float32,
     ``seq_ce`` float32 and ``nonfinite`` int32 (positions of the block with NaN/inf logits; the fusion stage skips
     blocks where it is non-zero). Process ``process_index`` of ``num_processes`` handles a contiguous slice
-    of the blocks and writes its own shards. Returns a summary dict.
+    of the blocks and writes its own shards.
+
+    ``model_fingerprint``: :func:`fusejax.models.hf_io.model_fingerprint` of the folder ``model`` was loaded from.
+    The store meta records it with the tokenizer fingerprint, k, dtype and the corpus meta; a rerun with any of
+    them changed (e.g. other weights saved into the same folder) is refused with one line naming the source, the
+    store and the differing key (remove the store, or use ``fusejax run``, which moves it aside), never resumed
+    on top of rows of the old model. Refused, not redone: a store never deletes rows.
+
+    Returns ``{"blocks", "tokens", "nonfinite_blocks"}`` computed by this call, ``"resumed_blocks"`` (found
+    complete in the store and kept), ``"stored_blocks"`` (this process's slice, all stored now) and ``"seconds"``.
     """
     import time
 
@@ -125,7 +135,7 @@ def represent_source(
 
     from fusejax.distributed import process_slice
     from fusejax.schema import TOPK_KIND, topk_fields
-    from fusejax.store import StoreError, StoreWriter, open_store
+    from fusejax.store import StoreError, StoreMismatchError, StoreWriter, open_store
     from fusejax.tokenizer import encode_block, load_tokenizer, tokenizer_fingerprint
 
     tok = load_tokenizer(tokenizer)
@@ -142,6 +152,7 @@ def represent_source(
     fields = topk_fields(k, logits_dtype)
     meta = {
         "source": name,
+        "model_fingerprint": model_fingerprint,
         "tokenizer_fingerprint": tokenizer_fingerprint(tok),
         "vocab_size": vocab,
         "k": k,
@@ -151,9 +162,15 @@ def represent_source(
     }
     stats = {"blocks": 0, "tokens": 0, "nonfinite_blocks": 0}
     t0 = time.perf_counter()
-    with StoreWriter(out_dir, kind=TOPK_KIND, meta=meta, fields=fields, rows_per_shard=rows_per_shard,
-                     process_index=process_index) as writer:
+    try:
+        writer = StoreWriter(out_dir, kind=TOPK_KIND, meta=meta, fields=fields, rows_per_shard=rows_per_shard,
+                             process_index=process_index)
+    except StoreMismatchError as e:
+        raise StoreMismatchError(f"source {name!r}: {e}; remove {out_dir} to redo it, or use `fusejax run`, "
+                                 f"which moves it aside") from None
+    with writer:
         done = writer.completed_ids()
+        stats["resumed_blocks"] = len(done)
         if len(done) and not np.array_equal(done, [corpus.row(i)["id"] for i in range(start, start + len(done))]):
             raise StoreError(f"{out_dir}: stored blocks of source {name!r} do not follow corpus {corpus_dir}")
         # a with block closes the bar on errors too, so that an error message starts on its own line
@@ -211,6 +228,7 @@ def run(cfg: Config) -> dict:
     from fusejax.distributed import is_main_process
     from fusejax.files import write_json
     from fusejax.models import load_pretrained
+    from fusejax.models.hf_io import model_fingerprint
     from fusejax.schema import RunLayout
     from fusejax.sharding import make_mesh
 
@@ -224,6 +242,7 @@ def run(cfg: Config) -> dict:
         model = load_pretrained(src.path, mesh=mesh, rules=cfg.mesh.rules)
         summaries[src.name] = represent_source(
             model, src.tokenizer_path, layout.corpus, layout.topk(src.name), name=src.name,
+            model_fingerprint=model_fingerprint(src.path),
             k=cfg.represent.k, batch_size=cfg.represent.batch_size, logits_dtype=cfg.represent.logits_dtype,
             rows_per_shard=cfg.represent.shard_size, process_index=jax.process_index(),
             num_processes=jax.process_count(),

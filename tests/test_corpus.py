@@ -336,6 +336,19 @@ def test_empty_corpus_store_replaced_by_fixed_inputs(tmp_path, tok, caplog):
         prepare_corpus(tmp_path / "empty.jsonl", tok, tmp_path / "out", block_size=40)
 
 
+def test_input_edited_to_the_same_size_and_mtime_is_refused(tmp_path, tok):
+    """An edit of an early document, which a resumed run skips without reading its blocks: refused by content."""
+    path = tmp_path / "a.txt"
+    path.write_text("\n\n".join(DOCS[:3]))
+    prepare_corpus(path, tok, tmp_path / "out", block_size=40, txt_split="blank_line")
+    before, data = path.stat(), path.read_bytes()
+    path.write_bytes(data[:100].swapcase() + data[100:])  # same size, other text
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    with pytest.raises(StoreMismatchError, match="inputs"):
+        prepare_corpus(path, tok, tmp_path / "out", block_size=40, txt_split="blank_line")
+
+
 def test_heldout_split_deterministic_by_document(tmp_path, tok):
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": f"document {k}: " + DOCS[k % 5][:300]}) + "\n" for k in range(200)))

@@ -244,6 +244,23 @@ def test_gpt2_without_transformer_prefix(tmp_path):
     np.testing.assert_array_equal(np.asarray(ours.pos_embed.get_value()), model.transformer.wpe.weight.detach().numpy())
 
 
+def test_safetensors_fingerprint_samples_large_files(tmp_path):
+    """Above 1 MiB of data: header, size and 16 windows; the first and last data bytes are in windows."""
+    from fusejax.models.hf_io import safetensors_fingerprint
+
+    path = tmp_path / "w.safetensors"
+    save_file({"w": np.zeros((1024, 1024), np.float32)}, str(path))  # 4 MiB of data
+    base = safetensors_fingerprint(path)
+    data = bytearray(path.read_bytes())
+    for where in (8 + int.from_bytes(data[:8], "little"), len(data) - 1):
+        edited = bytearray(data)
+        edited[where] ^= 1
+        path.write_bytes(bytes(edited))
+        assert safetensors_fingerprint(path) != base
+    path.write_bytes(bytes(data))
+    assert safetensors_fingerprint(path) == base
+
+
 def test_unused_tensor_warns(ckpt):
     tensors = load_file(ckpt / "model.safetensors")
     tensors["model.layers.0.self_attn.q_proj.bias"] = np.zeros(32, np.float32)

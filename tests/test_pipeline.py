@@ -102,6 +102,23 @@ def test_changed_input_file_redoes_everything(setup):
     assert len(list((tmp / "out" / "stale").iterdir())) == len(ORDER)
 
 
+def test_weights_changed_to_the_same_size_and_mtime_change_the_fingerprint(tmp_path):
+    """Another random model saved over the source folder, modification times restored: only content differs."""
+    config = ModelConfig(arch="llama", vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1,
+                         num_heads=2, max_position_embeddings=32)
+    cfg = load_config(None, [f"run.output_dir={tmp_path / 'out'}", f"corpus.inputs=[{tmp_path / 'a'}]",
+                             f"target.path={tmp_path / 'a'}", "sources.0.name=a", f"sources.0.path={tmp_path / 'a'}"])
+    save_pretrained(Transformer(config, rngs=nnx.Rngs(0)), tmp_path / "a")
+    times = {p: p.stat() for p in (tmp_path / "a").iterdir()}
+    before = pipeline.fingerprints(cfg)
+    save_pretrained(Transformer(config, rngs=nnx.Rngs(1)), tmp_path / "a")
+    for p, st in times.items():
+        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in times} == {
+        p: (st.st_size, st.st_mtime_ns) for p, st in times.items()}
+    assert pipeline.fingerprints(cfg)["represent"] != before["represent"]
+
+
 def test_interrupted_stage_is_resumed_not_moved(setup):
     cfg, fake, tmp = setup
     fake.fail = "train"

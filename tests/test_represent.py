@@ -10,6 +10,7 @@ import transformers
 import fusejax.represent as represent
 from fusejax.corpus import prepare_corpus
 from fusejax.models import load_pretrained
+from fusejax.models.hf_io import model_fingerprint
 from fusejax.represent import extract_topk, represent_source
 from fusejax.store import StoreMismatchError, open_store
 from tiny import bpe_tokenizer, save_tiny_model
@@ -103,7 +104,8 @@ def test_store_rows_equal_unbatched_extraction(setup):
     corpus = open_store(root / "corpus")
     for name, (model, tok) in sources.items():
         summary = represent_source(model, tok, root / "corpus", root / "rep" / name, name=name, k=5, batch_size=4,
-                                   logits_dtype="float32", rows_per_shard=8, progress=False)
+                                   logits_dtype="float32", rows_per_shard=8, progress=False,
+                                   model_fingerprint=model_fingerprint(root / f"model_{name}"))
         store = open_store(root / "rep" / name)
         assert summary["blocks"] == len(store) == len(corpus) and summary["nonfinite_blocks"] == 0
         assert store.meta["k"] == 5 and store.meta["vocab_size"] == len(tok)
@@ -122,7 +124,8 @@ def test_store_rows_equal_unbatched_extraction(setup):
 def test_resume_after_interruption_is_byte_identical(setup, monkeypatch):
     root, sources = setup
     model, tok = sources["neox"]
-    kwargs = dict(name="neox", k=4, batch_size=2, rows_per_shard=4, progress=False)
+    kwargs = dict(name="neox", k=4, batch_size=2, rows_per_shard=4, progress=False,
+                  model_fingerprint=model_fingerprint(root / "model_neox"))
     represent_source(model, tok, root / "corpus", root / "straight", **kwargs)
 
     calls = {"n": 0}
@@ -146,12 +149,31 @@ def test_resume_after_interruption_is_byte_identical(setup, monkeypatch):
 def test_store_refuses_other_k_or_tokenizer(setup):
     root, sources = setup
     model, tok = sources["gpt2"]
-    represent_source(model, tok, root / "corpus", root / "refuse", name="gpt2", k=3, progress=False)
+    kwargs = dict(name="gpt2", progress=False, model_fingerprint=model_fingerprint(root / "model_gpt2"))
+    represent_source(model, tok, root / "corpus", root / "refuse", k=3, **kwargs)
     with pytest.raises(StoreMismatchError, match="k"):
-        represent_source(model, tok, root / "corpus", root / "refuse", name="gpt2", k=4, progress=False)
+        represent_source(model, tok, root / "corpus", root / "refuse", k=4, **kwargs)
     other_model, other_tok = sources["neox"]
     with pytest.raises(StoreMismatchError, match="tokenizer_fingerprint"):
-        represent_source(other_model, other_tok, root / "corpus", root / "refuse", name="gpt2", k=3, progress=False)
+        represent_source(other_model, other_tok, root / "corpus", root / "refuse", k=3, **kwargs)
+
+
+def test_other_weights_in_the_same_folder_are_refused_not_resumed(setup, tmp_path):
+    """Another random model saved over a source's folder: same config, same safetensors header and size."""
+    root, sources = setup
+    _, tok = sources["llama"]
+    folder = tmp_path / "model"
+    kwargs = dict(name="llama", k=3, progress=False)
+    save_tiny_model(folder, "llama", len(tok), 0, eos_token_id=2)
+    first = represent_source(load_pretrained(folder), tok, root / "corpus", tmp_path / "rep",
+                             model_fingerprint=model_fingerprint(folder), **kwargs)
+    again = represent_source(load_pretrained(folder), tok, root / "corpus", tmp_path / "rep",
+                             model_fingerprint=model_fingerprint(folder), **kwargs)
+    assert again["resumed_blocks"] == first["blocks"] == len(open_store(tmp_path / "rep")) > 0
+    save_tiny_model(folder, "llama", len(tok), 1, eos_token_id=2)
+    with pytest.raises(StoreMismatchError, match=r"source 'llama'.*rep.*model_fingerprint.*remove"):
+        represent_source(load_pretrained(folder), tok, root / "corpus", tmp_path / "rep",
+                         model_fingerprint=model_fingerprint(folder), **kwargs)
 
 
 def test_nonfinite_logits_are_counted_and_flagged(setup, tmp_path):
@@ -159,7 +181,8 @@ def test_nonfinite_logits_are_counted_and_flagged(setup, tmp_path):
     _, tok = sources["llama"]
     model = _tiny_model(tmp_path / "nan_model", "llama", len(tok), seed=5)
     model.embed[...] = model.embed[...].at[tok.eos_token_id].set(np.nan)  # every block ends in EOS: all go NaN
-    summary = represent_source(model, tok, root / "corpus", tmp_path / "nan", name="llama", k=3, progress=False)
+    summary = represent_source(model, tok, root / "corpus", tmp_path / "nan", name="llama", k=3, progress=False,
+                               model_fingerprint="weights set by hand")
     store = open_store(tmp_path / "nan")
     assert summary["nonfinite_blocks"] == len(store) > 0
     assert all(store.row(i)["nonfinite"] > 0 for i in range(len(store)))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -38,6 +39,7 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+FINGERPRINT_WINDOWS, FINGERPRINT_WINDOW_BYTES = 16, 64 * 1024  # tensor data sampled by safetensors_fingerprint
 
 # safetensors dtype tag <-> numpy dtype (bfloat16 through ml_dtypes, as numpy has none)
 _DTYPES = {
@@ -273,6 +275,53 @@ class _Checkpoint:
                 f"{tuple(expected)}"
             )
         return array
+
+
+def safetensors_fingerprint(path: str | os.PathLike) -> str:
+    """sha256 hex of one safetensors file, reading at most 1 MiB of its tensor data whatever its size.
+
+    Hashed: the file size; the 8-byte header length and the JSON header (tensor names, dtypes, shapes, offsets,
+    ``__metadata__``); and the tensor data, whole when it is at most ``FINGERPRINT_WINDOWS *
+    FINGERPRINT_WINDOW_BYTES`` (1 MiB), else ``FINGERPRINT_WINDOWS`` (16) windows of 64 KiB evenly spaced from its
+    first byte to its last. Cost: one open, 17 reads. Two models of one architecture have the same header, but
+    different weights (another seed, run or checkpoint) differ in every window; an edit confined to a few
+    weights of a file above 1 MiB may fall between windows and go unnoticed. Never the modification time.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    digest = hashlib.sha256(f"{size}\0".encode())
+    with open(path, "rb") as f:
+        head = f.read(8)
+        digest.update(head + f.read(min(struct.unpack("<Q", head)[0], size) if len(head) == 8 else 0))
+        start = f.tell()
+        data = size - start
+        if data <= FINGERPRINT_WINDOWS * FINGERPRINT_WINDOW_BYTES:
+            digest.update(f.read())
+        else:
+            for i in range(FINGERPRINT_WINDOWS):
+                f.seek(start + i * (data - FINGERPRINT_WINDOW_BYTES) // (FINGERPRINT_WINDOWS - 1))
+                digest.update(f.read(FINGERPRINT_WINDOW_BYTES))
+    return digest.hexdigest()
+
+
+def model_fingerprint(path: str | os.PathLike) -> str:
+    """sha256 hex of a model folder's content as :func:`load_pretrained` reads it; cheap for 7B folders.
+
+    Hashed: the bytes of ``config.json`` and of ``model.safetensors.index.json`` (absent: recorded as such) and,
+    for every ``*.safetensors`` file directly in the folder (sorted; temporary files of a save left out), its
+    name and :func:`safetensors_fingerprint` (size, JSON header, 1 MiB of sampled tensor data). Not hashed:
+    modification times (a copied or touched folder keeps its fingerprint), tokenizer files (see
+    :func:`fusejax.tokenizer.tokenizer_fingerprint`), pickle checkpoints (never read).
+    """
+    folder = Path(path)
+    parts: dict[str, str | None] = {}
+    for name in (CONFIG_NAME, INDEX_NAME):
+        file = folder / name
+        parts[name] = hashlib.sha256(file.read_bytes()).hexdigest() if file.is_file() else None
+    for file in sorted(folder.glob("*.safetensors")):
+        if not file.name.startswith(TEMP_PREFIX):
+            parts[file.name] = safetensors_fingerprint(file)
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def read_config(path: str | os.PathLike, **overrides) -> ModelConfig:
