@@ -347,3 +347,14 @@ def test_write_json_failure_keeps_the_old_file_and_leaves_no_temporary(tmp_path,
         files.write_json(target, {"blocks": 2})
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_write_json_writes_non_finite_numbers_as_null(tmp_path):
+    import fusejax.files as files
+
+    def no_constants(name):
+        raise ValueError(f"not valid JSON: {name}")
+
+    files.write_json(tmp_path / "summary.json", {"loss": float("nan"), "curve": [1.5, float("inf"), -float("inf")]})
+    text = (tmp_path / "summary.json").read_text()
+    assert json.loads(text, parse_constant=no_constants) == {"loss": None, "curve": [1.5, None, None]}
