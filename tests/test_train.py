@@ -223,19 +223,28 @@ def test_tensorboard_events_hold_the_logged_metrics(straight):
 
 
 @pytest.mark.slow
-def test_sigterm_then_resume_gives_the_uninterrupted_run(straight, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_then_resume_gives_the_uninterrupted_run(straight, tmp_path, signum):
+    """SIGTERM stops after the step and a checkpoint; SIGINT (Ctrl-C) alike, then raises Interrupted (never
+    swallowed). A new trainer resumes to the uninterrupted run."""
     _, history, params0, data, _ = straight
 
-    def terminate(summary):
+    def stop(summary):
         if summary["step"] == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signum)
 
     mesh = make_mesh(fsdp=8)
     tc = dataclasses.replace(TC, log_every=1, checkpoint_every=100)
     first = Trainer(initial_model(params0), data, tc, tmp_path, mesh=mesh, seed=SEED)
-    part1 = first.fit(log_fn=terminate)  # stops after step 2 and saves
+    if signum == signal.SIGINT:
+        with pytest.raises(Interrupted, match="saved a checkpoint at step 2"):
+            first.fit(log_fn=stop)
+        part1 = history[:2]
+    else:
+        part1 = first.fit(log_fn=stop)  # stops after step 2 and saves
     first.close()
     assert [h["step"] for h in part1] == [1, 2]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are restored
     # a new trainer (whose fresh model differs) resumes from the latest checkpoint
     second = Trainer(Transformer(MODEL, rngs=nnx.Rngs(99)), data, tc, tmp_path, mesh=mesh, seed=SEED)
     assert second.step == 2 and second.data_position == 2 * TC.batch_size
@@ -243,28 +252,6 @@ def test_sigterm_then_resume_gives_the_uninterrupted_run(straight, tmp_path):
     second.close()
     assert [h["loss"] for h in part1 + part2] == [h["loss"] for h in history]
     assert_params_close(second.state["params"], as_numpy(straight[0].state["params"]), atol=0)
-
-
-def test_ctrl_c_saves_then_raises_and_resume_gives_the_uninterrupted_run(straight, tmp_path):
-    """SIGINT is handled like SIGTERM (finish the step, save), then raises Interrupted (never swallowed)."""
-    _, history, params0, data, _ = straight
-
-    def interrupt(summary):
-        if summary["step"] == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    mesh = make_mesh(fsdp=8)
-    tc = dataclasses.replace(TC, log_every=1, checkpoint_every=100)
-    first = Trainer(initial_model(params0), data, tc, tmp_path, mesh=mesh, seed=SEED)
-    with pytest.raises(Interrupted, match="saved a checkpoint at step 2"):
-        first.fit(log_fn=interrupt)
-    first.close()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
-    second = Trainer(Transformer(MODEL, rngs=nnx.Rngs(99)), data, tc, tmp_path, mesh=mesh, seed=SEED)
-    assert second.step == 2
-    part2 = second.fit()
-    second.close()
-    assert [h["loss"] for h in part2] == [h["loss"] for h in history[2:]]
 
 
 def test_a_finished_run_keeps_its_final_metrics(straight, tmp_path):
