@@ -370,9 +370,12 @@ class Trainer:
 
 
 def _install_handlers(handler) -> dict:
-    """Install ``handler`` for SIGTERM and SIGINT (main thread only); returns the previous handlers."""
+    """Install ``handler`` for SIGTERM and SIGINT (main thread only; a signal the process was started to
+    ignore, as under ``nohup``, stays ignored); returns the previous handlers."""
     previous = {}
     for signum in (signal.SIGTERM, signal.SIGINT):
+        if signal.getsignal(signum) is signal.SIG_IGN:
+            continue
         try:
             previous[signum] = signal.signal(signum, handler)
         except ValueError:  # not the main thread

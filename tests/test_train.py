@@ -236,15 +236,19 @@ def test_sigterm_then_resume_gives_the_uninterrupted_run(straight, tmp_path, sig
     mesh = make_mesh(fsdp=8)
     tc = dataclasses.replace(TC, log_every=1, checkpoint_every=100)
     first = Trainer(initial_model(params0), data, tc, tmp_path, mesh=mesh, seed=SEED)
-    if signum == signal.SIGINT:
-        with pytest.raises(Interrupted, match="saved a checkpoint at step 2"):
-            first.fit(log_fn=stop)
-        part1 = history[:2]
-    else:
-        part1 = first.fit(log_fn=stop)  # stops after step 2 and saves
+    launched = signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
+    try:  # as in a terminal (a CI job may start with SIGINT ignored, and the trainer then leaves it ignored)
+        if signum == signal.SIGINT:
+            with pytest.raises(Interrupted, match="saved a checkpoint at step 2"):
+                first.fit(log_fn=stop)
+            part1 = history[:2]
+        else:
+            part1 = first.fit(log_fn=stop)  # stops after step 2 and saves
+        assert signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler)  # restored after fit
+    finally:
+        signal.signal(signum, launched)
     first.close()
     assert [h["step"] for h in part1] == [1, 2]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are restored
     # a new trainer (whose fresh model differs) resumes from the latest checkpoint
     second = Trainer(Transformer(MODEL, rngs=nnx.Rngs(99)), data, tc, tmp_path, mesh=mesh, seed=SEED)
     assert second.step == 2 and second.data_position == 2 * TC.batch_size
