@@ -68,9 +68,11 @@ def _content(path: Path) -> str | None:
     return None if path.suffix in PICKLE_SUFFIXES else input_fingerprint(path)
 
 
-def _file_stats(paths) -> list:
+def _file_stats(paths, seen: dict) -> list:
     """``[path, [[relative file, size, mtime_ns, content hash], ...]]`` for each path (missing paths record
-    ``None``); the content hash (:func:`_content`) notices an edit that keeps size and modification time."""
+    ``None``); the content hash (:func:`_content`) notices an edit that keeps size and modification time.
+    ``seen`` keeps each file's entry across the stages of one :func:`fingerprints` call (several stages read
+    the same model and tokenizer folders), so every file is read once."""
     out = []
     for raw in paths:
         path = Path(raw)
@@ -81,19 +83,24 @@ def _file_stats(paths) -> list:
         else:
             out.append([str(raw), None])
             continue
-        out.append([str(raw), [[name, p.stat().st_size, p.stat().st_mtime_ns, _content(p)] for name, p in files]])
+        for _, p in files:
+            if p not in seen:
+                st = p.stat()
+                seen[p] = [st.st_size, st.st_mtime_ns, _content(p)]
+        out.append([str(raw), [[name, *seen[p]] for name, p in files]])
     return out
 
 
 def fingerprints(cfg: Config) -> dict[str, str]:
     """The fingerprint (sha256 hex) of every stage for ``cfg``, in stage order."""
     out: dict[str, str] = {}
+    seen: dict = {}
     for stage in PIPELINE:
         payload = {
             "stage": stage.name,
             "config": {key: _section(cfg, key) for key in stage.sections},
             "after": {name: out[name] for name in stage.after},
-            "files": _file_stats(stage.paths(cfg)),
+            "files": _file_stats(stage.paths(cfg), seen),
         }
         out[stage.name] = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
     return out
