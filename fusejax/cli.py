@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from fusejax import __version__, stages
 from fusejax.config import ConfigError, iter_fields, load_config, to_yaml
 from fusejax.distributed import initialize
-from fusejax.errors import debug, user_error_message
+from fusejax.errors import debug, quiet_background_errors, user_error_message
 
 DEMO = "fusejax.embedded:demo"
 
@@ -89,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             initialize()  # join the other processes of a pod / cluster before any JAX use
             logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
             logging.getLogger("fusejax").setLevel(logging.INFO)  # our progress notes; libraries: warnings only
+            if not debug():
+                quiet_background_errors()
             result = stages.resolve(stages.COMMANDS[args.command][0])(cfg)
             if isinstance(result, dict):  # every stage returns its summary: show it
                 print(json.dumps(result, indent=2, sort_keys=True, default=str))

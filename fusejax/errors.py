@@ -15,12 +15,21 @@ and exits with code 2, without a traceback. These are
 
 Anything else (an exception raised inside numpy, JAX, ...) is treated as a bug and keeps its traceback.
 Setting the environment variable ``FUSEJAX_DEBUG=1`` shows the traceback of every error.
+
+Library noise around a user error (:func:`quiet_background_errors`, installed by the CLI unless debugging):
+when an Orbax checkpoint save fails (a full disk), its background threads log the error with a traceback
+(``ERROR:absl:... raised an exception``) before the main thread raises the same error, and TensorStore's
+late callbacks into Orbax's already closed asyncio loop print ``RuntimeError: Event loop is closed``. Both
+are dropped, so the one line of the error the main thread reports is all the user sees.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import re
+import sys
 from pathlib import Path
 
 from fusejax.distributed import DistributedError
@@ -62,3 +71,41 @@ def user_error_message(exc: BaseException) -> str | None:
     # KeyError's str() is the repr of its key: show a message argument as written
     text = exc.args[0] if isinstance(exc, KeyError) and len(exc.args) == 1 else str(exc)
     return " ".join(str(text).split()) or type(exc).__name__
+
+
+def _has_no_traceback(record: logging.LogRecord) -> bool:
+    return not record.exc_info
+
+
+def _closed_loop_callback(exc: BaseException) -> bool:
+    """``RuntimeError: Event loop is closed`` raised by asyncio's own check (a callback into a finished loop)."""
+    if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed" and exc.__traceback__):
+        return False
+    tb = exc.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return Path(tb.tb_frame.f_code.co_filename).resolve() == Path(asyncio.base_events.__file__).resolve()
+
+
+def quiet_background_errors() -> None:
+    """Drop the tracebacks that libraries' background threads print for an error the main thread reports
+    itself (see the module docstring): ``absl`` log records with a traceback, and the closed-event-loop
+    errors of late callbacks (C extensions report them through ``sys.unraisablehook`` or ``sys.excepthook``).
+    Every other record and exception is shown as before."""
+    absl = logging.getLogger("absl")
+    if _has_no_traceback not in absl.filters:
+        absl.addFilter(_has_no_traceback)
+    if getattr(sys.unraisablehook, "__wrapped__", None) is not None:  # installed already
+        return
+    previous_excepthook, previous_unraisablehook = sys.excepthook, sys.unraisablehook
+
+    def excepthook(exc_type, exc, tb):
+        if not _closed_loop_callback(exc):
+            previous_excepthook(exc_type, exc, tb)
+
+    def unraisablehook(unraisable):
+        if not _closed_loop_callback(unraisable.exc_value):
+            previous_unraisablehook(unraisable)
+
+    excepthook.__wrapped__, unraisablehook.__wrapped__ = previous_excepthook, previous_unraisablehook
+    sys.excepthook, sys.unraisablehook = excepthook, unraisablehook

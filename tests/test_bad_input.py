@@ -2,7 +2,9 @@
 and value, exit code 2 and no traceback. Cases already covered module by module are listed in
 docs/reliability.md and not repeated here."""
 
+import asyncio
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import pytest
 
 from fusejax import cli, pipeline, stages
 from fusejax.config import ConfigError, load_config
+from fusejax.errors import quiet_background_errors
 from fusejax.store import open_store
 
 from test_reliability import ROOT, TEXTS, _copy_outputs, build_pipeline
@@ -268,6 +271,46 @@ def test_os_error_reported_by_tensorstore_is_one_line(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "fake_stages", module)
     monkeypatch.setitem(stages.COMMANDS, "save", ("fake_stages:save", "save"))
     assert fails(capsys, ["save"]) == f"fusejax: error: {full}"
+
+
+def test_background_tracebacks_of_a_reported_error_are_dropped(monkeypatch):
+    """What Orbax and TensorStore print while a checkpoint save fails: an absl record with a traceback, and
+    a late callback into a closed asyncio loop. Other records and exceptions are still shown."""
+    absl = logging.getLogger("absl")
+    monkeypatch.setattr(absl, "filters", [])
+    shown = []  # what reaches the hooks that were there before
+    monkeypatch.setattr(sys, "excepthook", lambda exc_type, exc, tb: shown.append(exc))
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: shown.append(unraisable.exc_value))
+    quiet_background_errors()
+    quiet_background_errors()  # idempotent: a second stage in the same process
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    absl.addHandler(handler)
+    try:
+        try:
+            raise ValueError("RESOURCE_EXHAUSTED: disk full")
+        except ValueError:
+            absl.exception("_SignalingThread.run() raised an exception")
+        absl.warning("a warning without traceback")
+    finally:
+        absl.removeHandler(handler)
+    assert [r.getMessage() for r in records] == ["a warning without traceback"]
+
+    loop = asyncio.new_event_loop()
+    loop.close()
+    with pytest.raises(RuntimeError) as closed:
+        loop.call_soon_threadsafe(print)
+    sys.excepthook(RuntimeError, closed.value, closed.value.__traceback__)
+    sys.unraisablehook(types.SimpleNamespace(exc_type=RuntimeError, exc_value=closed.value,
+                                             exc_traceback=closed.value.__traceback__, err_msg=None, object=None))
+    assert shown == []
+    with pytest.raises(RuntimeError) as other:
+        raise RuntimeError("Event loop is closed")  # same text, not raised by asyncio: a bug to show
+    sys.excepthook(RuntimeError, other.value, other.value.__traceback__)
+    sys.unraisablehook(types.SimpleNamespace(exc_type=RuntimeError, exc_value=other.value,
+                                             exc_traceback=other.value.__traceback__, err_msg=None, object=None))
+    assert shown == [other.value, other.value]
 
 
 def test_console_command_prints_no_traceback_unless_debugging(run, tmp_path):
