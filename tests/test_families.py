@@ -139,10 +139,6 @@ LLAMA3 = CASES["llama3_tied"][2]["rope_parameters"]
 
 
 @pytest.mark.parametrize("name,changes,match", [
-    ("llama_linear", dict(rope_parameters={"rope_type": "proportional", "rope_theta": 1e4}),
-     r"field 'rope_parameters'=.* is not supported by fusejax \(rope_type 'proportional'; implemented: default, "),
-    ("llama_linear", dict(rope_parameters=None, rope_scaling={"type": "su", "factor": 2.0}),
-     r"field 'rope_scaling'=.* is not supported by fusejax \(rope_type 'su'"),
     ("llama3_tied", dict(rope_parameters={k: v for k, v in LLAMA3.items() if k != "low_freq_factor"}),
      r"field 'rope_parameters': required field 'low_freq_factor' is missing"),
     ("llama_linear", dict(rope_parameters={"rope_type": "linear", "factor": "2"}),

@@ -85,7 +85,7 @@ class ModelConfig:
     activation: str = "silu"
     attention_bias: bool = False  # biases on q, k, v and output projections
     attention_out_bias: bool | None = None  # bias on the output projection; None: attention_bias (Qwen2: False)
-    qk_norm: bool = False  # an RMSNorm over head_dim of every query and key head, before RoPE (Qwen3)
+    qk_norm: bool = False  # the model's norm (no bias) over head_dim of each query and key head, before RoPE (Qwen3)
     mlp_bias: bool = False
     tie_embeddings: bool = False
     sliding_window: int | None = None  # a query sees keys with q - k < sliding_window (Mistral)
