@@ -118,10 +118,10 @@ def test_shape_disagrees_with_config(ckpt):
 
 @pytest.mark.parametrize("changes,match", [
     (dict(model_type="bloom"), r"config\.json: model_type='bloom' is not supported"),
-    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}),
-     r"config\.json: field 'rope_parameters'.*yarn"),
-    (dict(rope_parameters=None, rope_scaling={"type": "linear", "factor": 2.0}),
-     r"config\.json: field 'rope_scaling'.*linear"),
+    (dict(rope_parameters={"rope_type": "proportional", "rope_theta": 1e4, "factor": 4.0}),
+     r"config\.json: field 'rope_parameters'.*proportional"),
+    (dict(rope_parameters=None, rope_scaling={"type": "su", "factor": 2.0}),
+     r"config\.json: field 'rope_scaling'.*su"),
     (dict(hidden_act="swish_glu"), r"config\.json: field 'hidden_act'='swish_glu' is not supported"),
     (dict(num_hidden_layers=None), r"config\.json: required field 'num_hidden_layers' is missing"),
     (dict(hidden_size="64"), r"config\.json: field 'hidden_size'='64' has the wrong type"),

@@ -1,8 +1,20 @@
-"""`ModelConfig`: one frozen dataclass describing every supported decoder (Llama/Mistral, GPT-NeoX, MPT, GPT-2).
+"""`ModelConfig`: one frozen dataclass describing every supported decoder (Llama 2/3 and Mistral, Qwen2/2.5,
+Qwen3, Phi-3/4, GPT-NeoX, MPT, GPT-2).
 
 Architectures differ by fields, not subclasses. :meth:`ModelConfig.from_hf` reads a Hugging Face
 ``config.json`` dict (transformers v4 and v5 layouts) and :meth:`ModelConfig.to_hf` writes one that
-transformers v5 loads. Options we do not implement raise :class:`ModelConfigError` naming the file and field.
+transformers v5 loads; one parser and one writer per ``model_type`` (``_PARSERS``, ``_WRITERS``). Options we
+do not implement raise :class:`ModelConfigError` naming the file and field.
+
+The Llama-style model types share the ``llama`` arch and differ only in these fields:
+  ``llama``    ``rope_scaling`` (Llama 3.1: ``llama3``; also ``linear``, ``dynamic``, ``yarn``), tied embeddings
+  ``mistral``  ``sliding_window`` on every layer
+  ``qwen2``    biases on q, k and v only (``attention_out_bias=False``); ``sliding_window`` on the layers from
+               ``max_window_layers`` on when ``use_sliding_window`` (``layer_types``)
+  ``qwen3``    per-head RMSNorm of queries and keys (``qk_norm``), explicit ``head_dim`` (default 128)
+  ``phi3``     partial rotary, ``longrope`` scaling; fused ``qkv_proj``/``gate_up_proj`` tensors (in hf_io)
+MPT: transformers' ``MptForCausalLM`` builds a 4x MLP whatever ``expansion_ratio`` says, and saves that
+``expansion_ratio`` unchanged; :func:`fusejax.models.hf_io.read_config` follows the tensors (see there).
 
 Remat policies (``remat``), applied per scanned layer with ``jax.checkpoint``:
   ``none``           no rematerialisation (store every activation)
@@ -18,12 +30,18 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from fusejax.models.rope import ROPE_KEYS, USES_ORIGINAL_MAX, RopeScaling
+
 ARCHS = ("llama", "gpt_neox", "mpt", "gpt2")
 # Hugging Face model_type -> our arch
-HF_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "gpt_neox": "gpt_neox", "mpt": "mpt", "gpt2": "gpt2"}
+HF_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "phi3": "llama",
+                  "gpt_neox": "gpt_neox", "mpt": "mpt", "gpt2": "gpt2"}
 HF_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
     "gpt_neox": "GPTNeoXForCausalLM",
     "mpt": "MptForCausalLM",
     "gpt2": "GPT2LMHeadModel",
@@ -34,6 +52,7 @@ MLPS = ("gated", "plain")  # gated: act(x W_gate) * (x W_up) (SwiGLU); plain: ac
 # Hugging Face activation names we implement (see transformer.ACTIVATIONS)
 ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+LAYER_TYPES = ("full_attention", "sliding_attention")  # Hugging Face names of per-layer attention kinds
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -60,13 +79,17 @@ class ModelConfig:
     position: str = "rope"
     rope_theta: float = 10000.0
     rotary_dim: int | None = None  # None: head_dim (full rotary); fewer dims rotate only the first ones
+    rope_scaling: RopeScaling | None = None  # None: plain RoPE (see fusejax.models.rope)
     parallel_residual: bool = False  # x + attn(ln1(x)) + mlp(ln2(x)) (GPT-NeoX) instead of sequential
     mlp: str = "gated"
     activation: str = "silu"
     attention_bias: bool = False  # biases on q, k, v and output projections
+    attention_out_bias: bool | None = None  # bias on the output projection; None: attention_bias (Qwen2: False)
+    qk_norm: bool = False  # the model's norm (no bias) over head_dim of each query and key head, before RoPE (Qwen3)
     mlp_bias: bool = False
     tie_embeddings: bool = False
     sliding_window: int | None = None  # a query sees keys with q - k < sliding_window (Mistral)
+    layer_types: tuple[str, ...] | None = None  # per layer, one of LAYER_TYPES; None: sliding_window on every layer
     alibi_bias_max: int = 8
     softmax_scale: float | None = None  # None: head_dim ** -0.5
     vocab_multiple: int = 128  # embedding rows padded to a multiple of this (sharding over "vocab")
@@ -115,6 +138,13 @@ class ModelConfig:
             object.__setattr__(self, "rotary_dim", self.head_dim)
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        if self.attention_out_bias is None:
+            object.__setattr__(self, "attention_out_bias", self.attention_bias)
+        if self.layer_types is not None:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+            if len(self.layer_types) != self.num_layers or not set(self.layer_types) <= set(LAYER_TYPES):
+                raise ModelConfigError(f"ModelConfig.layer_types={list(self.layer_types)}: expected num_layers="
+                                       f"{self.num_layers} entries, each one of {LAYER_TYPES}")
         if self.num_heads % self.num_kv_heads:
             raise ModelConfigError(
                 f"ModelConfig: num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
@@ -125,6 +155,34 @@ class ModelConfig:
             )
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ModelConfigError(f"ModelConfig.sliding_window={self.sliding_window!r}: expected None or >= 1")
+        self._check_rope_scaling()
+
+    def _check_rope_scaling(self):
+        s = self.rope_scaling
+        if s is None:
+            return
+        if self.position != "rope" or s.rope_type not in ROPE_KEYS:
+            raise ModelConfigError(f"ModelConfig.rope_scaling={s}: needs position='rope' and a rope_type of "
+                                   f"{tuple(ROPE_KEYS)}")
+        for key in ROPE_KEYS[s.rope_type][0]:
+            if getattr(s, key) is None:
+                raise ModelConfigError(f"ModelConfig.rope_scaling: rope_type {s.rope_type!r} needs {key!r}")
+        for key in ("short_factor", "long_factor"):
+            value = getattr(s, key)
+            if value is not None and len(value) != self.rotary_dim // 2:
+                raise ModelConfigError(f"ModelConfig.rope_scaling.{key} has {len(value)} entries; expected "
+                                       f"rotary_dim // 2 = {self.rotary_dim // 2}")
+        if s.rope_type == "dynamic" and self.rotary_dim <= 2:
+            raise ModelConfigError(f"ModelConfig.rotary_dim={self.rotary_dim}: dynamic RoPE needs more than 2")
+
+    @property
+    def sliding_layers(self) -> tuple[bool, ...]:
+        """Per layer: whether ``sliding_window`` limits its attention (never when sliding_window is None)."""
+        if self.sliding_window is None:
+            return (False,) * self.num_layers
+        if self.layer_types is None:
+            return (True,) * self.num_layers
+        return tuple(t == "sliding_attention" for t in self.layer_types)
 
     @property
     def padded_vocab_size(self) -> int:
@@ -142,7 +200,7 @@ class ModelConfig:
             raise ModelConfigError(
                 f"{source}: model_type={model_type!r} is not supported; supported: {sorted(HF_MODEL_TYPES)}"
             )
-        fields = _PARSERS[HF_MODEL_TYPES[model_type]](_Reader(config, source))
+        fields = _PARSERS[model_type](_Reader(config, source))
         fields.update(
             model_type=model_type,
             bos_token_id=config.get("bos_token_id"),
@@ -157,7 +215,7 @@ class ModelConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """A Hugging Face ``config.json`` dict (transformers v5 layout) for this model, without vocab padding."""
-        out = _WRITERS[self.arch](self)
+        out = _WRITERS[self.model_type](self)
         out.update(
             model_type=self.model_type,
             architectures=[HF_ARCHITECTURES[self.model_type]],
@@ -180,9 +238,10 @@ class _Reader:
     def __init__(self, config: Mapping[str, Any], source: str):
         self.config, self.source = config, source
 
-    def get(self, key: str, default: Any = _REQUIRED, types: type | tuple[type, ...] = object, within=None):
+    def get(self, key: str, default: Any = _REQUIRED, types: type | tuple[type, ...] = object, within=None,
+            minimum: int = 1):
         """``config[key]`` (or ``within[key]``) of type ``types``; every int read this way is a size or count
-        and must be positive."""
+        and must be at least ``minimum``."""
         where = within if within is not None else self.config
         if key not in where or where[key] is None:
             if default is _REQUIRED:
@@ -193,8 +252,9 @@ class _Reader:
             value = float(value)
         if not isinstance(value, types) or (isinstance(value, bool) and types in (int, float)):
             raise ModelConfigError(f"{self.source}: field {key!r}={value!r} has the wrong type (expected {types})")
-        if types is int and value < 1:
-            raise ModelConfigError(f"{self.source}: field {key!r}={value!r}: expected a positive integer")
+        if types is int and value < minimum:
+            what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            raise ModelConfigError(f"{self.source}: field {key!r}={value!r}: expected {what}")
         return value
 
     def unsupported(self, key: str, value: Any, why: str = "") -> ModelConfigError:
@@ -207,28 +267,53 @@ class _Reader:
         return value
 
 
-def _rope(r: _Reader, head_dim: int, default_partial: float, v4_theta: str, v4_partial: str) -> dict[str, Any]:
-    """rope_theta and rotary_dim from v5 ``rope_parameters`` or v4 fields (``rope_theta``/``rope_scaling``...)."""
+def _rope(r: _Reader, head_dim: int, default_partial: float, v4_theta: str, v4_partial: str,
+          aliases: Mapping[str, str] | None = None, original_max: int | None = None) -> dict[str, Any]:
+    """rope_theta, rotary_dim and rope_scaling from v5 ``rope_parameters`` or v4 fields (``rope_theta``,
+    ``rope_scaling``...). ``aliases``: old rope_type names of this family; ``original_max``: the family's own
+    ``original_max_position_embeddings``, which takes priority over the one in the rope parameters."""
     params = dict(r.get("rope_parameters", {}, dict))
     scaling = r.get("rope_scaling", None, dict)
     if scaling is not None:  # v4 layout: rope_scaling holds only the scaling part
         params = {**scaling, **params}
+    field = "rope_scaling" if scaling is not None and r.config.get("rope_parameters") is None else "rope_parameters"
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type != "default":
-        field = "rope_scaling" if scaling is not None and r.config.get("rope_parameters") is None else "rope_parameters"
-        raise r.unsupported(field, params, f" (rope_type {rope_type!r}; only 'default' RoPE is implemented)")
+    rope_type = (aliases or {}).get(rope_type, rope_type)
     theta = r.get("rope_theta", None, float, within=params)
     theta = r.get(v4_theta, 10000.0, float) if theta is None else theta
     partial = r.get("partial_rotary_factor", None, float, within=params)
     partial = r.get(v4_partial, default_partial, float) if partial is None else partial
-    return {"position": "rope", "rope_theta": theta, "rotary_dim": int(head_dim * partial)}
+    fields = {"position": "rope", "rope_theta": theta, "rotary_dim": int(head_dim * partial)}
+    if rope_type == "default":
+        return fields
+    if rope_type not in ROPE_KEYS:
+        raise r.unsupported(field, params, f" (rope_type {rope_type!r}; implemented: default, {', '.join(ROPE_KEYS)})")
+    required, optional = ROPE_KEYS[rope_type]
+    sub = _Reader(params, f"{r.source}: field {field!r}")
+    for key in params:
+        if key not in (*required, *optional, "rope_type", "type", "rope_theta", "partial_rotary_factor"):
+            raise r.unsupported(f"{field}.{key}", params[key], f" with rope_type {rope_type!r}")
+    types = {"original_max_position_embeddings": int, "truncate": bool, "short_factor": list, "long_factor": list}
+    values = {key: sub.get(key, _REQUIRED if key in required else None, types.get(key, float))
+              for key in (*required, *optional)}
+    for key in ("short_factor", "long_factor"):
+        if values.get(key) is not None:
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values[key]):
+                raise r.unsupported(f"{field}.{key}", values[key], " (expected a list of numbers)")
+            values[key] = tuple(float(v) for v in values[key])
+    if rope_type in USES_ORIGINAL_MAX:  # as transformers' standardize_rope_params: a top-level value wins
+        original_max = original_max or r.get("original_max_position_embeddings", None, int)
+        values["original_max_position_embeddings"] = original_max or values["original_max_position_embeddings"]
+    fields["rope_scaling"] = RopeScaling(rope_type, **values)
+    return fields
 
 
-def _llama(r: _Reader) -> dict[str, Any]:
+def _llama(r: _Reader, *, head_dim: int | None = None, norm_eps: float = 1e-6, **rope) -> dict[str, Any]:
+    """The fields every Llama-style family shares; ``head_dim``, ``norm_eps``: the family's defaults; ``rope``:
+    options of :func:`_rope`."""
     hidden, heads = r.get("hidden_size", types=int), r.get("num_attention_heads", types=int)
-    head_dim = r.get("head_dim", None, int) or hidden // heads
-    mistral = r.config.get("model_type") == "mistral"
-    fields = dict(
+    head_dim = r.get("head_dim", head_dim, int) or hidden // heads
+    return dict(
         arch="llama",
         vocab_size=r.get("vocab_size", types=int),
         hidden_size=hidden,
@@ -239,18 +324,56 @@ def _llama(r: _Reader) -> dict[str, Any]:
         head_dim=head_dim,
         max_position_embeddings=r.get("max_position_embeddings", 2048, int),
         norm="rms",
-        norm_eps=r.get("rms_norm_eps", 1e-6, float),
-        **_rope(r, head_dim, 1.0, "rope_theta", "partial_rotary_factor"),
+        norm_eps=r.get("rms_norm_eps", norm_eps, float),
+        **_rope(r, head_dim, 1.0, "rope_theta", "partial_rotary_factor", **rope),
         mlp="gated",
         activation=r.activation("hidden_act", "silu"),
         tie_embeddings=r.get("tie_word_embeddings", False, bool),
     )
-    if mistral:  # MistralConfig has no bias options; its own default window is 4096 when the field is absent
-        fields["sliding_window"] = r.get("sliding_window", None, int) if "sliding_window" in r.config else 4096
-    else:
-        fields["attention_bias"] = r.get("attention_bias", False, bool)
-        fields["mlp_bias"] = r.get("mlp_bias", False, bool)
-    return fields
+
+
+def _llama_family(r: _Reader) -> dict[str, Any]:
+    return dict(_llama(r), attention_bias=r.get("attention_bias", False, bool), mlp_bias=r.get("mlp_bias", False, bool))
+
+
+def _mistral(r: _Reader) -> dict[str, Any]:
+    """No bias options; its own default window is 4096 when the field is absent."""
+    window = r.get("sliding_window", None, int) if "sliding_window" in r.config else 4096
+    return dict(_llama(r), sliding_window=window)
+
+
+def _qwen_window(r: _Reader) -> dict[str, Any]:
+    """Qwen's ``sliding_window`` (only with ``use_sliding_window``) on the layers ``layer_types`` names, by
+    default those from ``max_window_layers`` on."""
+    window = r.get("sliding_window", 4096, int) if r.get("use_sliding_window", False, bool) else None
+    layer_types = r.get("layer_types", None, list)
+    if layer_types is None and window is not None:
+        first = r.get("max_window_layers", 28, int, minimum=0)
+        layers = r.get("num_hidden_layers", types=int)
+        layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
+    if layer_types is not None and not set(layer_types) <= set(LAYER_TYPES):
+        raise r.unsupported("layer_types", layer_types, f" (each one of {LAYER_TYPES})")
+    return dict(sliding_window=window, layer_types=layer_types)
+
+
+def _qwen2(r: _Reader) -> dict[str, Any]:
+    return dict(_llama(r), attention_bias=True, attention_out_bias=False, **_qwen_window(r))
+
+
+def _qwen3(r: _Reader) -> dict[str, Any]:
+    return dict(_llama(r, head_dim=128), attention_bias=r.get("attention_bias", False, bool), qk_norm=True,
+                **_qwen_window(r))
+
+
+def _phi3(r: _Reader) -> dict[str, Any]:
+    """Old rope types ``su`` and ``yarn`` mean LongRoPE; ``original_max_position_embeddings`` is a top-level field
+    (default 4096); the window, when set, is on every layer."""
+    fields = _llama(r, norm_eps=1e-5, aliases={"su": "longrope", "yarn": "longrope"},
+                    original_max=r.get("original_max_position_embeddings", 4096, int))
+    scaling = fields.get("rope_scaling")
+    if scaling is not None and scaling.rope_type != "longrope":
+        raise r.unsupported("rope_parameters", scaling.rope_type, " (phi3: only 'default' or 'longrope')")
+    return dict(fields, sliding_window=r.get("sliding_window", None, int))
 
 
 def _gpt_neox(r: _Reader) -> dict[str, Any]:
@@ -344,18 +467,30 @@ def _gpt2(r: _Reader) -> dict[str, Any]:
     )
 
 
-_PARSERS = {"llama": _llama, "gpt_neox": _gpt_neox, "mpt": _mpt, "gpt2": _gpt2}
+_PARSERS = {"llama": _llama_family, "mistral": _mistral, "qwen2": _qwen2, "qwen3": _qwen3, "phi3": _phi3,
+            "gpt_neox": _gpt_neox, "mpt": _mpt, "gpt2": _gpt2}
 
 
 def _rope_parameters(c: ModelConfig) -> dict[str, Any]:
     params = {"rope_type": "default", "rope_theta": c.rope_theta}
+    if c.rope_scaling is not None:
+        params.update(c.rope_scaling.to_hf())
     if c.rotary_dim != c.head_dim:
         params["partial_rotary_factor"] = c.rotary_dim / c.head_dim
     return params
 
 
-def _write_llama(c: ModelConfig) -> dict[str, Any]:
-    out = dict(
+def _require(c: ModelConfig, **implied) -> None:
+    """Refuse to write a config its transformers class cannot express: ``implied`` are the values it fixes."""
+    for field, value in implied.items():
+        if getattr(c, field) != value:
+            raise ModelConfigError(f"ModelConfig.{field}={getattr(c, field)!r}: model_type {c.model_type!r} needs "
+                                   f"{value!r} (transformers has no option for it)")
+
+
+def _write_decoder(c: ModelConfig) -> dict[str, Any]:
+    """The config.json fields every Llama-style family shares."""
+    return dict(
         hidden_size=c.hidden_size,
         intermediate_size=c.intermediate_size,
         num_hidden_layers=c.num_layers,
@@ -366,14 +501,47 @@ def _write_llama(c: ModelConfig) -> dict[str, Any]:
         rms_norm_eps=c.norm_eps,
         rope_parameters=_rope_parameters(c),
         hidden_act=c.activation,
-        attention_bias=c.attention_bias,
-        mlp_bias=c.mlp_bias,
     )
-    if c.model_type == "mistral":
-        if c.attention_bias or c.mlp_bias:
-            raise ModelConfigError("ModelConfig: model_type 'mistral' has no attention_bias/mlp_bias in transformers")
-        del out["attention_bias"], out["mlp_bias"]
-        out["sliding_window"] = c.sliding_window
+
+
+def _write_llama(c: ModelConfig) -> dict[str, Any]:
+    _require(c, qk_norm=False, attention_out_bias=c.attention_bias, sliding_window=None)
+    return dict(_write_decoder(c), attention_bias=c.attention_bias, mlp_bias=c.mlp_bias)
+
+
+def _write_mistral(c: ModelConfig) -> dict[str, Any]:
+    _require(c, qk_norm=False, attention_bias=False, attention_out_bias=False, mlp_bias=False, layer_types=None)
+    return dict(_write_decoder(c), sliding_window=c.sliding_window)
+
+
+def _write_qwen_window(c: ModelConfig) -> dict[str, Any]:
+    sliding = c.sliding_layers
+    return dict(use_sliding_window=c.sliding_window is not None, sliding_window=c.sliding_window,
+                max_window_layers=sliding.index(True) if any(sliding) else c.num_layers,
+                layer_types=["sliding_attention" if s else "full_attention" for s in sliding])
+
+
+def _write_qwen2(c: ModelConfig) -> dict[str, Any]:
+    _require(c, qk_norm=False, attention_bias=True, attention_out_bias=False, mlp_bias=False)
+    return dict(_write_decoder(c), **_write_qwen_window(c))
+
+
+def _write_qwen3(c: ModelConfig) -> dict[str, Any]:
+    _require(c, qk_norm=True, attention_out_bias=c.attention_bias, mlp_bias=False)
+    return dict(_write_decoder(c), attention_bias=c.attention_bias, **_write_qwen_window(c))
+
+
+def _write_phi3(c: ModelConfig) -> dict[str, Any]:
+    """Phi3Config takes head_dim as hidden_size // num_heads and original_max_position_embeddings at top level."""
+    _require(c, qk_norm=False, attention_bias=False, attention_out_bias=False, mlp_bias=False, layer_types=None,
+             head_dim=c.hidden_size // c.num_heads)
+    if c.rope_scaling is not None and c.rope_scaling.rope_type != "longrope":
+        raise ModelConfigError(f"ModelConfig.rope_scaling={c.rope_scaling}: model_type 'phi3' has only 'longrope'")
+    out = dict(_write_decoder(c), sliding_window=c.sliding_window)
+    del out["head_dim"]
+    if c.rope_scaling is not None:
+        out["original_max_position_embeddings"] = (c.rope_scaling.original_max_position_embeddings
+                                                   or c.max_position_embeddings)
     return out
 
 
@@ -393,6 +561,9 @@ def _write_gpt_neox(c: ModelConfig) -> dict[str, Any]:
 
 
 def _write_mpt(c: ModelConfig) -> dict[str, Any]:
+    if c.intermediate_size % c.hidden_size:
+        raise ModelConfigError(f"ModelConfig.intermediate_size={c.intermediate_size}: model_type 'mpt' needs a "
+                               f"multiple of hidden_size={c.hidden_size} (expansion_ratio)")
     return dict(
         d_model=c.hidden_size,
         n_heads=c.num_heads,
@@ -418,4 +589,5 @@ def _write_gpt2(c: ModelConfig) -> dict[str, Any]:
     )
 
 
-_WRITERS = {"llama": _write_llama, "gpt_neox": _write_gpt_neox, "mpt": _write_mpt, "gpt2": _write_gpt2}
+_WRITERS = {"llama": _write_llama, "mistral": _write_mistral, "qwen2": _write_qwen2, "qwen3": _write_qwen3,
+            "phi3": _write_phi3, "gpt_neox": _write_gpt_neox, "mpt": _write_mpt, "gpt2": _write_gpt2}

@@ -6,7 +6,13 @@ never gathered on one device. Pickle checkpoints (``*.bin``, ``*.pt``, ...) are 
 
 Each architecture's weight map is a list of :class:`_Map` rows: one Hugging Face tensor (per layer when its
 name contains ``{i}``) and the parameter(s) of ours it holds. Fused HF tensors (GPT-NeoX ``query_key_value``,
-MPT ``Wqkv``, GPT-2 ``c_attn``) hold several of ours, split along one axis after an optional transpose.
+MPT ``Wqkv``, GPT-2 ``c_attn``, Phi-3 ``qkv_proj`` and ``gate_up_proj``) hold several of ours, split along one
+axis after an optional transpose, and are fused again on save.
+
+Transformers quirk: ``MptForCausalLM`` always builds a 4x MLP and ignores ``expansion_ratio``, yet saves the
+value it was given, so its folders may say ``expansion_ratio: 2`` over 4x tensors (MosaicML's own code honours
+the field). :func:`read_config` follows the tensors: the MLP width of an MPT folder is that of its first
+``ffn.up_proj`` tensor when the folder has weights, so both kinds of folder load; we write the true ratio.
 """
 
 from __future__ import annotations
@@ -68,8 +74,8 @@ class _Map:
     ``hf``: names, the first written on save, all tried on load; ``{i}`` marks a per-layer tensor.
     ``ours``: our parameter paths (``layers.wq``); per-layer params carry a leading ``layers`` axis.
     ``hf_shape``: the HF tensor's shape (per layer). ``shape``: the shape after the optional transpose, from
-    which ``split_axis`` (when several of ours) picks each of ours. ``pad_axis``: our axis padded to the
-    padded vocabulary.
+    which ``split_axis`` (when several of ours) picks each of ours, or which it cuts in pieces of ``sections``
+    sizes. ``pad_axis``: our axis padded to the padded vocabulary.
     """
 
     hf: tuple[str, ...]
@@ -78,6 +84,7 @@ class _Map:
     shape: tuple[int, ...]
     transpose: bool = False
     split_axis: int | None = None
+    sections: tuple[int, ...] | None = None
     pad_axis: int | None = None
 
     @property
@@ -87,7 +94,12 @@ class _Map:
     def split(self, a: np.ndarray, padded_vocab: int) -> list[np.ndarray]:
         """HF tensor -> our per-layer arrays, in ``ours`` order."""
         a = (a.T if self.transpose else a).reshape(self.shape)
-        parts = [a] if self.split_axis is None else [np.take(a, j, self.split_axis) for j in range(len(self.ours))]
+        if self.sections is not None:
+            parts = np.split(a, np.cumsum(self.sections)[:-1], self.split_axis)
+        elif self.split_axis is not None:
+            parts = [np.take(a, j, self.split_axis) for j in range(len(self.ours))]
+        else:
+            parts = [a]
         if self.pad_axis is not None:
             widths = [(0, 0)] * a.ndim
             widths[self.pad_axis] = (0, padded_vocab - a.shape[self.pad_axis])
@@ -98,20 +110,24 @@ class _Map:
         """Our per-layer arrays -> the HF tensor (vocab padding removed)."""
         if self.pad_axis is not None:
             parts = [np.take(p, np.arange(self.shape[self.pad_axis]), self.pad_axis) for p in parts]
-        a = parts[0] if self.split_axis is None else np.stack(parts, self.split_axis)
+        if self.sections is not None:
+            a = np.concatenate(parts, self.split_axis)
+        else:
+            a = parts[0] if self.split_axis is None else np.stack(parts, self.split_axis)
         if self.transpose:
             return a.reshape(self.hf_shape[::-1]).T
         return a.reshape(self.hf_shape)
 
 
-def _linear(hf: str | tuple[str, ...], ours, d_in: int, out: tuple[int, ...], split_axis=None, conv1d=False):
+def _linear(hf: str | tuple[str, ...], ours, d_in: int, out: tuple[int, ...], split_axis=None, conv1d=False,
+            sections=None):
     """A torch ``Linear`` weight [out, in] (or GPT-2 ``Conv1D`` [in, out]) -> ours [in, *out]."""
     hf = (hf,) if isinstance(hf, str) else hf
     n_out = math.prod(out)
     hf_shape = (d_in, n_out) if conv1d else (n_out, d_in)
     ours = (ours,) if isinstance(ours, str) else ours
     axis = None if split_axis is None else split_axis + 1
-    return _Map(hf, ours, hf_shape, (d_in, *out), transpose=not conv1d, split_axis=axis)
+    return _Map(hf, ours, hf_shape, (d_in, *out), transpose=not conv1d, split_axis=axis, sections=sections)
 
 
 def _bias(hf: str | tuple[str, ...], ours, out: tuple[int, ...], split_axis=None):
@@ -137,7 +153,9 @@ def _weight_map(c: ModelConfig) -> list[_Map]:
         if c.norm_bias:
             rows.append(_vector(f"{hf}.bias", f"{ours}_bias", D))
     conv1d = c.arch == "gpt2"
-    if c.arch == "llama":
+    if c.model_type == "phi3":  # fused q|k|v along the heads: [(H + K + K) * E, D]
+        rows.append(_linear(f"{p}self_attn.qkv_proj.weight", qkv, D, (H + 2 * K, E), split_axis=0, sections=(H, K, K)))
+    elif c.arch == "llama":
         for name, ours, heads in (("q", "wq", H), ("k", "wk", K), ("v", "wv", K)):
             rows.append(_linear(f"{p}self_attn.{name}_proj.weight", f"layers.{ours}", D, (heads, E)))
             if c.attention_bias:
@@ -149,10 +167,16 @@ def _weight_map(c: ModelConfig) -> list[_Map]:
             rows.append(_bias(p + names["qkv"] + ".bias", qkv_b, layout, split_axis=axis))
     wo_shape = (D, H * E) if not conv1d else (H * E, D)
     rows.append(_Map((p + names["o"] + ".weight",), ("layers.wo",), wo_shape, (H, E, D), transpose=not conv1d))
-    if c.attention_bias:
+    if c.attention_out_bias:
         rows.append(_vector(p + names["o"] + ".bias", "layers.bo", D))
-    mlp = (("gate", "_gate", D, F),) if c.mlp == "gated" else ()
-    for key, ours, d_in, d_out in (*mlp, ("up", "_up", D, F), ("down", "_down", F, D)):
+    if c.qk_norm:
+        rows += [_vector(f"{p}self_attn.{x}_norm.weight", f"layers.{x}_norm_scale", E) for x in "qk"]
+    mlp_in = (("gate", "_gate", D, F),) if c.mlp == "gated" else ()
+    mlp_in += (("up", "_up", D, F),)
+    if c.model_type == "phi3":  # fused gate|up: [2F, D]
+        rows.append(_linear(f"{p}mlp.gate_up_proj.weight", ("layers.w_gate", "layers.w_up"), D, (2, F), split_axis=0))
+        mlp_in = ()
+    for key, ours, d_in, d_out in (*mlp_in, ("down", "_down", F, D)):
         rows.append(_linear(f"{p}{names[key]}.weight", f"layers.w{ours}", d_in, (d_out,), conv1d=conv1d))
         if c.mlp_bias:
             rows.append(_vector(f"{p}{names[key]}.bias", f"layers.b{ours}", d_out))
@@ -259,6 +283,11 @@ class _Checkpoint:
             self._files[path] = _SafetensorsFile(path)
         return self._files[path]
 
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        """The shape of tensor ``name`` from its file's header; None when absent."""
+        info = self._open(self.where[name]).header.get(name) if name in self.where else None
+        return None if info is None else tuple(info["shape"])
+
     def read(self, names: tuple[str, ...], expected: tuple[int, ...], config_source: Path) -> np.ndarray:
         """The first of ``names`` present, checked against the ``expected`` shape (which config_source implies)."""
         name = next((n for n in names if n in self.where), None)
@@ -335,7 +364,19 @@ def read_config(path: str | os.PathLike, **overrides) -> ModelConfig:
         raise CheckpointError(f"{file}: invalid JSON: {e}") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{file}: expected a JSON object, found {type(config).__name__}")
-    return ModelConfig.from_hf(config, source=str(file), **overrides)
+    model = ModelConfig.from_hf(config, source=str(file), **overrides)
+    return _mpt_mlp_from_tensors(Path(path), model) if model.arch == "mpt" else model
+
+
+def _mpt_mlp_from_tensors(folder: Path, config: ModelConfig) -> ModelConfig:
+    """``config`` with the MLP width of the folder's first MPT ``ffn.up_proj`` tensor, when it has one (see the
+    module docstring: transformers saves ``expansion_ratio`` unchanged over its 4x MLP)."""
+    if not ((folder / INDEX_NAME).is_file() or (folder / WEIGHTS_NAME).is_file()):
+        return config  # a config.json alone (fusejax plan): take its word
+    shape = _Checkpoint(folder).shape(f"{_HF_NAMES['mpt']['layer'].format(i=0)}{_HF_NAMES['mpt']['up']}.weight")
+    if shape is None or len(shape) != 2 or shape[0] == config.intermediate_size:
+        return config  # absent or malformed: load_pretrained names it
+    return config.replace(intermediate_size=shape[0])
 
 
 def _default_mesh():
@@ -429,6 +470,7 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, *, max_shard_by
     processes all must call; process 0 writes.
     """
     c: ModelConfig = model.config
+    hf_config = c.to_hf()  # a config transformers cannot express is refused before anything is written
     folder = Path(path)
     params = {".".join(map(str, k)): v for k, v in nnx.to_flat_state(nnx.state(model))}
     dtype = np.dtype(jax.numpy.dtype(c.param_dtype))
@@ -470,7 +512,7 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, *, max_shard_by
         total = sum(math.prod(t[1]) for t in tensors) * dtype.itemsize
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         atomic_write(folder / INDEX_NAME, lambda f: f.write(json.dumps(index, indent=2).encode()))
-    atomic_write(folder / CONFIG_NAME, lambda f: f.write(json.dumps(c.to_hf(), indent=2).encode()))
+    atomic_write(folder / CONFIG_NAME, lambda f: f.write(json.dumps(hf_config, indent=2).encode()))
     keep = set(names) | ({INDEX_NAME} if len(shards) > 1 else set())
     # weight files of an earlier save with other shards; temporary files of a save that was killed
     leftovers = [*folder.glob("model*.safetensors*"), *folder.glob(f"{TEMP_PREFIX}model*.safetensors*"),

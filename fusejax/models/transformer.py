@@ -1,13 +1,16 @@
-"""One generic decoder-only Transformer in Flax NNX covering Llama/Mistral, GPT-NeoX/Pythia, MPT and GPT-2.
+"""One generic decoder-only Transformer in Flax NNX covering Llama/Mistral, Qwen2/3, Phi-3, GPT-NeoX/Pythia, MPT
+and GPT-2.
 
 Per-layer parameters are stacked along a leading ``layers`` axis (module :class:`Layers`) and applied with
-``jax.lax.scan``, under ``jax.checkpoint`` when ``config.remat`` is not ``"none"``. Every ``nnx.Param`` carries
+``jax.lax.scan``, under ``jax.checkpoint`` when ``config.remat`` is not ``"none"``; what differs between layers
+(whether the sliding window applies) is scanned alongside them as a per-layer array. Every ``nnx.Param`` carries
 ``logical_axes`` metadata (names from :mod:`fusejax.sharding`); activations are constrained by logical names
 under the model's own ``rules`` (given at construction), the same rules that place its parameters.
 
 Weight layouts (``L`` layers, ``D`` hidden, ``H``/``K`` query/kv heads, ``E`` head_dim, ``F`` mlp, ``V`` padded vocab):
   embed [V, D]; pos_embed [P, D] (learned positions); lm_head [D, V] (absent when tied)
   layers.wq [L, D, H, E]; wk, wv [L, D, K, E]; wo [L, H, E, D]; bq [L, H, E]; bk, bv [L, K, E]; bo [L, D]
+  layers.q_norm_scale, k_norm_scale [L, E] (qk_norm)
   layers.w_gate, w_up [L, D, F]; w_down [L, F, D]; b_gate, b_up [L, F]; b_down [L, D]
   layers.{attn,mlp}_norm_{scale,bias} [L, D]; final_norm_{scale,bias} [D]
 """
@@ -23,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from fusejax.models.config import ModelConfig
+from fusejax.models.rope import rope_tables
 from fusejax.sharding import constrain, frozen_rules
 
 ACTIVATIONS = {
@@ -72,7 +76,11 @@ class Layers(nnx.Module):
             self.bq = p((L, H, E), ("layers", "heads", "head_dim"), init="zeros")
             self.bk = p((L, K, E), ("layers", "kv_heads", "head_dim"), init="zeros")
             self.bv = p((L, K, E), ("layers", "kv_heads", "head_dim"), init="zeros")
+        if c.attention_out_bias:
             self.bo = p((L, D), ("layers", "embed"), init="zeros")
+        if c.qk_norm:
+            self.q_norm_scale = p((L, E), ("layers", "head_dim"), init="ones")
+            self.k_norm_scale = p((L, E), ("layers", "head_dim"), init="ones")
         mlp_in = ("w_gate", "w_up") if c.mlp == "gated" else ("w_up",)
         for name in mlp_in:
             setattr(self, name, p((L, D, F), ("layers", "embed", "mlp")))
@@ -120,23 +128,28 @@ class Transformer(nnx.Module):
         dt = jnp.dtype(c.dtype)
         rules = dict(self.rules)
         key_valid = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
-        mask = _attention_mask(key_valid, c.sliding_window)  # [B, T, T]
-        positions = jnp.arange(T)  # HF default positions; right padding keeps them correct
+        causal = _attention_mask(key_valid, None)  # [B, T, T]
+        window = causal if c.sliding_window is None else _attention_mask(key_valid, c.sliding_window)
 
         x = jnp.take(self.embed[...], input_ids, axis=0).astype(dt)
         if c.position == "learned":
             x = x + self.pos_embed[...][:T].astype(dt)
         x = constrain(x, ("batch", "length", "embed"), rules)
-        rope = _rope_tables(positions, c.rotary_dim, c.rope_theta) if c.position == "rope" else None
+        # HF default positions 0..T-1; right padding keeps them correct
+        rope = None
+        if c.position == "rope":
+            rope = rope_tables(T, c.rotary_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings)
         alibi = _alibi_bias(c.num_heads, T, c.alibi_bias_max) if c.position == "alibi" else None
 
-        def body(h, p):
+        def body(h, xs):
+            p, sliding = xs
+            mask = jnp.where(sliding, window, causal)
             return _layer(c, rules, p, h, mask, rope, alibi), None
 
         policy = REMAT_POLICIES[c.remat]
         if c.remat != "none":
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-        x, _ = jax.lax.scan(body, x, self.layers.arrays())
+        x, _ = jax.lax.scan(body, x, (self.layers.arrays(), jnp.asarray(c.sliding_layers)))
 
         x = _norm(c, x, self.final_norm_scale[...], self.final_norm_bias[...] if c.norm_bias else None)
         if c.tie_embeddings:
@@ -156,14 +169,6 @@ def _attention_mask(key_valid: jax.Array, sliding_window: int | None) -> jax.Arr
     if sliding_window is not None:
         allowed &= q - k < sliding_window
     return allowed[None] & key_valid[:, None, :]
-
-
-def _rope_tables(positions: jax.Array, rotary_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos, sin [T, rotary_dim] float32 in the HF rotate-half layout (frequencies repeated twice)."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
-    freqs = positions[:, None].astype(jnp.float32) * inv_freq[None, :]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
 
 
 def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -214,6 +219,8 @@ def _attention(c: ModelConfig, rules: dict, p: dict, h: jax.Array, mask: jax.Arr
     v = jnp.einsum("btd,dke->btke", h, p["wv"].astype(dt))
     if c.attention_bias:
         q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
+    if c.qk_norm:
+        q, k = _norm(c, q, p["q_norm_scale"], None), _norm(c, k, p["k_norm_scale"], None)
     if rope is not None:
         q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
     q = constrain(q, ("batch", "length", "heads", "head_dim"), rules)
@@ -229,7 +236,7 @@ def _attention(c: ModelConfig, rules: dict, p: dict, h: jax.Array, mask: jax.Arr
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     out = jnp.einsum("bkgts,bske->btkge", probs, v).reshape(B, T, c.num_heads, c.head_dim)
     out = jnp.einsum("bthe,hed->btd", out, p["wo"].astype(dt))
-    if c.attention_bias:
+    if c.attention_out_bias:
         out = out + p["bo"].astype(dt)
     return out
 
