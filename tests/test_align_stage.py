@@ -21,12 +21,15 @@ K = 4
 NAMES = ["bytes400", "spm300", "bytes300"]
 
 
-def _fake_topk(tok, corpus, out_dir, name, seed, nonfinite_block=None):
-    """A top-k store with represent_source's fields and meta, random but deterministic values."""
+def _fake_topk(tok, corpus, out_dir, name, seed, nonfinite_block=None, logits_dtype="bfloat16", version=None):
+    """A top-k store with represent_source's fields and meta, random but deterministic values (``version``:
+    another ``format_version`` in its meta)."""
     meta = format_meta("topk", source=name, tokenizer_fingerprint=tokenizer_fingerprint(tok), vocab_size=len(tok),
-                       k=K, logits_dtype="bfloat16", corpus=corpus.meta, eos_appended=True)
+                       k=K, logits_dtype=logits_dtype, corpus=corpus.meta, eos_appended=True)
+    if version is not None:
+        meta["format_version"] = version
     rng = np.random.default_rng(seed)
-    with StoreWriter(out_dir, kind="topk", meta=meta, fields=topk_fields(K, "bfloat16", len(tok)),
+    with StoreWriter(out_dir, kind="topk", meta=meta, fields=topk_fields(K, logits_dtype, len(tok)),
                      rows_per_shard=4) as w:
         for position in range(len(corpus)):
             row = corpus.row(position)
@@ -202,3 +205,24 @@ def test_vocab_maps_with_co_occurrence(run_dir, aligned, tmp_path):
         plain, co = (np.load(d / "vocab_maps" / f"{name}.npz") for d in (root / "run", tmp_path / "run"))
         np.testing.assert_array_equal(plain["distances"], co["distances"])
         assert json.loads(str(co["meta"]))["co_occurrence"] is True
+
+
+@pytest.mark.parametrize("change,fragments", [
+    (dict(version=1), ["format version 1 of 'topk' stores", "version 2"]),
+    (dict(logits_dtype="float32"), ["'logits_dtype' is 'float32', expected 'bfloat16'"]),
+])
+def test_old_format_or_mixed_dtype_topk_store_is_refused_before_writing(run_dir, aligned, tmp_path, change, fragments):
+    """One top-k store of an older format, or with float32 logits among bfloat16 ones: one line naming that
+    store, and no aligned store is started."""
+    root, _ = run_dir
+    shutil.copytree(root / "run", tmp_path / "run", ignore=shutil.ignore_patterns("aligned*"))
+    topk = tmp_path / "run" / "represent" / NAMES[1]
+    shutil.rmtree(topk)
+    tok = load_tokenizer(root / "tok" / NAMES[1])
+    _fake_topk(tok, open_store(tmp_path / "run" / "corpus"), topk, NAMES[1], 1, **change)
+    with pytest.raises(ValueError) as err:
+        align.run(_config(root, f"run.output_dir={tmp_path / 'run'}"))
+    assert str(topk) in str(err.value) and "\n" not in str(err.value)
+    for fragment in fragments:
+        assert fragment in str(err.value)
+    assert not (tmp_path / "run" / "aligned").exists()
