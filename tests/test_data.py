@@ -1,4 +1,4 @@
-"""Training rows: next-token labels and masks, CLM rows from a corpus store, fusion rows from a compact aligned store."""
+"""Training rows: next-token labels and masks, CLM rows from a corpus store, fusion rows from an aligned store."""
 
 import ml_dtypes
 import numpy as np
@@ -131,7 +131,7 @@ def test_aligned_store_of_an_older_format_is_refused(tmp_path):
         w.add(0, input_ids=[1, 2], table_counts=[[1], [0]], table_ids=[3], table_logits=[0.5], seq_ce=[1.0],
               token_ce=[[1.0], [1.0]], byte_ce=[1.0], n_bytes=2, split=0, skip=False,
               align_counts=np.zeros((1, 5), np.int32))
-    for call in (lambda: AlignedBatches(tmp_path / "old", seq_len=4), lambda: check_existing(tmp_path / "old",
-                                                                                              ALIGNED_KIND)):
+    old = tmp_path / "old"
+    for call in (lambda: AlignedBatches(old, seq_len=4), lambda: check_existing(old, ALIGNED_KIND)):
         with pytest.raises(StoreFormatError, match=r"old has format version 1 of 'aligned' stores.*version 2"):
             call()
