@@ -250,7 +250,7 @@ def run(cfg: Config) -> dict:
     _check_meta(corpus, "tokenizer_fingerprint", corpus.meta.get("tokenizer_fingerprint"), target_fp,
                 f"the target tokenizer {cfg.target.tokenizer_path}")
     vocabs, stores, maps, fingerprints = [], [], [], []
-    for name, source in zip(names, cfg.sources):
+    for name, source in zip(names, cfg.sources):  # every input checked before anything is written
         s = Vocab.of(source.tokenizer_path)
         fp = tokenizer_fingerprint(s.tok)
         store = open_checked(layout.topk(name), TOPK_KIND, verify=True)
@@ -260,15 +260,15 @@ def run(cfg: Config) -> dict:
         _check_meta(store, "logits_dtype", store.meta.get("logits_dtype"), cfg.represent.logits_dtype,
                     "represent.logits_dtype; every top-k store of a run has the same")
         _check_meta(store, "corpus", store.meta.get("corpus"), corpus.meta, f"the corpus store {corpus.path}")
-        if cfg.align.use_vocab_map:
-            if vocab_maps.load_map(cfg, name, fp, target_fp) is None:
-                vocab_maps.run(cfg)
-            maps.append(vocab_maps.load_map(cfg, name, fp, target_fp))
-        else:
-            maps.append(None)
         vocabs.append(s)
         stores.append(store)
         fingerprints.append(fp)
+    path = layout.aligned
+    check_existing(path, ALIGNED_KIND)
+    for name, fp in zip(names, fingerprints):
+        if cfg.align.use_vocab_map and vocab_maps.load_map(cfg, name, fp, target_fp) is None:
+            vocab_maps.run(cfg)
+        maps.append(vocab_maps.load_map(cfg, name, fp, target_fp) if cfg.align.use_vocab_map else None)
 
     S = len(names)
     meta = format_meta(
@@ -286,8 +286,6 @@ def run(cfg: Config) -> dict:
     )
     process = jax.process_index()
     start, stop = process_slice(len(corpus), process, jax.process_count())
-    path = layout.aligned
-    check_existing(path, ALIGNED_KIND)
     fields = aligned_fields(S, k, t.size, cfg.represent.logits_dtype)
     with StoreWriter(path, kind=ALIGNED_KIND, meta=meta, fields=fields,
                      rows_per_shard=cfg.represent.shard_size, process_index=process) as writer:
