@@ -239,13 +239,13 @@ def run(cfg: Config) -> dict:
     onto this process's local devices; in a multi-process run each process handles its slice of the blocks.
     Returns ``{source name: summary}`` (also written to ``represent/summary.json`` by process 0).
     """
+    from jax.sharding import NamedSharding, PartitionSpec
+
     from fusejax.config import save_resolved
     from fusejax.distributed import is_main_process
     from fusejax.files import write_json
     from fusejax.models import load_pretrained
     from fusejax.models.hf_io import model_fingerprint
-    from jax.sharding import NamedSharding, PartitionSpec
-
     from fusejax.schema import TOPK_KIND, RunLayout, check_existing
     from fusejax.sharding import make_mesh
 
