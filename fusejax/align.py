@@ -34,7 +34,8 @@ from fusejax.config import Config, save_resolved
 from fusejax.distributed import process_slice
 from fusejax.dtw import align_tokens
 from fusejax.files import write_json
-from fusejax.schema import ALIGN_COUNTS, ALIGNED_KIND, CORPUS_KIND, TOPK_KIND, RunLayout, aligned_fields
+from fusejax.schema import (ALIGN_COUNTS, ALIGNED_KIND, CORPUS_KIND, TOPK_KIND, RunLayout, aligned_fields,
+                            check_existing, format_meta, open_checked, pack_tables)
 from fusejax.store import StoreError, StoreWriter, open_store
 from fusejax.vocab import Vocab, check_mode
 
@@ -219,9 +220,11 @@ def run(cfg: Config) -> dict:
     writes ``<run.output_dir>/aligned`` (kind ``"aligned"``, fields :func:`fusejax.schema.aligned_fields`),
     one row per corpus block (same id, corpus order), with S sources in config order:
 
-    * ``input_ids`` [T] int32: the target tokenizer's ids of the block text + EOS (as the top-k stage does);
-    * ``table_ids`` / ``table_logits`` [T, S, k] int32 / float32: align_topk of each source (target-vocab
-      ids, -1 padded; logits 0 there); ``seq_ce`` [S] float32: each source's mean CE over the block;
+    * ``input_ids`` [T]: the target tokenizer's ids of the block text + EOS (as the top-k stage does);
+    * the tables ``ids`` / ``logits`` [T, S, k]: align_topk of each source (target-vocab ids, -1 padded),
+      stored without their empty entries (:func:`fusejax.schema.pack_tables`: ``table_counts`` [T, S],
+      ``table_ids`` [N], ``table_logits`` [N] in ``represent.logits_dtype``, the top-k stores' dtype, so the
+      logits are stored exactly); ``seq_ce`` [S] float32: each source's mean CE over the block;
     * ``token_ce`` [T, S] float32: the CE of the source token paired 1-to-1 with target position t; positions
       without a 1-to-1 partner get the source's ``seq_ce`` (its mean, so they favour no source);
     * ``byte_ce`` [S] float32: the sum of the source's token CE over the block / UTF-8 bytes of the block;
@@ -230,7 +233,8 @@ def run(cfg: Config) -> dict:
 
     ``align.use_vocab_map`` uses the maps of ``fusejax vocab-map`` (``soft``; built here when missing), else
     ``hard``. JAX process i of n writes a contiguous slice of the blocks; a rerun resumes; top-k stores built
-    for another corpus, tokenizer or k are refused. Writes the per-source rates to
+    for another corpus, tokenizer, k or logits dtype, or of another format version, are refused before anything
+    is written. Writes the per-source rates to
     ``<run.output_dir>/aligned_summary.json`` and returns them.
     """
     import jax
@@ -240,49 +244,50 @@ def run(cfg: Config) -> dict:
     names = vocab_maps.source_names(cfg)
     layout = RunLayout.of(cfg)
     k = cfg.represent.k
-    corpus = open_store(layout.corpus, verify=True)
-    _check_meta(corpus, "kind", corpus.kind, CORPUS_KIND, "the corpus store")
+    corpus = open_checked(layout.corpus, CORPUS_KIND, verify=True)
     t = Vocab.of(cfg.target.tokenizer_path)
     target_fp = tokenizer_fingerprint(t.tok)
     _check_meta(corpus, "tokenizer_fingerprint", corpus.meta.get("tokenizer_fingerprint"), target_fp,
                 f"the target tokenizer {cfg.target.tokenizer_path}")
     vocabs, stores, maps, fingerprints = [], [], [], []
-    for name, source in zip(names, cfg.sources):
+    for name, source in zip(names, cfg.sources):  # every input checked before anything is written
         s = Vocab.of(source.tokenizer_path)
         fp = tokenizer_fingerprint(s.tok)
-        store = open_store(layout.topk(name), verify=True)
-        _check_meta(store, "kind", store.kind, TOPK_KIND, f"the top-k store of source {name!r}")
+        store = open_checked(layout.topk(name), TOPK_KIND, verify=True)
         _check_meta(store, "tokenizer_fingerprint", store.meta.get("tokenizer_fingerprint"), fp,
                     f"the tokenizer {source.tokenizer_path} of source {name!r}")
         _check_meta(store, "k", store.meta.get("k"), k, "represent.k")
+        _check_meta(store, "logits_dtype", store.meta.get("logits_dtype"), cfg.represent.logits_dtype,
+                    "represent.logits_dtype; every top-k store of a run has the same")
         _check_meta(store, "corpus", store.meta.get("corpus"), corpus.meta, f"the corpus store {corpus.path}")
-        if cfg.align.use_vocab_map:
-            if vocab_maps.load_map(cfg, name, fp, target_fp) is None:
-                vocab_maps.run(cfg)
-            maps.append(vocab_maps.load_map(cfg, name, fp, target_fp))
-        else:
-            maps.append(None)
         vocabs.append(s)
         stores.append(store)
         fingerprints.append(fp)
+    path = layout.aligned
+    check_existing(path, ALIGNED_KIND)
+    for name, fp in zip(names, fingerprints):
+        if cfg.align.use_vocab_map and vocab_maps.load_map(cfg, name, fp, target_fp) is None:
+            vocab_maps.run(cfg)
+        maps.append(vocab_maps.load_map(cfg, name, fp, target_fp) if cfg.align.use_vocab_map else None)
 
     S = len(names)
-    meta = {
-        "sources": names,
-        "source_fingerprints": fingerprints,
-        "target_fingerprint": target_fp,
-        "k": k,
-        "mode": cfg.align.mode,
-        "fallback": cfg.align.fallback,
-        "vocab_map": {key: getattr(cfg.vocab_map, key) for key in ("method", "mode", "co_occurrence")}
+    meta = format_meta(
+        ALIGNED_KIND,
+        sources=names,
+        source_fingerprints=fingerprints,
+        target_fingerprint=target_fp,
+        k=k,
+        mode=cfg.align.mode,
+        fallback=cfg.align.fallback,
+        vocab_map={key: getattr(cfg.vocab_map, key) for key in ("method", "mode", "co_occurrence")}
         if cfg.align.use_vocab_map
         else None,
-        "corpus": corpus.meta,
-    }
+        corpus=corpus.meta,
+    )
     process = jax.process_index()
     start, stop = process_slice(len(corpus), process, jax.process_count())
-    path = layout.aligned
-    with StoreWriter(path, kind=ALIGNED_KIND, meta=meta, fields=aligned_fields(S, k),
+    fields = aligned_fields(S, k, t.size, cfg.represent.logits_dtype)
+    with StoreWriter(path, kind=ALIGNED_KIND, meta=meta, fields=fields,
                      rows_per_shard=cfg.represent.shard_size, process_index=process) as writer:
         done = writer.completed_ids()
         if len(done) and not np.array_equal(done, [corpus.row(i)["id"] for i in range(start, start + len(done))]):
@@ -322,7 +327,7 @@ def run(cfg: Config) -> dict:
                 counts[n] = dataclasses.astuple(stats)
                 skip |= int(row["nonfinite"]) > 0
             writer.add(
-                int(block["id"]), input_ids=tgt, table_ids=table_ids, table_logits=table_logits, seq_ce=seq_ce,
+                int(block["id"]), input_ids=tgt, **pack_tables(table_ids, table_logits), seq_ce=seq_ce,
                 token_ce=token_ce, byte_ce=byte_ce, n_bytes=n_bytes, split=block["split"], skip=skip,
                 align_counts=counts,
             )

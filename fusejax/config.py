@@ -143,7 +143,7 @@ class SourceConfig(ModelRef):
 class RepresentConfig:
     k: int = opt(10, "top-k next-token logits kept per position and model", POSITIVE)
     batch_size: int = opt(8, "blocks per forward pass while extracting logits", POSITIVE)
-    logits_dtype: Dtype = opt("bfloat16", "dtype of the stored top-k logits")
+    logits_dtype: Dtype = opt("bfloat16", "dtype of the stored top-k and aligned logits (bfloat16: 16 bits)")
     shard_size: int = opt(1024, "blocks per output shard file", POSITIVE)
 
 

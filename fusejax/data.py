@@ -21,8 +21,8 @@ from typing import Protocol
 
 import numpy as np
 
-from fusejax.schema import ALIGNED_KIND, CE_FIELDS, CORPUS_KIND, IGNORE_LABEL, SPLITS, empty_rows, row_layout
-from fusejax.store import open_store
+from fusejax.schema import (ALIGNED_KIND, CE_FIELDS, CORPUS_KIND, IGNORE_LABEL, SPLITS, empty_rows, open_checked,
+                            row_layout, unpack_tables)
 from fusejax.tokenizer import encode_block
 
 
@@ -71,9 +71,7 @@ class AlignedBatches:
     """
 
     def __init__(self, path, *, seq_len: int, split: str = "train", ce_level: str = "sequence", ce_unit: str = "token"):
-        self.store = open_store(path)
-        if self.store.kind != ALIGNED_KIND:
-            raise ValueError(f"{path}: a store of kind {self.store.kind!r}, expected an aligned store")
+        self.store = open_checked(path, ALIGNED_KIND)
         if ce_level == "token" and ce_unit == "byte":
             raise ValueError("train.ce_unit='byte' needs train.ce_level='sequence' (per-byte CE is per block)")
         self.seq_len, self.ce_level, self.ce_unit = seq_len, ce_level, ce_unit
@@ -100,8 +98,8 @@ class AlignedBatches:
                 raise ValueError(f"block {row['id']} has {m} target tokens, more than train.seq_len={T}")
             out["input_ids"][b, :m] = row["input_ids"]
             out["attention_mask"][b, :m] = 1
-            out["table_ids"][b, :m] = row["table_ids"]
-            out["table_logits"][b, :m] = np.where(row["table_ids"] >= 0, row["table_logits"], 0.0)
+            out["table_ids"][b, :m], out["table_logits"][b, :m] = unpack_tables(
+                row["table_counts"], row["table_ids"], row["table_logits"], self.k)
             out["n_bytes"][b] = row["n_bytes"]
             if self.ce_level == "token":
                 ce[b, :m] = row["token_ce"]
@@ -129,9 +127,7 @@ class TokenBatches:
     """
 
     def __init__(self, corpus_path, tokenizer, *, seq_len: int, split: str = "train"):
-        self.store = open_store(corpus_path)
-        if self.store.kind != CORPUS_KIND:
-            raise ValueError(f"{corpus_path}: a store of kind {self.store.kind!r}, expected a corpus store")
+        self.store = open_checked(corpus_path, CORPUS_KIND)
         self.tokenizer, self.seq_len = tokenizer, seq_len
         codes = [np.asarray(shard.column("split")) for shard in self.store.shards]
         self.positions = np.flatnonzero(np.concatenate(codes) == SPLITS.index(split)) if codes else np.zeros(0, np.int64)

@@ -88,6 +88,15 @@ def extract_topk(model, input_ids, attention_mask, k: int = 10):
     return extract_step(model, input_ids, attention_mask, k)[:4]
 
 
+def device_layout(sharding: jax.sharding.Sharding) -> dict:
+    """What a top-k store records of the devices it was computed on (logits differ in their last bits on
+    another layout): ``{"mesh": {axis: size} or None, "devices": count, "platform": e.g. "cpu"}``."""
+    mesh = getattr(sharding, "mesh", None)
+    devices = sharding.device_set
+    return {"mesh": dict(mesh.shape) if mesh is not None else None, "devices": len(devices),
+            "platform": next(iter(devices)).platform}
+
+
 def _bucket(n: int, limit: int) -> int:
     """Padded length for a batch whose longest sequence has ``n`` tokens: the next power of two >= 16,
     capped at ``limit`` (a few fixed shapes, so the jitted step compiles a few times at most)."""
@@ -113,15 +122,17 @@ def represent_source(
     """Write the top-k store of one source model over a prepared corpus store; resumable, deterministic.
 
     Each corpus block's text is tokenized with the source's own tokenizer (+ EOS), run through ``model`` in
-    fixed-shape padded batches, and stored as one row keyed by the block id with fields ``input_ids [T]``
-    int32, ``topk_ids [T,k]`` int32, ``topk_logits [T,k]`` ``logits_dtype``, ``token_ce [T]`` float32,
+    fixed-shape padded batches, and stored as one row keyed by the block id with fields ``input_ids [T]``,
+    ``topk_ids [T,k]`` (the narrowest ids of the vocabulary, :func:`fusejax.schema.index_dtype`),
+    ``topk_logits [T,k]`` ``logits_dtype``, ``token_ce [T]`` float32,
     ``seq_ce`` float32 and ``nonfinite`` int32 (positions of the block with NaN/inf logits; the fusion stage skips
     blocks where it is non-zero). Process ``process_index`` of ``num_processes`` handles a contiguous slice
     of the blocks and writes its own shards.
 
     ``model_fingerprint``: :func:`fusejax.models.hf_io.model_fingerprint` of the folder ``model`` was loaded from.
-    The store meta records it with the tokenizer fingerprint, k, dtype and the corpus meta; a rerun with any of
-    them changed (e.g. other weights saved into the same folder) is refused with one line naming the source, the
+    The store meta records it with the tokenizer fingerprint, k, dtype, the corpus meta, the store's format
+    version and the :func:`device_layout` of the model's parameters; a rerun with any of them changed (e.g.
+    other weights saved into the same folder, or another mesh) is refused with one line naming the source, the
     store and the differing key (remove the store, or use ``fusejax run``, which moves it aside), never resumed
     on top of rows of the old model. Refused, not redone: a store never deletes rows.
 
@@ -134,8 +145,8 @@ def represent_source(
     from tqdm import tqdm
 
     from fusejax.distributed import process_slice
-    from fusejax.schema import TOPK_KIND, topk_fields
-    from fusejax.store import StoreError, StoreMismatchError, StoreWriter, open_store
+    from fusejax.schema import CORPUS_KIND, TOPK_KIND, check_existing, format_meta, open_checked, topk_fields
+    from fusejax.store import StoreError, StoreMismatchError, StoreWriter
     from fusejax.tokenizer import encode_block, load_tokenizer, tokenizer_fingerprint
 
     tok = load_tokenizer(tokenizer)
@@ -144,22 +155,26 @@ def represent_source(
         raise ValueError(f"source {name!r}: tokenizer has {len(tok)} tokens but the model's vocabulary is {vocab}")
     if not 0 < k <= vocab:
         raise ValueError(f"represent.k={k} must be between 1 and the vocabulary size {vocab} of source {name!r}")
-    corpus = open_store(corpus_dir, verify=True)  # a corrupted corpus shard is named, never read
+    corpus = open_checked(corpus_dir, CORPUS_KIND, verify=True)  # a corrupted corpus shard is named, never read
     # shards hold whole batches, so a resumed run batches (and pads) exactly like an uninterrupted one
     rows_per_shard = -(-rows_per_shard // batch_size) * batch_size
     context = model.config.max_position_embeddings
     start, stop = process_slice(len(corpus), process_index, num_processes)
-    fields = topk_fields(k, logits_dtype)
-    meta = {
-        "source": name,
-        "model_fingerprint": model_fingerprint,
-        "tokenizer_fingerprint": tokenizer_fingerprint(tok),
-        "vocab_size": vocab,
-        "k": k,
-        "logits_dtype": logits_dtype,
-        "corpus": corpus.meta,
-        "eos_appended": tok.eos_token_id is not None,
-    }
+    fields = topk_fields(k, logits_dtype, vocab)
+    devices = device_layout(jax.tree.leaves(nnx.state(model, nnx.Param))[0].sharding)
+    meta = format_meta(
+        TOPK_KIND,
+        source=name,
+        model_fingerprint=model_fingerprint,
+        tokenizer_fingerprint=tokenizer_fingerprint(tok),
+        vocab_size=vocab,
+        k=k,
+        logits_dtype=logits_dtype,
+        corpus=corpus.meta,
+        eos_appended=tok.eos_token_id is not None,
+        device_layout=devices,
+    )
+    check_existing(out_dir, TOPK_KIND, device_layout=devices)
     stats = {"blocks": 0, "tokens": 0, "nonfinite_blocks": 0}
     t0 = time.perf_counter()
     try:
@@ -224,12 +239,14 @@ def run(cfg: Config) -> dict:
     onto this process's local devices; in a multi-process run each process handles its slice of the blocks.
     Returns ``{source name: summary}`` (also written to ``represent/summary.json`` by process 0).
     """
+    from jax.sharding import NamedSharding, PartitionSpec
+
     from fusejax.config import save_resolved
     from fusejax.distributed import is_main_process
     from fusejax.files import write_json
     from fusejax.models import load_pretrained
     from fusejax.models.hf_io import model_fingerprint
-    from fusejax.schema import RunLayout
+    from fusejax.schema import TOPK_KIND, RunLayout, check_existing
     from fusejax.sharding import make_mesh
 
     layout = RunLayout.of(cfg)
@@ -237,6 +254,10 @@ def run(cfg: Config) -> dict:
         raise ValueError("the config lists no sources: add entries under 'sources:'")
     # each process runs its own slice on its own devices: no cross-host traffic in this stage
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=jax.local_devices())
+    layout_now = device_layout(NamedSharding(mesh, PartitionSpec()))
+    for src in cfg.sources:  # every source's store checked before any is extended: a refusal writes nothing
+        check_existing(layout.topk(src.name), TOPK_KIND, logits_dtype=cfg.represent.logits_dtype,
+                       device_layout=layout_now)
     summaries = {}
     for src in cfg.sources:
         model = load_pretrained(src.path, mesh=mesh, rules=cfg.mesh.rules)

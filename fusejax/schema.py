@@ -6,6 +6,14 @@ Stores (written through :mod:`fusejax.store`; a store's ``kind`` says which of t
   topk     one row per block, one source's top-k     (:func:`topk_fields`, stage ``represent``)
   aligned  one row per block, every source aligned   (:func:`aligned_fields`, stage ``align``)
 
+Each store's meta holds its ``format_version`` (:data:`FORMAT_VERSIONS`; a store without one has version 1);
+:func:`open_checked` and :func:`check_existing` refuse a store of another version with one line naming the
+store and both versions. Compact encodings (version 2 of topk and aligned): token ids in the narrowest
+integer type holding the vocabulary (:func:`index_dtype`: uint8, uint16 or int32); logits in
+``represent.logits_dtype`` (bfloat16 by default: 16 bits, the float32 exponent range, 8 significant bits;
+the aligned store keeps the top-k stores' dtype, so alignment never rounds); the aligned tables without
+their empty entries (:func:`pack_tables` / :func:`unpack_tables`).
+
 Training and evaluation rows (:func:`row_layout`; built by :mod:`fusejax.data`, consumed by the train step,
 which adds a leading micro-batch axis; the logical axes name how :mod:`fusejax.sharding` lays them out):
 
@@ -32,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from fusejax.config import Config
-from fusejax.store import Field
+from fusejax.store import Field, StoreError, StoreReader, open_store
 
 # ------------------------------------------------------------------------------------------------ stores
 
@@ -50,13 +58,71 @@ CORPUS_FIELDS = (
 )
 
 
-def topk_fields(k: int, logits_dtype: str) -> list[Field]:
-    """Fields of a source's top-k store: the block's source ids ``input_ids [T]``, ``topk_ids [T, k]``,
-    ``topk_logits [T, k]`` (``logits_dtype``), ``token_ce [T]`` and ``seq_ce`` (CE of each next token / their
-    mean) and ``nonfinite`` (positions with NaN/inf logits)."""
+FORMAT_VERSIONS = {CORPUS_KIND: 1, TOPK_KIND: 2, ALIGNED_KIND: 2}  # kind -> the meta["format_version"] written
+
+
+class StoreFormatError(StoreError):
+    """A store of another kind or format version than this fusejax reads and writes."""
+
+
+def format_meta(kind: str, **meta) -> dict:
+    """The meta of a new store of ``kind``: ``meta`` plus its ``format_version``."""
+    return {**meta, "format_version": FORMAT_VERSIONS[kind]}
+
+
+def check_format(store: StoreReader, kind: str) -> None:
+    """Refuse (:class:`StoreFormatError`, naming the store and both values) a store of another kind or version."""
+    if store.kind != kind:
+        raise StoreFormatError(f"store {store.path} holds kind {store.kind!r}, expected a {kind!r} store")
+    found, wanted = store.meta.get("format_version", 1), FORMAT_VERSIONS[kind]
+    if found != wanted:
+        raise StoreFormatError(
+            f"store {store.path} has format version {found} of {kind!r} stores; this fusejax reads and writes "
+            f"version {wanted}: remove it to rebuild it, or use `fusejax run`, which moves it aside"
+        )
+
+
+def open_checked(path, kind: str, *, verify: bool = False) -> StoreReader:
+    """:func:`fusejax.store.open_store` of a store that must be of ``kind`` and its current format version."""
+    store = open_store(path, verify=verify)
+    check_format(store, kind)
+    return store
+
+
+def check_existing(path, kind: str, **meta) -> None:
+    """Before writing a store of ``kind`` at ``path``: refuse one that holds rows of another format version,
+    or whose meta has another value at one of the keys of ``meta`` (one line naming the store, the key and both
+    values). Nothing there, or a store without rows (which the writer replaces), passes."""
+    if not any(Path(path).glob("manifest*.json")):
+        return
+    store = open_store(path)
+    if not len(store):
+        return
+    check_format(store, kind)
+    for key, value in meta.items():
+        if store.meta.get(key, "<missing>") != value:
+            raise StoreFormatError(
+                f"store {store.path} was written with {key} = {store.meta.get(key, '<missing>')!r}; this run "
+                f"has {key} = {value!r}: rerun with the same, or remove the store to rebuild it"
+            )
+
+
+def index_dtype(n: int) -> str:
+    """The narrowest store dtype holding every integer in ``[0, n)``: uint8, uint16 or int32."""
+    for dtype, limit in (("uint8", 1 << 8), ("uint16", 1 << 16), ("int32", 1 << 31)):
+        if n <= limit:
+            return dtype
+    raise ValueError(f"{n} ids do not fit int32")
+
+
+def topk_fields(k: int, logits_dtype: str, vocab_size: int) -> list[Field]:
+    """Fields of a source's top-k store: the block's source ids ``input_ids [T]``, ``topk_ids [T, k]`` (both
+    :func:`index_dtype` of ``vocab_size``), ``topk_logits [T, k]`` (``logits_dtype``), ``token_ce [T]`` and
+    ``seq_ce`` (CE of each next token / their mean) and ``nonfinite`` (positions with NaN/inf logits)."""
+    ids = index_dtype(vocab_size)
     return [
-        Field("input_ids", "int32", (), ragged=True),
-        Field("topk_ids", "int32", (k,), ragged=True),
+        Field("input_ids", ids, (), ragged=True),
+        Field("topk_ids", ids, (k,), ragged=True),
         Field("topk_logits", logits_dtype, (k,), ragged=True),
         Field("token_ce", "float32", (), ragged=True),
         Field("seq_ce", "float32"),
@@ -68,13 +134,16 @@ def topk_fields(k: int, logits_dtype: str) -> list[Field]:
 ALIGN_COUNTS = ("positions", "one_to_one", "matched", "fallback", "empty")
 
 
-def aligned_fields(num_sources: int, k: int) -> list[Field]:
-    """Fields of the aligned store for ``num_sources`` sources at top-``k`` (see :func:`fusejax.align.run`)."""
-    S = num_sources
+def aligned_fields(num_sources: int, k: int, vocab_size: int, logits_dtype: str) -> list[Field]:
+    """Fields of the aligned store for ``num_sources`` sources at top-``k`` (see :func:`fusejax.align.run`):
+    target ids in :func:`index_dtype` of the target's ``vocab_size``, the tables packed by :func:`pack_tables`
+    (``table_counts [T, S]``, ``table_ids [N]``, ``table_logits [N]`` in ``logits_dtype``)."""
+    S, ids = num_sources, index_dtype(vocab_size)
     return [
-        Field("input_ids", "int32", (), ragged=True),
-        Field("table_ids", "int32", (S, k), ragged=True),
-        Field("table_logits", "float32", (S, k), ragged=True),
+        Field("input_ids", ids, (), ragged=True),
+        Field("table_counts", index_dtype(k + 1), (S,), ragged=True),
+        Field("table_ids", ids, (), ragged=True),
+        Field("table_logits", logits_dtype, (), ragged=True),
         Field("seq_ce", "float32", (S,)),
         Field("token_ce", "float32", (S,), ragged=True),
         Field("byte_ce", "float32", (S,)),
@@ -83,6 +152,26 @@ def aligned_fields(num_sources: int, k: int) -> list[Field]:
         Field("skip", "bool"),
         Field("align_counts", "int32", (S, len(ALIGN_COUNTS))),
     ]
+
+
+def pack_tables(ids: np.ndarray, logits: np.ndarray) -> dict[str, np.ndarray]:
+    """A block's tables ``ids [T, S, k]`` (-1 padded, filled entries first in each row) and ``logits [T, S, k]``
+    without their empty entries: ``table_counts [T, S]`` (filled entries per row), ``table_ids [N]`` and
+    ``table_logits [N]`` (the filled entries in row-major order; N = the sum of the counts)."""
+    filled = ids >= 0
+    counts = filled.sum(axis=-1)
+    if not np.array_equal(filled, np.arange(ids.shape[-1]) < counts[..., None]):
+        raise ValueError("table rows must hold their filled entries first (an id >= 0 after a -1)")
+    return {"table_counts": counts, "table_ids": ids[filled], "table_logits": logits[filled]}
+
+
+def unpack_tables(counts: np.ndarray, ids: np.ndarray, logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse of :func:`pack_tables`: ``(ids [T, S, k] int32 -1 padded, logits [T, S, k] float32 0 padded)``."""
+    filled = np.arange(k) < np.asarray(counts)[..., None]
+    out_ids = np.full(filled.shape, -1, np.int32)
+    out_logits = np.zeros(filled.shape, np.float32)
+    out_ids[filled], out_logits[filled] = ids, logits
+    return out_ids, out_logits
 
 
 # ---------------------------------------------------------------------------------------- training rows

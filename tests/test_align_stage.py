@@ -12,7 +12,8 @@ from pydoc_data.topics import topics
 from fusejax import align, dtw, vocab_maps
 from fusejax.config import load_config
 from fusejax.corpus import prepare_corpus
-from fusejax.store import Field, StoreWriter, open_store
+from fusejax.schema import format_meta, topk_fields, unpack_tables
+from fusejax.store import StoreWriter, open_store
 from fusejax.tokenizer import load_tokenizer, tokenizer_fingerprint
 from tests.test_align import _byte_level_tok, _sentencepiece_tok
 
@@ -20,20 +21,16 @@ K = 4
 NAMES = ["bytes400", "spm300", "bytes300"]
 
 
-def _fake_topk(tok, corpus, out_dir, name, seed, nonfinite_block=None):
-    """A top-k store with represent_source's fields and meta, random but deterministic values."""
-    fields = [
-        Field("input_ids", "int32", (), ragged=True),
-        Field("topk_ids", "int32", (K,), ragged=True),
-        Field("topk_logits", "bfloat16", (K,), ragged=True),
-        Field("token_ce", "float32", (), ragged=True),
-        Field("seq_ce", "float32"),
-        Field("nonfinite", "int32"),
-    ]
-    meta = {"source": name, "tokenizer_fingerprint": tokenizer_fingerprint(tok), "vocab_size": len(tok), "k": K,
-            "logits_dtype": "bfloat16", "corpus": corpus.meta, "eos_appended": True}
+def _fake_topk(tok, corpus, out_dir, name, seed, nonfinite_block=None, logits_dtype="bfloat16", version=None):
+    """A top-k store with represent_source's fields and meta, random but deterministic values (``version``:
+    another ``format_version`` in its meta)."""
+    meta = format_meta("topk", source=name, tokenizer_fingerprint=tokenizer_fingerprint(tok), vocab_size=len(tok),
+                       k=K, logits_dtype=logits_dtype, corpus=corpus.meta, eos_appended=True)
+    if version is not None:
+        meta["format_version"] = version
     rng = np.random.default_rng(seed)
-    with StoreWriter(out_dir, kind="topk", meta=meta, fields=fields, rows_per_shard=4) as w:
+    with StoreWriter(out_dir, kind="topk", meta=meta, fields=topk_fields(K, logits_dtype, len(tok)),
+                     rows_per_shard=4) as w:
         for position in range(len(corpus)):
             row = corpus.row(position)
             text = row["text"].decode("utf-8")
@@ -108,7 +105,9 @@ def test_rows_equal_align_topk(run_dir, aligned):
         want_ids = tgt_tok.encode(text, add_special_tokens=False) + [tgt_tok.eos_token_id]
         np.testing.assert_array_equal(row["input_ids"], want_ids)
         T = len(want_ids)
-        assert row["table_ids"].shape == (T, 3, K) and row["table_logits"].shape == (T, 3, K)
+        assert row["input_ids"].dtype == np.uint16 and row["table_ids"].dtype == np.uint16  # 350 target tokens
+        assert row["table_logits"].dtype == ml_dtypes.bfloat16 and row["table_counts"].shape == (T, 3)
+        table_ids, table_logits = unpack_tables(row["table_counts"], row["table_ids"], row["table_logits"], K)
         assert row["token_ce"].shape == (T, 3) and row["seq_ce"].shape == row["byte_ce"].shape == (3,)
         assert row["n_bytes"] == len(block["text"]) and row["split"] == block["split"]
         assert bool(row["skip"]) == (row["id"] == skip_block)
@@ -117,8 +116,8 @@ def test_rows_equal_align_topk(run_dir, aligned):
             logits = np.asarray(src["topk_logits"], np.float32)
             ids, lg = align.align_topk(tok, src["input_ids"], src["topk_ids"], logits, tgt_tok, want_ids,
                                        vocab_map=vmap, mode="default", fallback="next_token")
-            np.testing.assert_array_equal(row["table_ids"][:, n], ids)
-            np.testing.assert_array_equal(row["table_logits"][:, n], lg)
+            np.testing.assert_array_equal(table_ids[:, n], ids)
+            np.testing.assert_array_equal(table_logits[:, n], lg)  # bfloat16 top-k logits: stored exactly
             partner = dtw.align_tokens(tok, src["input_ids"], tgt_tok, want_ids)
             for i, j in enumerate(partner):
                 want = src["token_ce"][j] if j >= 0 else src["seq_ce"]
@@ -206,3 +205,24 @@ def test_vocab_maps_with_co_occurrence(run_dir, aligned, tmp_path):
         plain, co = (np.load(d / "vocab_maps" / f"{name}.npz") for d in (root / "run", tmp_path / "run"))
         np.testing.assert_array_equal(plain["distances"], co["distances"])
         assert json.loads(str(co["meta"]))["co_occurrence"] is True
+
+
+@pytest.mark.parametrize("change,fragments", [
+    (dict(version=1), ["format version 1 of 'topk' stores", "version 2"]),
+    (dict(logits_dtype="float32"), ["'logits_dtype' is 'float32', expected 'bfloat16'"]),
+])
+def test_old_format_or_mixed_dtype_topk_store_is_refused_before_writing(run_dir, aligned, tmp_path, change, fragments):
+    """One top-k store of an older format, or with float32 logits among bfloat16 ones: one line naming that
+    store, and no aligned store is started."""
+    root, _ = run_dir
+    shutil.copytree(root / "run", tmp_path / "run", ignore=shutil.ignore_patterns("aligned*"))
+    topk = tmp_path / "run" / "represent" / NAMES[1]
+    shutil.rmtree(topk)
+    tok = load_tokenizer(root / "tok" / NAMES[1])
+    _fake_topk(tok, open_store(tmp_path / "run" / "corpus"), topk, NAMES[1], 1, **change)
+    with pytest.raises(ValueError) as err:
+        align.run(_config(root, f"run.output_dir={tmp_path / 'run'}"))
+    assert str(topk) in str(err.value) and "\n" not in str(err.value)
+    for fragment in fragments:
+        assert fragment in str(err.value)
+    assert not (tmp_path / "run" / "aligned").exists()

@@ -322,3 +322,23 @@ def test_console_command_prints_no_traceback_unless_debugging(run, tmp_path):
     proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=120,
                           env={**os.environ, "FUSEJAX_DEBUG": "1"})
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "FileNotFoundError" in proc.stderr
+
+
+def test_old_format_mixed_dtypes_or_another_mesh_refused_before_writing(run, capsys, tmp_path):
+    """A top-k store of an older format, top-k stores of another logits dtype than the run's, a represent
+    resume on another mesh: one line naming the store and both values, and nothing written."""
+    _, config = run
+    out = fresh(tmp_path, run, "corpus", "represent")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    at = f"run.output_dir={out}"
+    fails(capsys, ["align", config, at, "represent.logits_dtype=bfloat16"], out / "represent" / "llama",
+          "'logits_dtype' is 'float32', expected 'bfloat16'")
+    fails(capsys, ["represent", config, at, "mesh.data=-1", "mesh.fsdp=2"], out / "represent" / "llama",
+          "'fsdp': 8", "'fsdp': 2", "'devices': 8")
+    manifest = out / "represent" / "neox" / "manifest-p0000.json"
+    old = json.loads(manifest.read_text())
+    del old["meta"]["format_version"]
+    manifest.write_text(json.dumps(old))
+    fails(capsys, ["align", config, at], out / "represent" / "neox", "format version 1 of 'topk' stores", "version 2")
+    before[manifest] = manifest.read_bytes()
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

@@ -1,5 +1,6 @@
-"""Training rows: next-token labels and masks, and CLM rows from a corpus store."""
+"""Training rows: next-token labels and masks, CLM rows from a corpus store, fusion rows from an aligned store."""
 
+import ml_dtypes
 import numpy as np
 import pydoc_data.topics
 import pytest
@@ -7,7 +8,12 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from fusejax.corpus import prepare_corpus
-from fusejax.data import TokenBatches, next_token_targets
+from fusejax.data import AlignedBatches, TokenBatches, next_token_targets
+from fusejax.fusion import fusion_loss
+from fusejax.schema import (ALIGNED_KIND, StoreFormatError, aligned_fields, check_existing, format_meta, pack_tables,
+                            unpack_tables)
+from fusejax.store import StoreWriter
+from fusejax.testing import SyntheticTables
 
 
 def test_next_token_targets_shift_and_mask():
@@ -56,3 +62,76 @@ def test_token_batches_refuse_truncation(corpus):
     path, tok = corpus
     with pytest.raises(ValueError, match="more than seq_len=8"):
         TokenBatches(path, tok, seq_len=8).rows(np.array([0]))
+
+
+def test_pack_tables_round_trip_and_refuse_gaps():
+    rng = np.random.default_rng(0)
+    T, S, k = 7, 3, 5
+    counts = rng.integers(0, k + 1, (T, S))
+    ids = np.where(np.arange(k) < counts[..., None], rng.integers(0, 1000, (T, S, k)), -1).astype(np.int32)
+    logits = np.where(ids >= 0, rng.normal(size=(T, S, k)), 0).astype(np.float32)
+    packed = pack_tables(ids, logits)
+    assert packed["table_ids"].shape == (counts.sum(),)  # no entry stored for an empty slot
+    np.testing.assert_array_equal(packed["table_counts"], counts)
+    back_ids, back_logits = unpack_tables(packed["table_counts"], packed["table_ids"], packed["table_logits"], k)
+    np.testing.assert_array_equal(back_ids, ids)
+    np.testing.assert_array_equal(back_logits, logits)
+    ids[0, 0, :2] = [-1, 5]
+    with pytest.raises(ValueError, match="filled entries first"):
+        pack_tables(ids, logits)
+
+
+@pytest.mark.parametrize("fusion", ["min_ce", "avg_ce"])
+def test_fused_loss_from_the_compact_store_within_bfloat16_rounding(tmp_path, fusion):
+    """Rows written to an aligned store (uint16 ids, bfloat16 logits, no empty entries) and read back by
+    AlignedBatches give the float32 tables' ids exactly, their logits rounded to bfloat16, and a fused loss
+    within the bound that rounding allows: logits x_i moved by at most eps = max|x| * 2**-8 (bfloat16's unit
+    roundoff) change each teacher probability by a factor within exp(+-2 eps); the fusion term
+    sum_v P(v) (-log q(v)) then moves by at most expm1(2 eps) times itself, the loss by (1 - lambda) times that."""
+    T, S, k, V, lam = 24, 3, 10, 1000, 0.25
+    rows = SyntheticTables(6, T, V, num_sources=S, k=k, token_level_ce=True).rows(np.arange(6))
+    rows.update(next_token_targets(rows["input_ids"], rows["attention_mask"]))  # a block's last token: no label
+    rows["source_ce_token"] *= rows["attention_mask"][..., None]  # padding: CE 0, as the reader gives it
+    rng = np.random.default_rng(1)
+    fill = np.arange(k) < rng.integers(0, k + 1, (6, T, S))[..., None]  # partly filled rows
+    rows["table_ids"] = np.where(fill, rows["table_ids"], -1)
+    meta = format_meta(ALIGNED_KIND, sources=["a", "b", "c"], k=k)
+    with StoreWriter(tmp_path / "aligned", kind=ALIGNED_KIND, meta=meta, fields=aligned_fields(S, k, V, "bfloat16"),
+                     rows_per_shard=4) as w:
+        for i in range(6):
+            m = int(rows["attention_mask"][i].sum())
+            w.add(i, input_ids=rows["input_ids"][i, :m],
+                  **pack_tables(rows["table_ids"][i, :m], rows["table_logits"][i, :m]),
+                  seq_ce=np.ones(S), token_ce=rows["source_ce_token"][i, :m], byte_ce=np.ones(S), n_bytes=1,
+                  split=0, skip=False, align_counts=np.zeros((S, 5), np.int32))
+    data = AlignedBatches(tmp_path / "aligned", seq_len=T, ce_level="token")
+    back = data.rows(np.arange(6))
+    assert data.store.fields[2].np_dtype == np.uint16 and data.store.fields[3].dtype == "bfloat16"
+    for name in ("input_ids", "attention_mask", "labels", "loss_mask", "table_ids", "source_ce_token"):
+        np.testing.assert_array_equal(back[name], rows[name], err_msg=name)
+    valid = rows["table_ids"] >= 0
+    rounded = np.where(valid, rows["table_logits"].astype(ml_dtypes.bfloat16).astype(np.float32), 0)
+    np.testing.assert_array_equal(back["table_logits"], rounded)
+
+    student = 3 * rng.normal(size=(6, T, V)).astype(np.float32)
+    kw = dict(fusion=fusion, lm_weight=lam)
+    ref, metrics = fusion_loss(student, rows["labels"], rows["loss_mask"], rows["table_ids"], rows["table_logits"],
+                               rows["source_ce_token"], **kw)
+    got, _ = fusion_loss(student, back["labels"], back["loss_mask"], back["table_ids"], back["table_logits"],
+                         back["source_ce_token"], **kw)
+    eps = np.abs(rows["table_logits"][valid]).max() * 2.0**-8
+    bound = (1 - lam) * np.expm1(2 * eps) * float(metrics["fusion_loss"]) + 1e-5  # + float32 summation noise
+    assert 0 < abs(float(got) - float(ref)) <= bound, (float(got), float(ref), bound)
+
+
+def test_aligned_store_of_an_older_format_is_refused(tmp_path):
+    """A store without ``format_version`` (version 1): refused by the train reader and before align writes."""
+    with StoreWriter(tmp_path / "old", kind=ALIGNED_KIND, meta={"sources": ["a"], "k": 2},
+                     fields=aligned_fields(1, 2, 10, "bfloat16"), rows_per_shard=1) as w:
+        w.add(0, input_ids=[1, 2], table_counts=[[1], [0]], table_ids=[3], table_logits=[0.5], seq_ce=[1.0],
+              token_ce=[[1.0], [1.0]], byte_ce=[1.0], n_bytes=2, split=0, skip=False,
+              align_counts=np.zeros((1, 5), np.int32))
+    old = tmp_path / "old"
+    for call in (lambda: AlignedBatches(old, seq_len=4), lambda: check_existing(old, ALIGNED_KIND)):
+        with pytest.raises(StoreFormatError, match=r"old has format version 1 of 'aligned' stores.*version 2"):
+            call()

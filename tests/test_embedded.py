@@ -90,6 +90,7 @@ def test_assets_pipeline_baseline_and_report(tmp_path, monkeypatch, capsys):
     recipes = _tiny_recipes()
     assert embedded.main(None, overrides, recipes=recipes) == 0
     from fusejax.config import load_config
+    from fusejax.schema import unpack_tables
     from fusejax.store import open_store
 
     cfg = load_config(embedded.DEFAULT_CONFIG, overrides)
@@ -97,7 +98,8 @@ def test_assets_pipeline_baseline_and_report(tmp_path, monkeypatch, capsys):
     aligned = open_store(tmp_path / "run" / "aligned")
     assert aligned.meta["sources"] == ["llama", "neox", "mpt"] and len(aligned) > 0
     row = aligned.row(0)
-    assert row["table_ids"].shape[1:] == (3, 4) and np.all(row["table_ids"][:-1, :, 0] >= 0)
+    table_ids, _ = unpack_tables(row["table_counts"], row["table_ids"], row["table_logits"], 4)
+    assert table_ids.shape[1:] == (3, 4) and np.all(table_ids[:-1, :, 0] >= 0)
     for name in ("llama", "neox", "mpt"):
         assert json.loads((assets / name / "recipe.json").read_text())["recipe"]["steps"] == 3
     results = json.loads((tmp_path / "run" / "report" / "results.json").read_text())

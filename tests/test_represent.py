@@ -12,6 +12,7 @@ from fusejax.corpus import prepare_corpus
 from fusejax.models import load_pretrained
 from fusejax.models.hf_io import model_fingerprint
 from fusejax.represent import extract_topk, represent_source
+from fusejax.schema import StoreFormatError
 from fusejax.store import StoreMismatchError, open_store
 from tiny import bpe_tokenizer, save_tiny_model
 
@@ -209,3 +210,23 @@ def test_extraction_on_a_mesh_equals_one_device(tmp_path):
     np.testing.assert_array_equal(np.asarray(out[1]), np.asarray(ref[1]))
     for x, y in (out[0], ref[0]), (out[2], ref[2]), (out[3], ref[3]):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+
+
+def test_resume_on_another_device_layout_is_refused(setup, tmp_path):
+    """The store records the mesh and device count; the same model on a 2-device mesh may not extend it."""
+    import jax
+
+    from fusejax.sharding import make_mesh
+
+    root, sources = setup
+    _, tok = sources["llama"]
+    kwargs = dict(name="llama", k=3, progress=False, model_fingerprint=model_fingerprint(root / "model_llama"))
+    represent_source(load_pretrained(root / "model_llama"), tok, root / "corpus", tmp_path / "rep", **kwargs)
+    meta = open_store(tmp_path / "rep").meta
+    assert meta["device_layout"]["devices"] == 1 and meta["format_version"] == 2
+    files = _files(tmp_path / "rep")
+    model = load_pretrained(root / "model_llama", mesh=make_mesh(1, 2, 1, devices=jax.devices()[:2]))
+    with pytest.raises(StoreFormatError, match=r"rep was written with device_layout = .*'devices': 1.*this run has "
+                                               r"device_layout = .*'fsdp': 2.*'devices': 2"):
+        represent_source(model, tok, root / "corpus", tmp_path / "rep", **kwargs)
+    assert _files(tmp_path / "rep") == files

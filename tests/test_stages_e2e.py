@@ -12,6 +12,7 @@ import yaml
 
 from fusejax.cli import main
 from fusejax.models import load_pretrained
+from fusejax.schema import unpack_tables
 from fusejax.store import open_store
 from tiny import bpe_tokenizer, read_events, save_tiny_model
 
@@ -53,7 +54,8 @@ def test_all_stages_through_the_cli(tmp_path, capsys):
     corpus = open_store(out / "corpus")
     assert len(aligned) == len(corpus) > 0 and aligned.meta["sources"] == ["target", "neox", "mpt"]
     row = aligned.row(0)
-    assert row["table_ids"].shape == (len(row["input_ids"]), 3, 4)
+    assert unpack_tables(row["table_counts"], row["table_ids"], row["table_logits"], 4)[0].shape == (
+        len(row["input_ids"]), 3, 4)
     # the target's own row (source 0, same tokenizer) aligns 1-to-1 with itself everywhere
     summary = json.loads((out / "aligned_summary.json").read_text())
     assert summary["sources"]["target"]["one_to_one_rate"] == 1.0
