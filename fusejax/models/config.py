@@ -21,6 +21,16 @@ Remat policies (``remat``), applied per scanned layer with ``jax.checkpoint``:
   ``full``           save nothing inside a layer; recompute it all in the backward pass
   ``dots``           save the outputs of matrix multiplications (``jax.checkpoint_policies.dots_saveable``)
   ``dots_no_batch``  save matmul outputs without batch dimensions (``dots_with_no_batch_dims_saveable``)
+
+Attention paths (``attention_impl``), one function computed with the softmax in float32 (``[B, H, T, T]``: the
+scores of a batch of ``B`` sequences of ``T`` tokens):
+  ``explicit``  the scores in one float32 tensor ``[B, H, T, T]``, masked and soft-maxed (the reference path)
+  ``chunked``   the explicit path on blocks of ``attention_chunk`` queries (``lax.map``), each block recomputed
+                in the backward pass: scores ``[B, H, chunk, T]`` at a time
+  ``xla``       ``jax.nn.dot_product_attention`` with its default implementation, which in JAX 0.10 is XLA's own
+                einsum/softmax on every backend (it too materialises ``[B, H, T, T]``); cuDNN flash attention
+                would need ``implementation="cudnn"`` (half precision, padding as sequence lengths), not wired
+  ``auto``      ``chunked`` when ``T > attention_chunk``, else ``xla``
 """
 
 from __future__ import annotations
@@ -52,6 +62,7 @@ MLPS = ("gated", "plain")  # gated: act(x W_gate) * (x W_up) (SwiGLU); plain: ac
 # Hugging Face activation names we implement (see transformer.ACTIVATIONS)
 ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_IMPLS = ("auto", "xla", "chunked", "explicit")
 LAYER_TYPES = ("full_attention", "sliding_attention")  # Hugging Face names of per-layer attention kinds
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -100,6 +111,8 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype of activations (attention softmax and logits are always float32)
     param_dtype: str = "float32"
     remat: str = "none"
+    attention_impl: str = "auto"  # one of ATTENTION_IMPLS
+    attention_chunk: int = 512  # queries per block of the chunked attention path
 
     def __post_init__(self):
         def check(field, value, allowed):
@@ -112,13 +125,15 @@ class ModelConfig:
         check("mlp", self.mlp, MLPS)
         check("activation", self.activation, ACTIVATIONS)
         check("remat", self.remat, REMAT_POLICIES)
+        check("attention_impl", self.attention_impl, ATTENTION_IMPLS)
         check("dtype", self.dtype, DTYPES)
         check("param_dtype", self.param_dtype, DTYPES)
         if self.model_type is None:
             object.__setattr__(self, "model_type", self.arch)
         elif HF_MODEL_TYPES.get(self.model_type) != self.arch:
             raise ModelConfigError(f"ModelConfig.model_type={self.model_type!r} is not a {self.arch!r} model type")
-        for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "vocab_multiple"):
+        for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "vocab_multiple",
+                      "attention_chunk"):
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:
                 raise ModelConfigError(f"ModelConfig.{field}={value!r}: expected a positive integer")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -128,8 +129,6 @@ class Transformer(nnx.Module):
         dt = jnp.dtype(c.dtype)
         rules = dict(self.rules)
         key_valid = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
-        causal = _attention_mask(key_valid, None)  # [B, T, T]
-        window = causal if c.sliding_window is None else _attention_mask(key_valid, c.sliding_window)
 
         x = jnp.take(self.embed[...], input_ids, axis=0).astype(dt)
         if c.position == "learned":
@@ -139,12 +138,11 @@ class Transformer(nnx.Module):
         rope = None
         if c.position == "rope":
             rope = rope_tables(T, c.rotary_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings)
-        alibi = _alibi_bias(c.num_heads, T, c.alibi_bias_max) if c.position == "alibi" else None
+        slopes = jnp.asarray(alibi_slopes(c.num_heads, c.alibi_bias_max)) if c.position == "alibi" else None
 
         def body(h, xs):
             p, sliding = xs
-            mask = jnp.where(sliding, window, causal)
-            return _layer(c, rules, p, h, mask, rope, alibi), None
+            return _layer(c, rules, p, h, Visibility(key_valid, sliding), rope, slopes), None
 
         policy = REMAT_POLICIES[c.remat]
         if c.remat != "none":
@@ -159,16 +157,6 @@ class Transformer(nnx.Module):
         if c.padded_vocab_size > c.vocab_size:  # XLA does not drop an all-true mask, and it costs a pass
             logits = jnp.where(jnp.arange(c.padded_vocab_size) < c.vocab_size, logits, -jnp.inf)
         return constrain(logits, ("batch", "length", "vocab"), rules)
-
-
-def _attention_mask(key_valid: jax.Array, sliding_window: int | None) -> jax.Array:
-    """[B, T, T] bool: query t may attend key s iff s <= t, key s is a token, and t - s < sliding_window."""
-    T = key_valid.shape[1]
-    q, k = jnp.arange(T)[:, None], jnp.arange(T)[None, :]
-    allowed = k <= q
-    if sliding_window is not None:
-        allowed &= q - k < sliding_window
-    return allowed[None] & key_valid[:, None, :]
 
 
 def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -190,10 +178,10 @@ def alibi_slopes(num_heads: int, alibi_bias_max: float) -> np.ndarray:
     return slopes.astype(np.float32)
 
 
-def _alibi_bias(num_heads: int, T: int, alibi_bias_max: float) -> jax.Array:
-    """[H, T, T] float32: slope_h * (k - q); it differs from MPT's slope_h * (k - T + 1) by a per-row constant."""
-    dist = jnp.arange(T)[None, :] - jnp.arange(T)[:, None]
-    return jnp.asarray(alibi_slopes(num_heads, alibi_bias_max))[:, None, None] * dist[None].astype(jnp.float32)
+def _alibi_bias(slopes: jax.Array, q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
+    """[H, Tq, Tk] float32: slope_h * (k - q); it differs from MPT's slope_h * (k - T + 1) by a per-row constant."""
+    dist = (k_pos[None, :] - q_pos[:, None]).astype(jnp.float32)
+    return slopes[:, None, None] * dist[None]
 
 
 def _norm(c: ModelConfig, x: jax.Array, scale: jax.Array, bias: jax.Array | None) -> jax.Array:
@@ -210,8 +198,106 @@ def _norm(c: ModelConfig, x: jax.Array, scale: jax.Array, bias: jax.Array | None
     return y.astype(x.dtype)
 
 
-def _attention(c: ModelConfig, rules: dict, p: dict, h: jax.Array, mask: jax.Array, rope, alibi) -> jax.Array:
-    """Grouped-query self-attention of h [B, T, D] -> [B, T, D]; softmax in float32."""
+class Visibility(NamedTuple):
+    """Which keys a query may attend to: key s is a token (``key_valid`` [B, T] bool), s <= q, and, when this
+    layer's ``sliding`` flag (a scanned bool scalar) is set, q - s < ``config.sliding_window``."""
+
+    key_valid: jax.Array
+    sliding: jax.Array
+
+    def mask(self, c: ModelConfig, q_pos: jax.Array) -> jax.Array:
+        """[B, Tq, T] bool for queries at positions ``q_pos`` [Tq] int32."""
+        dist = q_pos[:, None] - jnp.arange(self.key_valid.shape[1])[None, :]
+        allowed = dist >= 0
+        if c.sliding_window is not None:
+            allowed &= ~self.sliding | (dist < c.sliding_window)
+        return allowed[None] & self.key_valid[:, None, :]
+
+
+def attention_impl(c: ModelConfig, T: int) -> str:
+    """The attention path ``_attention`` takes for sequences of ``T`` tokens: ``config.attention_impl``, or for
+    ``auto`` chunked when ``T > attention_chunk`` and ``xla`` otherwise (see :mod:`fusejax.models.config`)."""
+    if c.attention_impl != "auto":
+        return c.attention_impl
+    return "chunked" if T > c.attention_chunk else "xla"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _bias_and_mask(c: ModelConfig, scores, slopes, q_pos, vis: Visibility) -> jax.Array:
+    """scores [B, K, G, Tq, T] float32 of queries at ``q_pos`` [Tq] plus ALiBi (``slopes`` [H] float32, or None),
+    at a finite floor where ``vis`` hides the key (not -inf: rows without any visible key, i.e. fully padded
+    rows, stay free of NaN). Its gradient recomputes the mask from ``q_pos`` and ``vis``: a mask (or bias)
+    computed outside would be saved for the backward pass of every chunk, [B, H, T, T] again."""
+    B, K, G, Tq, T = scores.shape
+    if slopes is not None:
+        scores = scores + _alibi_bias(slopes, q_pos, jnp.arange(T)).reshape(K, G, Tq, T)
+    return jnp.where(vis.mask(c, q_pos)[:, None, None], scores, jnp.finfo(jnp.float32).min)
+
+
+def _bias_and_mask_fwd(c, scores, slopes, q_pos, vis):
+    return _bias_and_mask(c, scores, slopes, q_pos, vis), (q_pos, vis)
+
+
+def _bias_and_mask_bwd(c, residuals, g):
+    q_pos, vis = residuals
+    return jnp.where(vis.mask(c, q_pos)[:, None, None], g, 0), None, None, None
+
+
+_bias_and_mask.defvjp(_bias_and_mask_fwd, _bias_and_mask_bwd)
+
+
+def _softmax_attention(c: ModelConfig, q, k, v, q_pos, vis: Visibility, slopes) -> jax.Array:
+    """Attention of queries q [B, Tq, K, G, E] at positions ``q_pos`` [Tq] over keys and values k, v
+    [B, T, K, E] -> [B, Tq, K, G, E] in q's dtype, through the explicit scores [B, K, G, Tq, T] float32."""
+    scale = c.head_dim**-0.5 if c.softmax_scale is None else c.softmax_scale
+    scores = jnp.einsum("btkge,bske->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    probs = jax.nn.softmax(_bias_and_mask(c, scores, slopes, q_pos, vis), axis=-1).astype(q.dtype)
+    return jnp.einsum("bkgts,bske->btkge", probs, v)
+
+
+def _chunked_attention(c: ModelConfig, q, k, v, vis: Visibility, slopes) -> jax.Array:
+    """:func:`_softmax_attention` one block of ``attention_chunk`` queries at a time (q padded to whole
+    blocks), each block recomputed in the backward pass: scores [B, K, G, chunk, T] instead of [.., T, T]."""
+    B, T, K, G, E = q.shape
+    chunk = min(c.attention_chunk, T)
+    n = -(-T // chunk)
+    blocks = jnp.pad(q, ((0, 0), (0, n * chunk - T), (0, 0), (0, 0), (0, 0)))
+    blocks = jnp.moveaxis(blocks.reshape(B, n, chunk, K, G, E), 1, 0)
+
+    @jax.checkpoint
+    def block(args):
+        q_block, start = args
+        return _softmax_attention(c, q_block, k, v, start + jnp.arange(chunk), vis, slopes)
+
+    out = jax.lax.map(block, (blocks, jnp.arange(n) * chunk))  # [n, B, chunk, K, G, E]
+    return jnp.moveaxis(out, 0, 1).reshape(B, n * chunk, K, G, E)[:, :T]
+
+
+def _xla_attention(c: ModelConfig, q, k, v, vis: Visibility, slopes) -> jax.Array:
+    """``jax.nn.dot_product_attention`` (XLA's implementation) of q [B, T, K, G, E] -> [B, T, K, G, E]: causal,
+    padding as a [B, 1, 1, T] key mask, the sliding window as its ``local_window_size`` (both variants under
+    ``lax.cond`` when the flag varies by layer), ALiBi as its bias."""
+    B, T, K, G, E = q.shape
+    scale = c.head_dim**-0.5 if c.softmax_scale is None else c.softmax_scale
+    pos = jnp.arange(T)
+    bias = None if slopes is None else _alibi_bias(slopes, pos, pos)[None]
+
+    def run(window: int | None):
+        return jax.nn.dot_product_attention(
+            q.reshape(B, T, K * G, E), k, v, bias, vis.key_valid[:, None, None, :], scale=scale, is_causal=True,
+            local_window_size=None if window is None else (window - 1, 0)).reshape(B, T, K, G, E)
+
+    sliding = set(c.sliding_layers)
+    if sliding == {False}:
+        return run(None)
+    if sliding == {True}:
+        return run(c.sliding_window)
+    return jax.lax.cond(vis.sliding, lambda: run(c.sliding_window), lambda: run(None))
+
+
+def _attention(c: ModelConfig, rules: dict, p: dict, h: jax.Array, vis: Visibility, rope, slopes) -> jax.Array:
+    """Grouped-query self-attention of h [B, T, D] -> [B, T, D]; softmax in float32 on every path
+    (:func:`attention_impl`); ``slopes`` [H] float32: ALiBi, or None."""
     dt = h.dtype
     B, T, _ = h.shape
     q = jnp.einsum("btd,dhe->bthe", h, p["wq"].astype(dt))
@@ -225,17 +311,15 @@ def _attention(c: ModelConfig, rules: dict, p: dict, h: jax.Array, mask: jax.Arr
         q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
     q = constrain(q, ("batch", "length", "heads", "head_dim"), rules)
     k = constrain(k, ("batch", "length", "kv_heads", "head_dim"), rules)
-    K, G = c.num_kv_heads, c.num_heads // c.num_kv_heads
-    q = q.reshape(B, T, K, G, c.head_dim)
-    scale = c.head_dim**-0.5 if c.softmax_scale is None else c.softmax_scale
-    scores = jnp.einsum("btkge,bske->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    if alibi is not None:
-        scores = scores + alibi.reshape(K, G, T, T)
-    # a finite floor (not -inf) keeps rows without any visible key (fully padded rows) free of NaN
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum("bkgts,bske->btkge", probs, v).reshape(B, T, c.num_heads, c.head_dim)
-    out = jnp.einsum("bthe,hed->btd", out, p["wo"].astype(dt))
+    q = q.reshape(B, T, c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim)
+    impl = attention_impl(c, T)
+    if impl == "xla":
+        out = _xla_attention(c, q, k, v, vis, slopes)
+    elif impl == "chunked":
+        out = _chunked_attention(c, q, k, v, vis, slopes)
+    else:
+        out = _softmax_attention(c, q, k, v, jnp.arange(T), vis, slopes)
+    out = jnp.einsum("bthe,hed->btd", out.reshape(B, T, c.num_heads, c.head_dim), p["wo"].astype(dt))
     if c.attention_out_bias:
         out = out + p["bo"].astype(dt)
     return out
@@ -256,10 +340,10 @@ def _mlp(c: ModelConfig, rules: dict, p: dict, h: jax.Array) -> jax.Array:
     return out + p["b_down"].astype(dt) if c.mlp_bias else out
 
 
-def _layer(c: ModelConfig, rules: dict, p: dict, x: jax.Array, mask, rope, alibi) -> jax.Array:
+def _layer(c: ModelConfig, rules: dict, p: dict, x: jax.Array, vis: Visibility, rope, slopes) -> jax.Array:
     """One pre-norm decoder layer on x [B, T, D] with this layer's parameters ``p`` (sliced by scan)."""
     attn_in = _norm(c, x, p["attn_norm_scale"], p.get("attn_norm_bias"))
-    attn = _attention(c, rules, p, attn_in, mask, rope, alibi)
+    attn = _attention(c, rules, p, attn_in, vis, rope, slopes)
     if c.parallel_residual:
         x = x + attn + _mlp(c, rules, p, _norm(c, x, p["mlp_norm_scale"], p.get("mlp_norm_bias")))
     else:

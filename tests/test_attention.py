@@ -1,0 +1,93 @@
+"""The attention paths (``ModelConfig.attention_impl``) agree with the explicit one, logits and gradients in
+float32, on the tiny config of every family the parity tests cover, on a right-padded batch with a fully padded
+row, longer than every sliding window and split into several query blocks; the chunked path's compiled
+gradient holds no ``[B, H, T, T]`` float32 tensor."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import test_families
+import test_models
+from flax import nnx
+from tiny import padded_batch
+
+from fusejax.models import ModelConfig, Transformer
+from fusejax.models.transformer import attention_impl
+
+LENGTHS = (13, 9, 5, 0)  # 13 queries: blocks of 4 leave a partial last block; the last row is all padding
+CHUNK = 4
+CASES = {  # (config class, kwargs) of the parity cases of every family (GQA, MQA and head_dim in several)
+    **{name: test_families.CASES[name][::2] for name in ("llama3_tied", "qwen2_window", "qwen3_qk_norm",
+                                                         "phi3_longrope_long")},
+    **{name: test_models.CASES[name][::2] for name in ("mistral_window", "gpt_neox_parallel", "mpt", "gpt2")},
+}
+
+
+def _loss_and_grads(config: ModelConfig, params, ids, mask):
+    """((mean next-token cross-entropy over the real tokens, logits [B, T, vocab]), its gradients) of the model
+    of ``config`` with ``params``."""
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+
+    def loss_fn(params):
+        logits = nnx.merge(graphdef, params)(ids, mask)[..., :config.vocab_size]
+        logp = jax.nn.log_softmax(logits[:, :-1])
+        nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+        weight = mask[:, 1:]
+        return (nll * weight).sum() / weight.sum(), logits
+
+    return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def explicit(request):
+    """(name, config, params, batch, ((loss, logits), grads) of the explicit path) of one family's tiny model
+    with random N(0, 0.3) parameters (norm scales around 1), so that attention is far from uniform."""
+    config_cls, kwargs = CASES[request.param]
+    config = ModelConfig.from_hf(config_cls(**kwargs).to_dict(), attention_impl="explicit", attention_chunk=CHUNK)
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.asarray(rng.normal("norm" in jax.tree_util.keystr(path), 0.3, x.shape), x.dtype),
+        nnx.state(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))))
+    batch = tuple(map(jnp.asarray, padded_batch(config.vocab_size, LENGTHS)))
+    return request.param, config, params, batch, _loss_and_grads(config, params, *batch)
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
+def test_paths_agree_with_explicit(explicit, impl):
+    name, config, params, batch, ((loss, logits), grads) = explicit
+    (loss2, logits2), grads2 = _loss_and_grads(config.replace(attention_impl=impl), params, *batch)
+    assert np.isfinite(np.asarray(logits2)).all()
+    # at every position, padding included; relative to the largest value
+    np.testing.assert_allclose(logits2, logits, rtol=0, atol=1e-5 * np.abs(logits).max(), err_msg=name)
+    np.testing.assert_allclose(loss2, loss, rtol=1e-5, err_msg=name)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads2), jax.tree.leaves(grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max(),
+                                   err_msg=f"{name} {jax.tree_util.keystr(path)}")
+
+
+def test_auto_is_chunked_beyond_one_block():
+    config = test_models._tiny(attention_chunk=8)
+    assert [attention_impl(config, T) for T in (1, 8, 9)] == ["xla", "xla", "chunked"]
+    assert attention_impl(config.replace(attention_impl="explicit"), 9) == "explicit"
+
+
+def test_chunked_gradient_holds_no_full_score_tensor():
+    """XLA's memory analysis of a compiled forward + backward at T = 2048 (scores [1, 4, T, T] float32 = 64 MiB):
+    the explicit path needs more temporaries than one score tensor, the chunked one (blocks of 128 queries) less
+    than half of it (its temporaries grow linearly in T; BENCHMARKS.md has the figures)."""
+    B, T, H = 1, 2048, 4
+    scores = B * H * T * T * 4
+    ids = jnp.zeros((B, T), jnp.int32)
+
+    def temp_bytes(impl):
+        config = test_models._tiny(num_heads=H, max_position_embeddings=T, attention_impl=impl, attention_chunk=128)
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+
+        def loss(state):
+            return nnx.merge(graphdef, state)(ids)[..., 0].sum()
+
+        return jax.jit(jax.grad(loss)).lower(state).compile().memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes("explicit") > scores
+    assert temp_bytes("chunked") < scores / 2
