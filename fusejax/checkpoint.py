@@ -4,7 +4,7 @@ A checkpoint is the step folder ``<run>/checkpoints/<step>/`` with three Orbax i
 ``opt_state`` (arrays, restored straight onto the caller's shardings) and ``meta`` (JSON: ``step``,
 ``data_position`` (rows of the training stream consumed), ``seed``, ``model`` (the ModelConfig fields) and
 ``config`` (the resolved run config)). A checkpoint restores only into a model of the same architecture
-(:class:`CheckpointMismatchError` otherwise); how the model runs (dtypes, remat) may differ.
+(:class:`CheckpointMismatchError` otherwise); how the model runs (dtypes, remat, attention path) may differ.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from fusejax.schema import CHECKPOINTS
 ITEMS = ("params", "opt_state", "meta")  # Orbax items of one checkpoint
 
 # ModelConfig fields that a checkpoint may differ in (how the model runs, not what it is)
-RUNTIME_FIELDS = ("dtype", "param_dtype", "remat")
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention_impl", "attention_chunk")
 
 
 class CheckpointMismatchError(ValueError):

@@ -196,6 +196,10 @@ class TrainConfig:
     remat: Literal["none", "full", "dots"] = opt(
         "none", "rematerialization per layer: none, full (recompute all), dots (keep matmul outputs)"
     )
+    attention_impl: Literal["auto", "xla", "chunked", "explicit"] = opt(
+        "auto", "attention path: xla (jax.nn.dot_product_attention), chunked (blocks of attention_chunk queries, "
+        "no [B, H, T, T] scores), explicit; auto: chunked when seq_len > attention_chunk, else xla")
+    attention_chunk: int = opt(512, "queries per block of the chunked attention path", POSITIVE)
     log_every: int = opt(10, "steps between metric logs", POSITIVE)
     eval_every: int = opt(
         500, "steps between held-out evaluations, scored as the eval stage scores them (0: never)", NON_NEGATIVE)

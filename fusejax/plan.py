@@ -28,6 +28,7 @@ from fusejax.config import Config, MeshConfig, TrainConfig
 from fusejax.distributed import is_main_process
 from fusejax.models import ModelConfig, Transformer, model_shardings
 from fusejax.models.hf_io import read_config
+from fusejax.models.transformer import attention_impl
 from fusejax.schema import row_layout
 from fusejax.step import (
     StepOptions,
@@ -153,10 +154,11 @@ def format_report(plan: dict, *, model_config: ModelConfig, tc: TrainConfig, mes
     """The plan as the text ``fusejax plan`` prints (see :func:`run`)."""
     mem = plan["memory"]
     lines = [
-        f"model: {model_config.arch}, {plan['num_params'] / 1e9:.2f}B parameters ({tc.param_dtype}), "
+        f"model: {model_config.model_type}, {plan['num_params'] / 1e9:.2f}B parameters ({tc.param_dtype}), "
         f"{model_config.num_layers} layers, hidden {model_config.hidden_size}, vocab {model_config.vocab_size}",
         f"step: batch {tc.batch_size} = {tc.grad_accum} x {tc.batch_size // tc.grad_accum} sequences x "
-        f"{tc.seq_len} tokens, {num_sources} sources (top-{k}), compute {tc.compute_dtype}, remat {tc.remat}",
+        f"{tc.seq_len} tokens, {num_sources} sources (top-{k}), compute {tc.compute_dtype}, remat {tc.remat}, "
+        f"attention {attention_impl(training_model_config(model_config, tc), tc.seq_len)}",
         f"mesh: {', '.join(f'{a}={n}' for a, n in mesh.shape.items())} ({mesh.devices.size} devices)",
     ]
     if platform == "cpu":

@@ -208,8 +208,9 @@ def peak_flops_per_device(tc: TrainConfig) -> float | None:
 
 
 def training_model_config(config: ModelConfig, tc: TrainConfig) -> ModelConfig:
-    """``config`` with the ``train`` section's compute dtype, parameter dtype and remat policy."""
-    return config.replace(dtype=tc.compute_dtype, param_dtype=tc.param_dtype, remat=tc.remat)
+    """``config`` with the ``train`` section's compute dtype, parameter dtype, remat policy and attention path."""
+    return config.replace(dtype=tc.compute_dtype, param_dtype=tc.param_dtype, remat=tc.remat,
+                          attention_impl=tc.attention_impl, attention_chunk=tc.attention_chunk)
 
 
 def compiled_memory(compiled) -> dict[str, int]:

@@ -142,3 +142,30 @@ def test_7b_llama_on_a_v4_8_slice_without_the_hardware(tmp_path):
     assert "layers.w_gate" in report and "[32, 4096, 11008] -> [32, 1024, 11008]" in report
     warning = [line for line in report.splitlines() if line.startswith("WARNING")]
     assert len(warning) == 1 and "train.param_dtype=bfloat16" in warning[0]
+
+
+# today's 7-9B targets (their published config.json, ../shared/data/model-configs): (model_type, mesh preset,
+# parameters as their model cards count them, parameters no mesh axis splits: norms, Qwen2's q/k/v biases)
+TODAYS_TARGETS = {
+    "llama-3.1-8b": ("llama", "h100x8", 8_030_261_248, 4096 + 2 * 32 * 4096),
+    "qwen2.5-7b": ("qwen2", "v4-8", 7_615_616_512, 3584 + 2 * 28 * 3584 + 28 * (28 + 2 * 4) * 128),
+}
+
+
+@pytest.mark.parametrize("name", list(TODAYS_TARGETS))
+def test_todays_targets_on_mesh_presets(shared_data, tmp_path, capsys, name):
+    """`fusejax plan` of the paper's step (configs/example.yaml) for a 7-9B target (GQA, Llama 3.1 RoPE scaling,
+    a 128k-152k vocabulary, Qwen2 q/k/v biases) on a mesh preset, as docs/scale-out.md shows it."""
+    model_type, preset, num_params, unsplit = TODAYS_TARGETS[name]
+    config = tmp_path / "run.yaml"
+    config.write_text(f"base: [{REPO / 'configs/example.yaml'}, {REPO / 'configs/mesh' / preset}.yaml]\n"
+                      f"target: {{path: {shared_data / 'model-configs' / name}}}\n")
+    result = run(load_config(config))
+    report = capsys.readouterr().out
+    fsdp = load_config(config).mesh.fsdp
+    assert result["num_params"] == num_params
+    params = 4 * ((num_params - unsplit) // fsdp + unsplit)  # float32
+    assert result["params_bytes"] == params and result["opt_state_bytes"] == 2 * params + 8
+    assert f"model: {model_type}, {num_params / 1e9:.2f}B parameters" in report
+    assert f"fsdp={fsdp}" in report and "2048 tokens" in report and "attention chunked" in report
+    assert result["memory"]["temp_bytes"] > 0 and result["fits"] is not None
