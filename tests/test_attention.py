@@ -1,5 +1,5 @@
 """The attention paths (``ModelConfig.attention_impl``) agree with the explicit one, logits and gradients in
-float32, on the tiny config of every family the parity tests cover, on a right-padded batch with a fully padded
+float32, on a tiny parity config of every family, on a right-padded batch with a fully padded
 row, longer than every sliding window and split into several query blocks; the chunked path's compiled
 gradient holds no ``[B, H, T, T]`` float32 tensor."""
 
@@ -17,7 +17,10 @@ from fusejax.models.transformer import attention_impl
 
 LENGTHS = (13, 9, 5, 0)  # 13 queries: blocks of 4 leave a partial last block; the last row is all padding
 CHUNK = 4
-CASES = {  # (config class, kwargs) of the parity cases of every family (GQA, MQA and head_dim in several)
+# (config class, kwargs) of one parity case per family: Llama 3 RoPE scaling with GQA and tied embeddings, Qwen2 and
+# Qwen3 with windows on some layers (lax.cond on the xla path), Phi-3 with a window on every layer, partial
+# rotary (GPT-NeoX), ALiBi with 6 heads (MPT), learned positions (GPT-2)
+CASES = {
     **{name: test_families.CASES[name][::2] for name in ("llama3_tied", "qwen2_window", "qwen3_qk_norm",
                                                          "phi3_longrope_long")},
     **{name: test_models.CASES[name][::2] for name in ("gpt_neox_parallel", "mpt", "gpt2")},
