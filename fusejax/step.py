@@ -105,8 +105,8 @@ def _no_tables(mb):
 def make_loss_fn(graphdef, opts: StepOptions, loss_impl=None):
     """``loss_fn(params, micro_batch, lm_weight) -> (loss, metrics)``: :func:`chunked_fusion_loss` in chunks of
     ``opts.loss_chunk`` positions, or ``loss_impl`` (a function with :func:`fusejax.fusion.fusion_loss`'s
-    signature) on the model's whole ``[B,T,V]`` logits (the dense references of the benchmarks). Floating params are cast to
-    ``opts.compute_dtype`` first (float32 master weights stay outside)."""
+    signature) on the model's whole ``[B,T,V]`` logits (the dense references of the benchmarks). Floating
+    params are cast to ``opts.compute_dtype`` first (float32 master weights stay outside)."""
 
     def loss_fn(params, mb, lm_w):
         model = nnx.merge(graphdef, cast_floating(params, jnp.dtype(opts.compute_dtype)))
@@ -136,8 +136,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, opts: StepOption
     """``step(state, batch) -> (state, metrics)``; state = {"params", "opt_state", "step"}; batch fields have
     a leading micro-batch axis of size ``opts.grad_accum``; ``loss_impl``: see :func:`make_loss_fn`. Metrics
     are the micro-batch means of :func:`fusejax.fusion.fusion_loss`'s metrics (of the parameters before the
-    update) plus ``grad_norm`` (before clipping) and ``skipped`` (1.0 when the loss, the gradient norm or the update is not finite: then the parameters and
-    the optimizer state are returned unchanged, so no NaN or inf ever reaches them; the step counter advances)."""
+    update) plus ``grad_norm`` (before clipping) and ``skipped`` (1.0 when the loss, the gradient norm or the
+    update is not finite: then the parameters and the optimizer state are returned unchanged, so no NaN or inf
+    ever reaches them; the step counter advances)."""
     grad_fn = jax.value_and_grad(make_loss_fn(graphdef, opts, loss_impl), has_aux=True)
 
     def step(state, batch):
