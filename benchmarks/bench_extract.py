@@ -36,7 +36,7 @@ from flax import nnx
 from bench_train_step import machine
 
 from fusejax.models import ModelConfig, Transformer
-from fusejax.represent import extract_step, top_k, topk_and_ce
+from fusejax.represent import extract_step, position_stats, top_k
 
 HERE = Path(__file__).resolve()
 
@@ -100,7 +100,7 @@ def throughput(a) -> list[dict]:
         print(json.dumps(row), flush=True)
         if a.diagnose:  # the top-k/CE epilogue alone, on precomputed logits
             logits = _forward(model, ids, mask)
-            for name, fn in (("epilogue (top-k + CE)", jax.jit(lambda lg: topk_and_ce(lg, ids, mask, a.k, a.vocab))),
+            for name, fn in (("epilogue (top-k + CE)", jax.jit(lambda lg: position_stats(lg, ids, a.k, a.vocab))),
                              ("represent.top_k", jax.jit(lambda lg: top_k(lg, a.k))),
                              ("lax.top_k", jax.jit(lambda lg: jax.lax.top_k(lg, a.k)))):
                 jax.block_until_ready(fn(logits))

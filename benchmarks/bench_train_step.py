@@ -1,11 +1,14 @@
-"""One train step three ways on the same model and batch: sparse fusion (S sources, top-k tables), plain CLM
-(train.lm_weight=1, no tables) and a dense-teacher fusion step (defined here: the fused teacher scattered into
-a [B,T,V] array, then a full cross-entropy against log_softmax). Prints time per step and the compiled
-per-device memory (peak = arguments + outputs + temporaries - donated), with ratios against CLM measured in
-this run, and the first-step losses of the sparse and dense steps (they must agree).
+"""One train step four ways on the same model and batch: plain CLM (train.lm_weight=1, no tables) and sparse
+fusion (S sources, top-k tables), both with the chunked loss of the trainer (logits for train.loss_chunk
+positions at a time); sparse fusion on the model's whole [B,T,V] logits (``fusion_loss``, the step before the
+chunked loss); and a dense-teacher fusion step (defined here: the fused teacher scattered into a [B,T,V]
+array, then a full cross-entropy against log_softmax). Prints time per step and the compiled per-device memory
+(peak = arguments + outputs + temporaries - donated), with ratios against CLM measured in this run, the
+ratios of the chunked fusion step against the whole-logits one, and the first-step losses (they must agree).
+``--steps 0`` compiles only and prints the memory (exact and repeatable) without running a step.
 
 Usage: .venv/bin/python benchmarks/bench_train_step.py [--vocab 32000 --hidden 256 --layers 4 --seq 256
-       --batch 4 --sources 3 --k 10 --steps 5 --dtype float32]
+       --batch 4 --sources 3 --k 10 --steps 5 --dtype float32 --loss-chunk 256]
 """
 
 import argparse
@@ -71,13 +74,14 @@ def main():
                           ("sources", 3), ("k", 10), ("steps", 5)):
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--loss-chunk", type=int, default=TrainConfig.loss_chunk)
     a = p.parse_args()
     print("machine:", machine())
     mc = ModelConfig(arch="llama", vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=4 * a.hidden,
                      num_layers=a.layers, num_heads=max(1, a.hidden // 64))
-    tc = TrainConfig(steps=1000, batch_size=a.batch, seq_len=a.seq, compute_dtype=a.dtype)
+    tc = TrainConfig(steps=1000, batch_size=a.batch, seq_len=a.seq, compute_dtype=a.dtype, loss_chunk=a.loss_chunk)
     print(f"model: llama hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}; batch {a.batch} x {a.seq} tokens; "
-          f"S={a.sources}, k={a.k}; compute {a.dtype}")
+          f"S={a.sources}, k={a.k}; compute {a.dtype}; loss chunk {min(a.loss_chunk, a.seq)} positions")
     mesh = make_mesh(fsdp=-1)
     model = build_target(tc, mesh, config=mc)
     graphdef, params = nnx.split(model)
@@ -89,7 +93,8 @@ def main():
     base = StepOptions.from_config(tc, tc.steps)
     variants = {
         "clm": (StepOptions.from_config(dataclasses.replace(tc, lm_weight=1.0), tc.steps), None),
-        "fusion (sparse)": (base, None),
+        "fusion (chunked)": (base, None),
+        "fusion (whole logits)": (base, fusion_loss),
         "fusion (dense teacher)": (base, dense_fusion_loss),
     }
     runs = {}
@@ -99,10 +104,13 @@ def main():
         with jax.set_mesh(mesh):
             state = {"params": jax.tree.map(jnp.copy, params), "opt_state": jax.jit(tx.init)(params),
                      "step": jnp.zeros((), jnp.int32)}
-        compiled = compile_step(graphdef, tx, opts, abstract(state), abstract(batch), mesh, impl or fusion_loss)
-        state, metrics = compiled(state, batch)  # warm-up; its loss is of the shared initial parameters
+        compiled = compile_step(graphdef, tx, opts, abstract(state), abstract(batch), mesh, impl)
+        loss = float("nan")
+        if a.steps:  # warm-up; its loss is of the shared initial parameters
+            state, metrics = compiled(state, batch)
+            loss = float(metrics["loss"])
         runs[name] = {"fn": compiled, "state": state, "batch": batch, "mem": compiled_memory(compiled),
-                      "loss": float(metrics["loss"]), "times": []}
+                      "loss": loss, "times": []}
     # round-robin timing, so that the variants share whatever else runs on the machine
     for _ in range(a.steps):
         for run in runs.values():
@@ -110,16 +118,19 @@ def main():
             run["state"], metrics = run["fn"](run["state"], run["batch"])
             jax.block_until_ready(metrics)
             run["times"].append(time.perf_counter() - t0)
-    results = {name: (statistics.median(r["times"]), r["mem"].get("peak_bytes", 0), r["mem"].get("temp_bytes", 0),
-                      r["loss"]) for name, r in runs.items()}
-    clm_t, clm_m = results["clm"][0], results["clm"][1]
-    header = ("step", "ms/step", "x CLM", "peak MiB/dev", "x CLM", "temp MiB", "loss@1")
-    print(f"{header[0]:24s}" + "".join(f" {h:>{w}s}" for h, w in zip(header[1:], (9, 6, 13, 6, 9, 9))))
+    results = {name: (statistics.median(r["times"]) if r["times"] else float("nan"), r["mem"].get("peak_bytes", 0),
+                      r["mem"].get("temp_bytes", 0), r["loss"]) for name, r in runs.items()}
+    clm_t, clm_m, clm_temp = results["clm"][:3]
+    header = ("step", "ms/step", "x CLM", "peak MiB/dev", "x CLM", "temp MiB", "x CLM", "loss@1")
+    print(f"{header[0]:24s}" + "".join(f" {h:>{w}s}" for h, w in zip(header[1:], (9, 6, 13, 6, 9, 6, 9))))
     for name, (t, peak, temp, loss) in results.items():
         print(f"{name:24s} {t * 1e3:9.1f} {t / clm_t:6.2f} {peak / 2**20:13.1f} {peak / clm_m:6.2f} "
-              f"{temp / 2**20:9.1f} {loss:9.5f}")
-    sparse, dense = results["fusion (sparse)"][3], results["fusion (dense teacher)"][3]
-    print(f"first-step loss, sparse vs dense teacher: |diff| = {abs(sparse - dense):.2e}")
+              f"{temp / 2**20:9.1f} {temp / clm_temp:6.2f} {loss:9.5f}")
+    chunked, whole = results["fusion (chunked)"], results["fusion (whole logits)"]
+    print(f"chunked vs whole-logits fusion step: temporaries x{chunked[2] / whole[2]:.3f}, "
+          f"peak x{chunked[1] / whole[1]:.3f}, speed x{whole[0] / chunked[0]:.3f} (whole ms / chunked ms)")
+    losses = [r[3] for r in results.values() if r is not results["clm"]]
+    print(f"first-step losses of the fusion steps: max |diff| = {max(losses) - min(losses):.2e}")
 
 
 if __name__ == "__main__":
