@@ -5,10 +5,11 @@ chunked loss); and a dense-teacher fusion step (defined here: the fused teacher 
 array, then a full cross-entropy against log_softmax). Prints time per step and the compiled per-device memory
 (peak = arguments + outputs + temporaries - donated), with ratios against CLM measured in this run, the
 ratios of the chunked fusion step against the whole-logits one, and the first-step losses (they must agree).
-``--steps 0`` compiles only and prints the memory (exact and repeatable) without running a step.
+The memory comes from the step compiled on abstract arrays (``fusejax.plan.plan_training``): exact, repeatable
+and allocation-free; ``--steps 0`` prints only that. Timing runs one state through the variants in turn.
 
 Usage: .venv/bin/python benchmarks/bench_train_step.py [--vocab 32000 --hidden 256 --layers 4 --seq 256
-       --batch 4 --sources 3 --k 10 --steps 5 --dtype float32 --loss-chunk 256]
+       --batch 4 --sources 3 --k 10 --steps 5 --dtype float32 --loss-chunk 256 --no-dense-teacher]
 """
 
 import argparse
@@ -26,9 +27,10 @@ from flax import nnx
 from fusejax.config import TrainConfig
 from fusejax.fusion import fusion_loss
 from fusejax.models import ModelConfig
+from fusejax.plan import plan_training
 from fusejax.sharding import make_mesh
 from fusejax.schema import STEP_AXES, TEXT_FIELDS
-from fusejax.step import StepOptions, abstract, batch_shardings, compile_step, compiled_memory, make_optimizer
+from fusejax.step import StepOptions, abstract, batch_shardings, compile_step, make_optimizer
 from fusejax.testing import SyntheticTables
 from fusejax.train import build_target
 
@@ -75,6 +77,7 @@ def main():
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--loss-chunk", type=int, default=TrainConfig.loss_chunk)
+    p.add_argument("--no-dense-teacher", action="store_true", help="leave out the dense-teacher step (large V)")
     a = p.parse_args()
     print("machine:", machine())
     mc = ModelConfig(arch="llama", vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=4 * a.hidden,
@@ -83,41 +86,46 @@ def main():
     print(f"model: llama hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}; batch {a.batch} x {a.seq} tokens; "
           f"S={a.sources}, k={a.k}; compute {a.dtype}; loss chunk {min(a.loss_chunk, a.seq)} positions")
     mesh = make_mesh(fsdp=-1)
-    model = build_target(tc, mesh, config=mc)
-    graphdef, params = nnx.split(model)
-    params = nnx.to_pure_dict(params)
-    tx, _ = make_optimizer(tc, tc.steps)
-    rows = SyntheticTables(a.batch, a.seq, a.vocab, num_sources=a.sources, k=a.k).rows(np.arange(a.batch))
-    host = {k: v[None] for k, v in rows.items() if k in STEP_AXES}
-    shardings = batch_shardings(mesh, {k: v.shape for k, v in host.items()}, dict(model.rules))
-    base = StepOptions.from_config(tc, tc.steps)
     variants = {
-        "clm": (StepOptions.from_config(dataclasses.replace(tc, lm_weight=1.0), tc.steps), None),
-        "fusion (chunked)": (base, None),
-        "fusion (whole logits)": (base, fusion_loss),
-        "fusion (dense teacher)": (base, dense_fusion_loss),
+        "clm": (dataclasses.replace(tc, lm_weight=1.0), 0, None),
+        "fusion (chunked)": (tc, a.sources, None),
+        "fusion (whole logits)": (tc, a.sources, fusion_loss),
     }
-    runs = {}
-    for name, (opts, impl) in variants.items():
-        fields = [k for k in host if opts.lm_weight < 1 or k in TEXT_FIELDS]
-        batch = {k: jax.device_put(host[k], shardings[k]) for k in fields}
-        with jax.set_mesh(mesh):
-            state = {"params": jax.tree.map(jnp.copy, params), "opt_state": jax.jit(tx.init)(params),
-                     "step": jnp.zeros((), jnp.int32)}
-        compiled = compile_step(graphdef, tx, opts, abstract(state), abstract(batch), mesh, impl)
-        loss = float("nan")
-        if a.steps:  # warm-up; its loss is of the shared initial parameters
-            state, metrics = compiled(state, batch)
-            loss = float(metrics["loss"])
-        runs[name] = {"fn": compiled, "state": state, "batch": batch, "mem": compiled_memory(compiled),
-                      "loss": loss, "times": []}
-    # round-robin timing, so that the variants share whatever else runs on the machine
-    for _ in range(a.steps):
-        for run in runs.values():
-            t0 = time.perf_counter()
-            run["state"], metrics = run["fn"](run["state"], run["batch"])
-            jax.block_until_ready(metrics)
-            run["times"].append(time.perf_counter() - t0)
+    if not a.no_dense_teacher:
+        variants["fusion (dense teacher)"] = (tc, a.sources, dense_fusion_loss)
+    # memory from abstract arrays: nothing is allocated
+    runs = {name: {"mem": plan_training(mc, vtc, mesh, num_sources=s, k=a.k, loss_impl=impl)["memory"],
+                   "loss": float("nan"), "times": []} for name, (vtc, s, impl) in variants.items()}
+    if a.steps:
+        model = build_target(tc, mesh, config=mc)
+        graphdef, params = nnx.split(model)
+        params = jax.tree.map(np.asarray, nnx.to_pure_dict(params))  # one host copy; each variant starts from it
+        rules = dict(model.rules)
+        del model
+        tx, _ = make_optimizer(tc, tc.steps)
+        rows = SyntheticTables(a.batch, a.seq, a.vocab, num_sources=a.sources, k=a.k).rows(np.arange(a.batch))
+        host = {k: v[None] for k, v in rows.items() if k in STEP_AXES}
+        shardings = batch_shardings(mesh, {k: v.shape for k, v in host.items()}, rules)
+        state = None
+        for name, (vtc, s, impl) in variants.items():
+            opts = StepOptions.from_config(vtc, tc.steps)
+            fields = [k for k in host if s or k in TEXT_FIELDS]
+            batch = {k: jax.device_put(host[k], shardings[k]) for k in fields}
+            del state  # one state on the device at a time
+            with jax.set_mesh(mesh):
+                state = {"params": jax.tree.map(jnp.asarray, params), "opt_state": jax.jit(tx.init)(params),
+                         "step": jnp.zeros((), jnp.int32)}
+            compiled = compile_step(graphdef, tx, opts, abstract(state), abstract(batch), mesh, impl)
+            state, metrics = compiled(state, batch)  # warm-up; its loss is of the shared initial parameters
+            runs[name].update(fn=compiled, batch=batch, loss=float(metrics["loss"]))
+        # round-robin timing of one state passed through every variant, so that the variants share whatever else
+        # runs on the machine
+        for _ in range(a.steps):
+            for run in runs.values():
+                t0 = time.perf_counter()
+                state, metrics = run["fn"](state, run["batch"])
+                jax.block_until_ready(metrics)
+                run["times"].append(time.perf_counter() - t0)
     results = {name: (statistics.median(r["times"]) if r["times"] else float("nan"), r["mem"].get("peak_bytes", 0),
                       r["mem"].get("temp_bytes", 0), r["loss"]) for name, r in runs.items()}
     clm_t, clm_m, clm_temp = results["clm"][:3]
@@ -129,8 +137,9 @@ def main():
     chunked, whole = results["fusion (chunked)"], results["fusion (whole logits)"]
     print(f"chunked vs whole-logits fusion step: temporaries x{chunked[2] / whole[2]:.3f}, "
           f"peak x{chunked[1] / whole[1]:.3f}, speed x{whole[0] / chunked[0]:.3f} (whole ms / chunked ms)")
-    losses = [r[3] for r in results.values() if r is not results["clm"]]
-    print(f"first-step losses of the fusion steps: max |diff| = {max(losses) - min(losses):.2e}")
+    if a.steps:
+        losses = [r[3] for name, r in results.items() if name != "clm"]
+        print(f"first-step losses of the fusion steps: max |diff| = {max(losses) - min(losses):.2e}")
 
 
 if __name__ == "__main__":
