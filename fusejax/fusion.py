@@ -49,8 +49,14 @@ the sources present there (λ = 1 where none is). This is the reference's rule (
 r·L_fusion``), which there ran with batch size 1 and sequence-level CE only; here it applies per example, or
 per token with token-level CE. ``lm_weight`` is ignored then.
 
-All loss math is float32; empty rows, -1 ids, -100 labels, -inf logits and fully masked batches give no NaN,
-neither in the loss nor in its gradient. The teacher side is held constant (``stop_gradient``).
+The student enters through its logits (:func:`fusion_loss`, dense ``[B,T,V]``) or through its hidden states
+and head (:func:`chunked_fusion_loss`, what the train step uses): the loss is ``sum coef·(logsumexp(z) −
+z[id])`` over the label and the table ids, linear in fixed coefficients, so the chunked form computes the
+logits of a chunk of positions, its loss and its gradients at once and keeps none of them
+(:func:`sparse_cross_entropy`). Both give the same loss, metrics and gradients.
+
+All loss math is float32 (tables of any dtype are upcast); empty rows, -1 ids, -100 labels, -inf logits and
+fully masked batches give no NaN, neither in the loss nor in its gradient. The teacher side is held constant (``stop_gradient``).
 """
 
 from __future__ import annotations
