@@ -56,7 +56,8 @@ logits of a chunk of positions, its loss and its gradients at once and keeps non
 (:func:`sparse_cross_entropy`). Both give the same loss, metrics and gradients.
 
 All loss math is float32 (tables of any dtype are upcast); empty rows, -1 ids, -100 labels, -inf logits and
-fully masked batches give no NaN, neither in the loss nor in its gradient. The teacher side is held constant (``stop_gradient``).
+fully masked batches give no NaN, neither in the loss nor in its gradient. The teacher side is held constant
+(``stop_gradient``).
 """
 
 from __future__ import annotations
