@@ -307,7 +307,6 @@ def assert_chunked_equals_dense(head, weight, hidden, rest, chunk, **opts):
     (2, False, dict(fusion="min_ce")),
     (3, True, dict(fusion="avg_ce", loss_type="kl", temperature=2.0)),
     (1, False, dict(fusion="avg_ce_norm", target_source=1, soft_weighting=True)),
-    (6, True, dict(fusion="min_ce", lm_weight=0.3)),
     (64, False, dict(fusion="avg_ce", loss_type="kl")),  # larger than T: one chunk
 ])
 def test_chunked_loss_equals_dense_loss_and_gradients(chunk, tied, opts):
