@@ -9,7 +9,7 @@ The memory comes from the step compiled on abstract arrays (``fusejax.plan.plan_
 and allocation-free; ``--steps 0`` prints only that. Timing runs one state through the variants in turn.
 
 Usage: .venv/bin/python benchmarks/bench_train_step.py [--vocab 32000 --hidden 256 --layers 4 --seq 256
-       --batch 4 --sources 3 --k 10 --steps 5 --dtype float32 --loss-chunk 256 --no-dense-teacher]
+       --batch 4 --sources 3 --k 10 --steps 5 --dtype float32 --loss-chunk 256 --remat none --no-dense-teacher]
 """
 
 import argparse
@@ -77,14 +77,17 @@ def main():
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--loss-chunk", type=int, default=TrainConfig.loss_chunk)
+    p.add_argument("--remat", default="none", choices=("none", "full", "dots"))
     p.add_argument("--no-dense-teacher", action="store_true", help="leave out the dense-teacher step (large V)")
     a = p.parse_args()
     print("machine:", machine())
     mc = ModelConfig(arch="llama", vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=4 * a.hidden,
                      num_layers=a.layers, num_heads=max(1, a.hidden // 64))
-    tc = TrainConfig(steps=1000, batch_size=a.batch, seq_len=a.seq, compute_dtype=a.dtype, loss_chunk=a.loss_chunk)
+    tc = TrainConfig(steps=1000, batch_size=a.batch, seq_len=a.seq, compute_dtype=a.dtype, loss_chunk=a.loss_chunk,
+                     remat=a.remat)
     print(f"model: llama hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}; batch {a.batch} x {a.seq} tokens; "
-          f"S={a.sources}, k={a.k}; compute {a.dtype}; loss chunk {min(a.loss_chunk, a.seq)} positions")
+          f"S={a.sources}, k={a.k}; compute {a.dtype}; remat {a.remat}; loss chunk {min(a.loss_chunk, a.seq)} "
+          "positions")
     mesh = make_mesh(fsdp=-1)
     variants = {
         "clm": (dataclasses.replace(tc, lm_weight=1.0), 0, None),
