@@ -107,7 +107,7 @@ def throughput(a) -> list[dict]:
         print(json.dumps(row), flush=True)
         if a.diagnose:  # the top-k/CE epilogue alone, on precomputed logits
             logits = _forward(model, ids, mask)
-            for name, fn in (("epilogue (top-k + CE)", jax.jit(lambda lg: position_stats(lg, ids, a.k, a.vocab))),
+            for name, fn in (("epilogue (top-k + CE)", jax.jit(lambda lg: position_stats(lg, ids, a.k))),
                              ("represent.top_k", jax.jit(lambda lg: top_k(lg, a.k))),
                              ("lax.top_k", jax.jit(lambda lg: jax.lax.top_k(lg, a.k)))):
                 jax.block_until_ready(fn(logits))

@@ -18,7 +18,7 @@ from fusejax.models.transformer import head_logits
 
 
 _CHUNK = 64  # vocabulary entries per chunk in ``top_k``
-CHUNK = 256  # positions of each row whose logits ``extract_step`` holds at once
+CHUNK = 64  # positions of each row whose logits ``extract_step`` holds at once (a few float32 copies)
 
 
 def top_k(logits: jax.Array, k: int):
@@ -44,11 +44,11 @@ def top_k(logits: jax.Array, k: int):
     return values, jnp.take_along_axis(best, where // _CHUNK, axis=-1) * _CHUNK + where % _CHUNK
 
 
-def position_stats(logits: jax.Array, next_ids: jax.Array, k: int, vocab_size: int):
-    """Per position of logits [..., Vp] float32 (ids >= vocab_size are vocabulary padding) and the next token
-    next_ids [...] int: (top-k logits [..., k] f32, their ids [..., k] i32, the next token's logit [...], the
-    logsumexp [...], NaN or +inf where any logit is NaN or +inf)."""
-    logits = logits[..., :vocab_size].astype(jnp.float32)
+def position_stats(logits: jax.Array, next_ids: jax.Array, k: int):
+    """Per position of logits [..., Vp] float32 (padded vocabulary ids hold -inf, so they count for nothing and
+    are never among the top k <= vocab_size; no sliced copy is made) and the next token next_ids [...] int:
+    (top-k logits [..., k] f32, their ids [..., k] i32, the next token's logit [...], the logsumexp [...],
+    NaN or +inf where any logit is NaN or +inf)."""
     values, ids = top_k(logits, k)
     target = jnp.take_along_axis(logits, next_ids[..., None], axis=-1)[..., 0]
     return values, ids.astype(jnp.int32), target, jax.nn.logsumexp(logits, axis=-1)
@@ -72,13 +72,13 @@ def extract_step(model, input_ids, attention_mask, k, chunk=CHUNK):
     chunk = min(chunk, t)
     pad = -t % chunk
     hidden = jnp.pad(model.hidden_states(input_ids, attention_mask), ((0, 0), (0, pad), (0, 0)))
-    head, weight, vocab = functools.partial(head_logits, model.config), model.head_weight, model.config.vocab_size
+    head, weight = functools.partial(head_logits, model.config), model.head_weight
 
     def chunks(x):  # [B,T+pad,...] -> [chunks, B, chunk, ...]
         return jnp.moveaxis(x.reshape(x.shape[0], -1, chunk, *x.shape[2:]), 1, 0)
 
     def one(xs):
-        return position_stats(head(weight, xs[0]), xs[1], k, vocab)
+        return position_stats(head(weight, xs[0]), xs[1], k)
 
     stats = jax.lax.map(one, (chunks(hidden), chunks(jnp.pad(next_ids, ((0, 0), (0, pad))))))
     topk_logits, topk_ids, target, lse = (jnp.moveaxis(x, 0, 1).reshape(x.shape[1], -1, *x.shape[3:])[:, :t]
