@@ -125,35 +125,49 @@ def _project(s: Vocab, t: Vocab, src, tgt, top_ids, top_logits, partner, vocab_m
         tgt_keys = [t.texts[i] for i in tgt.tolist()]
 
     T, k = tgt.size, top_ids.shape[1]
+    rows, row_logits, filled = _project_rows(project, top_ids, top_logits)
     out_ids = np.full((T, k), -1, np.int32)
     out_logits = np.zeros((T, k), np.float32)
     stats = AlignStats(positions=T)
-    for i in range(T):
-        j = int(partner[i])
+    src_ids, tgt_ids, copied = src.tolist(), tgt.tolist(), []
+    for i, j in enumerate(partner.tolist()):
         if j >= 0:
             stats.one_to_one += 1
-            if _matches(s, t, mode, i, src_keys[j], tgt_keys[i], int(src[j]), int(tgt[i]), vocab_map):
+            if _matches(s, t, mode, i, src_keys[j], tgt_keys[i], src_ids[j], tgt_ids[i], vocab_map):
                 stats.matched += 1
-                row = []
-                for sid, logit in zip(top_ids[j].tolist(), top_logits[j].tolist()):
-                    tid = int(project[sid]) if sid < project.size else -1  # ids past the tokenizer: model padding
-                    if tid >= 0 and tid not in row:
-                        row.append(tid)
-                        out_logits[i, len(row) - 1] = logit
-                out_ids[i, : len(row)] = row
-                if row or mode == "reference":
-                    stats.empty += not row
+                if filled[j]:
+                    copied.append(i)
+                    continue
+                if mode == "reference":
+                    stats.empty += 1
                     continue
         stats.fallback += 1
         if fallback == "reference":
-            out_ids[i, 0] = t.vocab[tgt_keys[i]] if mode == "reference" else tgt[i]
+            out_ids[i, 0] = t.vocab[tgt_keys[i]] if mode == "reference" else tgt_ids[i]
         elif i + 1 < T or next_target_id is not None:
-            out_ids[i, 0] = tgt[i + 1] if i + 1 < T else next_target_id
+            out_ids[i, 0] = tgt_ids[i + 1] if i + 1 < T else next_target_id
         else:
             stats.empty += 1
             continue
         out_logits[i, 0] = 1.0
+    out_ids[copied], out_logits[copied] = rows[partner[copied]], row_logits[partner[copied]]
     return out_ids, out_logits, stats
+
+
+def _project_rows(project: np.ndarray, top_ids: np.ndarray, top_logits: np.ndarray):
+    """Each source position's top-k projected onto target ids: ``project [V_s]`` (-1: does not resolve; ids
+    past its end, the model's padding, do not resolve either), ``top_ids`` / ``top_logits [n, k]``. Keeps the
+    first entry of each target id, in rank order, filled entries first; returns (ids [n, k] int32 -1 padded,
+    logits [n, k] float32 0 padded, filled entries [n])."""
+    k = top_ids.shape[1]
+    inside = top_ids < project.size
+    ids = np.where(inside, project[np.where(inside, top_ids, 0)], -1)
+    repeated = ((ids[:, :, None] == ids[:, None, :]) & np.tri(k, k, -1, bool)).any(axis=-1)  # an earlier rank has it
+    keep = (ids >= 0) & ~repeated
+    order = np.argsort(~keep, axis=1, kind="stable")  # kept entries first, in rank order
+    ids = np.take_along_axis(np.where(keep, ids, -1), order, axis=1).astype(np.int32)
+    logits = np.take_along_axis(np.where(keep, top_logits, 0), order, axis=1).astype(np.float32)
+    return ids, logits, keep.sum(axis=1)
 
 
 def _matches(s: Vocab, t: Vocab, mode: str, i: int, src_key, tgt_key, src_id: int, tgt_id: int, vocab_map) -> bool:
