@@ -34,7 +34,8 @@ from fusejax.tokenizer import encode_block
 
 class Batches(Protocol):
     """Random-access rows of training data: ``rows(indices) -> {field: np.ndarray [len(indices), ...]}`` with
-    the fields of :func:`fusejax.schema.row_layout`."""
+    the fields of :func:`fusejax.schema.row_layout`. Data may also have ``prefetch(indices)``, which starts
+    building rows that a later ``rows`` call reads (the trainer calls it with the next batch's rows)."""
 
     num_rows: int
 
