@@ -35,7 +35,7 @@ import numpy as np
 from bench_store_size import DATA, synthetic_topk
 
 from fusejax import align, vocab_maps
-from fusejax.config import load_config
+from fusejax.config import load_config, replace
 from fusejax.corpus import prepare_corpus
 from fusejax.data import AlignedOnTheFly
 from fusejax.schema import TOPK_KIND, format_meta, topk_fields
@@ -120,7 +120,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         root = a.dir or Path(tmp)
         cfg = build_run(root, a.blocks, a.k) if not (root / "run" / "vocab_maps").is_dir() else config(root, a.k)
-        fly = AlignedOnTheFly(cfg, workers=0)
+        fly = AlignedOnTheFly(replace(cfg, "align.workers", 0))
         n, positions = fly.num_rows, int(sum(r["n_tokens"] + 1 for r in fly.aligner.corpus))
         print(f"{n} training blocks, {positions / len(fly.aligner.corpus):.0f} target tokens per block, "
               f"S={len(fly.sources)}, k={a.k}")
@@ -138,7 +138,7 @@ def main():
               f"{1e3 * (cpu - totals['align_tokens'] - totals['_project']) / n:.0f} ms")
         fly.close()
         for workers in range(1, a.workers + 1):
-            fly = AlignedOnTheFly(cfg, workers=workers)
+            fly = AlignedOnTheFly(replace(cfg, "align.workers", workers))
             fly.rows(np.arange(workers))  # start the workers
             t0 = time.perf_counter()
             fly.rows(np.arange(n))

@@ -128,12 +128,12 @@ class AlignedOnTheFly(AlignedBatches):
     """The rows :class:`AlignedBatches` reads from the aligned store, aligned as they are read from the top-k
     stores and vocabulary maps of the run configured by ``cfg`` (``align.on_the_fly``): equal arrays, and no
     aligned store. Blocks are aligned by :class:`fusejax.align.BlockAligner` (a missing top-k store or vocab
-    map: one line naming it) in ``workers`` processes (None: one per host core; 0: in this process);
+    map: one line naming it) in ``align.workers`` processes (None: one per host core; 0: in this process);
     :meth:`prefetch` starts aligning the rows of a later :meth:`rows` call. ``seq_len``, ``ce_level`` and
     ``ce_unit`` come from ``cfg.train``; call :meth:`close` to stop the workers.
     """
 
-    def __init__(self, cfg, *, split: str = "train", workers: int | None = None):
+    def __init__(self, cfg, *, split: str = "train"):
         self.cfg, self.aligner = cfg, BlockAligner(cfg, maps="require", verify=False)
         corpus = self.aligner.corpus
         codes = [np.asarray(shard.column("split")) for shard in corpus.shards]
@@ -148,7 +148,9 @@ class AlignedOnTheFly(AlignedBatches):
         tc = cfg.train
         self._select(corpus.path, keep, self.aligner.names, self.aligner.k, seq_len=tc.seq_len, split=split,
                      ce_level=tc.ce_level, ce_unit=tc.ce_unit)
-        self.workers = len(os.sched_getaffinity(0)) if workers is None else workers
+        self.workers = cfg.align.workers
+        if self.workers is None:  # the cores this process may use (macOS has no affinity: all of them)
+            self.workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         self._pool: ProcessPoolExecutor | None = None
         self._pending: dict[int, Future] = {}  # block position -> its row being aligned
 

@@ -421,7 +421,7 @@ def run(cfg: Config) -> dict:
         raise ValueError("; ".join(problems))
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     if cfg.align.on_the_fly:
-        data = AlignedOnTheFly(cfg, split="train", workers=cfg.align.workers)
+        data = AlignedOnTheFly(cfg, split="train")
     else:
         data = AlignedBatches(layout.aligned, split="train", seq_len=tc.seq_len, ce_level=tc.ce_level,
                               ce_unit=tc.ce_unit)

@@ -250,7 +250,7 @@ def test_on_the_fly_rows_equal_the_aligned_store(run_dir, aligned, workers, ce_l
     stored = AlignedBatches(root / "run" / "aligned", seq_len=72, ce_level=ce_level)
     cfg = _config(root, "align.on_the_fly=true", f"align.workers={workers}", "train.seq_len=72",
                   f"train.ce_level={ce_level}")
-    fly = AlignedOnTheFly(cfg, workers=cfg.align.workers)
+    fly = AlignedOnTheFly(cfg)
     try:
         np.testing.assert_array_equal(fly.positions, stored.positions)
         assert fly.sources == stored.sources == NAMES and fly.num_rows == stored.num_rows
@@ -272,7 +272,7 @@ def test_on_the_fly_align_stage_writes_no_store_and_train_needs_its_inputs(run_d
     out = _copy_run(root, tmp_path, "vocab_maps")
     cfg = _config(root, f"run.output_dir={out}", "align.on_the_fly=true", "align.workers=0")
     with pytest.raises(StoreError) as err:
-        AlignedOnTheFly(cfg, workers=0)
+        AlignedOnTheFly(cfg)
     assert str(out / "vocab_maps" / f"{NAMES[0]}.npz") in str(err.value) and "\n" not in str(err.value)
     assert "fusejax vocab-map" in str(err.value)
     summary = align.run(cfg)
@@ -281,7 +281,7 @@ def test_on_the_fly_align_stage_writes_no_store_and_train_needs_its_inputs(run_d
     assert all((out / "vocab_maps" / f"{n}.npz").is_file() for n in NAMES)
     shutil.rmtree(out / "represent" / NAMES[2])
     with pytest.raises(StoreError) as err:
-        AlignedOnTheFly(cfg, workers=0)
+        AlignedOnTheFly(cfg)
     assert str(out / "represent" / NAMES[2]) in str(err.value) and "\n" not in str(err.value)
 
 
