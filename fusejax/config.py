@@ -163,6 +163,11 @@ class AlignConfig:
         "next_token", "unaligned positions: one-hot of the next token (label), or reference (of the current token)"
     )
     use_vocab_map: bool = opt(True, "map source token ids through the vocab map (false: exact strings only)")
+    on_the_fly: bool = opt(
+        False, "align each training batch in host worker processes while training; no aligned store is written")
+    workers: int | None = opt(
+        None, "worker processes aligning on the fly (null: one per host core; 0: in the training process)",
+        NON_NEGATIVE)
 
 
 @section

@@ -202,11 +202,20 @@ def format_report(plan: dict, *, model_config: ModelConfig, tc: TrainConfig, mes
     return "\n".join(lines)
 
 
+def host_line(cfg: Config) -> str:
+    """What the host does for ``align.on_the_fly`` (a line of the report)."""
+    workers = "one per host core" if cfg.align.workers is None else cfg.align.workers
+    return (f"host: align.on_the_fly: each step's {cfg.train.batch_size} rows are aligned from the top-k stores by "
+            f"worker processes (align.workers: {workers}) while the device trains; "
+            "benchmarks/bench_onfly.py measures the rows per second one core aligns")
+
+
 def run(cfg: Config) -> dict:
     """Stage ``plan``: print the per-device memory and parameter shardings of ``fusejax train``'s step for
     this config (target architecture from ``target.path``/config.json, mesh, ``train`` section, number of
-    sources, ``represent.k``) and warn when it does not fit ``mesh.device_memory_gib``. Returns the byte
-    counts of :func:`plan_training` (without the shardings) plus ``device_memory`` and ``fits`` (None: unknown)."""
+    sources, ``represent.k``; with ``align.on_the_fly`` also :func:`host_line`) and warn when it does not fit
+    ``mesh.device_memory_gib``. Returns the byte counts of :func:`plan_training` (without the shardings) plus
+    ``device_memory`` and ``fits`` (None: unknown)."""
     if cfg.target.path is None:
         raise PlanError("target.path is not set: name the Hugging Face folder of the model to plan for "
                         "(its config.json is enough)")
@@ -223,6 +232,8 @@ def run(cfg: Config) -> dict:
     if is_main_process():
         print(format_report(plan, model_config=model_config, tc=cfg.train, mesh=mesh, platform=devices[0].platform,
                             num_sources=num_sources, k=k, device_memory=device_memory))
+        if cfg.align.on_the_fly:
+            print(host_line(cfg))
     peak = plan["memory"].get("peak_bytes")
     summary = {key: value for key, value in plan.items() if key != "shardings"}
     return dict(summary, device_memory=device_memory,

@@ -106,9 +106,11 @@ def test_warns_when_the_step_does_not_fit(tmp_path, capsys):
 
 
 def test_unknown_device_memory_and_missing_target(tmp_path, capsys):
-    result = run(tiny_config(tmp_path))
+    result = run(tiny_config(tmp_path, "align.on_the_fly=true", "align.workers=3"))
     assert result["fits"] is None and result["device_memory"] is None
-    assert "set mesh.device_memory_gib" in capsys.readouterr().out
+    report = capsys.readouterr().out
+    assert "set mesh.device_memory_gib" in report
+    assert report.splitlines()[-1].startswith("host: align.on_the_fly:") and "(align.workers: 3)" in report
     with pytest.raises(PlanError, match="target.path is not set"):
         run(load_config())
 
