@@ -4,7 +4,7 @@ real corpora."""
 import numpy as np
 import pytest
 
-from fusejax import align, dtw, vocab
+from fusejax import align, dtw, vocab, vocab_maps
 from tests.test_align import naive_partners
 
 PAIRS = [("gpt-neox-20b", "llama2"), ("gpt2", "openllama-v1"), ("llama2", "gpt2")]
@@ -34,6 +34,17 @@ def test_markers_and_texts(real):
     neox = toks["gpt-neox-20b"]
     assert vocab.token_texts(neox, [neox.convert_tokens_to_ids("  ")]) == [b"  "]  # literal added spaces
     assert vocab.token_texts(neox, [neox.eos_token_id]) == vocab.token_texts(toks["llama2"], [2]) == [b"\xffeos"]
+
+
+def test_added_tokens_spelled_by_content(real):
+    """OpenLLaMA v1 marks <unk> and <s> `normalized`: tokenizers 0.23's id_to_token says "▁<unk>"; the
+    reference saw "<unk>", so its exact map finds Llama-2's <unk> and <s>."""
+    toks, _ = real
+    s, t = toks["openllama-v1"], toks["llama2"]
+    assert s.backend_tokenizer.id_to_token(0) == "▁<unk>"  # the quirk this guards against
+    assert vocab.token_strings(s, [0, 1, 2, 32000]) == ["<unk>", "<s>", "</s>", "[PAD]"]
+    exact, _ = vocab_maps.vocab_map(s, t, method="exact", mode="reference")
+    assert exact[:3].tolist() == [0, 1, 2]
 
 
 @pytest.mark.parametrize("source,target", PAIRS)
