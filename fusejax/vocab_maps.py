@@ -12,7 +12,7 @@ The rules compare the strings of each ``mode`` (:mod:`fusejax.vocab`):
 ``mined`` (MinED): the ``exact`` token where there is one, else the target token at the smallest Levenshtein
   distance (``reference``: between the marker-replaced source string and the raw target string; ``default``:
   between the spelled bytes), lowest id on ties (with ``co_occurrence``: the tied target seen most often with
-  the source token).
+  the source token). The search is exact but skips most pairs: :func:`fusejax.align_kernels.nearest_tokens`.
 """
 
 from __future__ import annotations
