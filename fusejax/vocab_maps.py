@@ -99,7 +99,7 @@ def _co_occurrence_table(co_occurrence, n_source: int, n_target: int) -> tuple[n
     if src.size and (src.min() < 0 or src.max() >= n_source or tgt.min() < 0 or tgt.max() >= n_target):
         raise ValueError(f"co_occurrence: ids outside the vocabularies ({n_source} source, {n_target} target)")
     pairs, which = np.unique(np.stack([src, tgt]).astype(np.int64).reshape(2, -1), axis=1, return_inverse=True)
-    counts = np.bincount(which.ravel(), weights=cnt.astype(np.float64), minlength=pairs.shape[1])
+    counts = np.bincount(which.ravel(), weights=cnt.astype(np.float64), minlength=pairs.shape[1]).astype(np.float64)
     return np.searchsorted(pairs[0], np.arange(n_source + 1)), pairs[1], counts
 
 
@@ -117,7 +117,7 @@ def _mined(keys_s: list[str], rows: np.ndarray, keys_t: list[str], co_occurrence
     alphabet, dense = np.unique(np.concatenate([flat_s, flat_t]), return_inverse=True)  # codes 0 .. |alphabet|-1
     codes_s, codes_t = np.split(dense.astype(np.int32), [flat_s.size])
     co = co_occurrence or (np.zeros(len(keys_s) + 1, np.int64), np.zeros(0, np.int64), np.zeros(0))
-    threads = max(1, min(os.cpu_count() or 1 if workers < 0 else workers, rows.size))
+    threads = max(1, min((os.cpu_count() or 1) if workers < 0 else workers, rows.size))
 
     def part(k):  # every threads-th row from k: long and short tokens spread evenly
         return K.nearest_tokens(codes_s, offs_s, rows[k::threads], codes_t, offs_t, alphabet.size, *co)
