@@ -1,4 +1,5 @@
-"""`ModelConfig`: one frozen dataclass describing every supported decoder (Llama/Mistral, GPT-NeoX, MPT, GPT-2).
+"""`ModelConfig`: one frozen dataclass describing every supported decoder (Llama/Mistral/Mixtral, Gemma 2/3,
+GPT-NeoX, MPT, GPT-2).
 
 Architectures differ by fields, not subclasses. :meth:`ModelConfig.from_hf` reads a Hugging Face
 ``config.json`` dict (transformers v4 and v5 layouts) and :meth:`ModelConfig.to_hf` writes one that
@@ -18,23 +19,36 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-ARCHS = ("llama", "gpt_neox", "mpt", "gpt2")
+ARCHS = ("llama", "gemma", "gpt_neox", "mpt", "gpt2")
 # Hugging Face model_type -> our arch
-HF_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "gpt_neox": "gpt_neox", "mpt": "mpt", "gpt2": "gpt2"}
+HF_MODEL_TYPES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "mixtral": "llama",
+    "gemma2": "gemma",
+    "gemma3_text": "gemma",
+    "gpt_neox": "gpt_neox",
+    "mpt": "mpt",
+    "gpt2": "gpt2",
+}
 HF_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
     "gpt_neox": "GPTNeoXForCausalLM",
     "mpt": "MptForCausalLM",
     "gpt2": "GPT2LMHeadModel",
 }
-NORMS = ("rms", "layer")
+NORMS = ("rms", "rms_plus_one", "layer")  # rms_plus_one: RMSNorm scaled by (1 + w), in float32 (Gemma)
 POSITIONS = ("rope", "alibi", "learned")
 MLPS = ("gated", "plain")  # gated: act(x W_gate) * (x W_up) (SwiGLU); plain: act(x W_up)
 # Hugging Face activation names we implement (see transformer.ACTIVATIONS)
 ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
+LAYER_TYPES = ("full_attention", "sliding_attention")  # Hugging Face layer_types we implement
 
 
 class ModelConfigError(ValueError):
@@ -67,6 +81,16 @@ class ModelConfig:
     mlp_bias: bool = False
     tie_embeddings: bool = False
     sliding_window: int | None = None  # a query sees keys with q - k < sliding_window (Mistral)
+    layer_types: tuple[str, ...] | None = None  # per layer, one of LAYER_TYPES; None: all sliding iff a window
+    rope_local_theta: float | None = None  # RoPE base of sliding-window layers (Gemma 3); None: as other layers
+    rope_linear_factor: float = 1.0  # other layers' RoPE positions are divided by this (linear RoPE scaling)
+    post_norms: bool = False  # norm the attention and MLP outputs too before adding them (Gemma 2/3)
+    qk_norm: bool = False  # per-head norm of queries and keys before RoPE (Gemma 3)
+    scale_embeddings: bool = False  # embeddings times sqrt(hidden_size), in the compute dtype (Gemma)
+    attn_logit_softcap: float | None = None  # attention scores -> cap * tanh(scores / cap) (Gemma 2)
+    final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
+    num_experts: int | None = None  # sparse mixture-of-experts MLP with this many experts (Mixtral); None: dense
+    experts_per_token: int = 2  # experts each token is routed to (top-k of the router's softmax)
     alibi_bias_max: int = 8
     softmax_scale: float | None = None  # None: head_dim ** -0.5
     vocab_multiple: int = 128  # embedding rows padded to a multiple of this (sharding over "vocab")
@@ -113,8 +137,9 @@ class ModelConfig:
                 raise ModelConfigError(f"ModelConfig.{field}={value!r}: expected a positive integer")
         if self.rotary_dim is None:
             object.__setattr__(self, "rotary_dim", self.head_dim)
-        if isinstance(self.eos_token_id, list):
-            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        for field in ("eos_token_id", "layer_types"):  # lists from JSON (checkpoint metadata)
+            if isinstance(getattr(self, field), list):
+                object.__setattr__(self, field, tuple(getattr(self, field)))
         if self.num_heads % self.num_kv_heads:
             raise ModelConfigError(
                 f"ModelConfig: num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
@@ -125,11 +150,28 @@ class ModelConfig:
             )
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ModelConfigError(f"ModelConfig.sliding_window={self.sliding_window!r}: expected None or >= 1")
+        if self.layer_types is not None and (
+            len(self.layer_types) != self.num_layers or not set(self.layer_types) <= set(LAYER_TYPES)
+        ):
+            raise ModelConfigError(
+                f"ModelConfig.layer_types={self.layer_types!r}: expected {self.num_layers} of {LAYER_TYPES}"
+            )
+        if self.num_experts is not None and not 1 <= self.experts_per_token <= self.num_experts:
+            raise ModelConfigError(
+                f"ModelConfig.experts_per_token={self.experts_per_token!r}: expected 1..num_experts={self.num_experts}"
+            )
 
     @property
     def padded_vocab_size(self) -> int:
         """``vocab_size`` rounded up to a multiple of ``vocab_multiple`` (rows of the embedding table)."""
         return math.ceil(self.vocab_size / self.vocab_multiple) * self.vocab_multiple
+
+    @property
+    def sliding_layers(self) -> tuple[bool, ...]:
+        """Per layer: whether it attends through ``sliding_window`` (and uses ``rope_local_theta``)."""
+        if self.layer_types is None:
+            return (self.sliding_window is not None,) * self.num_layers
+        return tuple(t == "sliding_attention" for t in self.layer_types)
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -227,7 +269,7 @@ def _rope(r: _Reader, head_dim: int, default_partial: float, v4_theta: str, v4_p
 def _llama(r: _Reader) -> dict[str, Any]:
     hidden, heads = r.get("hidden_size", types=int), r.get("num_attention_heads", types=int)
     head_dim = r.get("head_dim", None, int) or hidden // heads
-    mistral = r.config.get("model_type") == "mistral"
+    mistral = r.config.get("model_type") in ("mistral", "mixtral")
     fields = dict(
         arch="llama",
         vocab_size=r.get("vocab_size", types=int),
@@ -245,12 +287,92 @@ def _llama(r: _Reader) -> dict[str, Any]:
         activation=r.activation("hidden_act", "silu"),
         tie_embeddings=r.get("tie_word_embeddings", False, bool),
     )
-    if mistral:  # MistralConfig has no bias options; its own default window is 4096 when the field is absent
-        fields["sliding_window"] = r.get("sliding_window", None, int) if "sliding_window" in r.config else 4096
+    if mistral:  # Mistral/MixtralConfig have no bias options; Mistral's default window is 4096 when absent
+        default = 4096 if r.config.get("model_type") == "mistral" else None
+        fields["sliding_window"] = r.get("sliding_window", None, int) if "sliding_window" in r.config else default
     else:
         fields["attention_bias"] = r.get("attention_bias", False, bool)
         fields["mlp_bias"] = r.get("mlp_bias", False, bool)
+    if r.config.get("model_type") == "mixtral":
+        jitter = r.get("router_jitter_noise", 0.0, float)
+        if jitter:
+            raise r.unsupported("router_jitter_noise", jitter, " (only 0.0)")
+        fields.update(num_experts=r.get("num_local_experts", 8, int),
+                      experts_per_token=r.get("num_experts_per_tok", 2, int))
     return fields
+
+
+def _gemma(r: _Reader) -> dict[str, Any]:
+    """Gemma 2 and Gemma 3 text models; absent fields take transformers' Gemma2Config/Gemma3TextConfig defaults."""
+    gemma3 = r.config.get("model_type") == "gemma3_text"
+    if r.config.get("use_bidirectional_attention"):
+        raise r.unsupported("use_bidirectional_attention", r.config["use_bidirectional_attention"], " (only false)")
+    heads, layers = r.get("num_attention_heads", types=int), r.get("num_hidden_layers", types=int)
+    head_dim = r.get("head_dim", 256, int)
+
+    def nullable(key, default, types):  # an explicit null turns the option off; an absent field takes the default
+        return r.get(key, None, types) if key in r.config else default
+
+    layer_types = r.get("layer_types", None, list)
+    if layer_types is None:  # transformers' default pattern: every `pattern`-th layer is global
+        pattern = r.get("sliding_window_pattern", 6, int) if gemma3 else 2
+        layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+    if not set(layer_types) <= set(LAYER_TYPES):
+        raise r.unsupported("layer_types", layer_types, f" (only {LAYER_TYPES})")
+    if gemma3:
+        rope = _gemma3_rope(r)
+    else:
+        rope = _rope(r, head_dim, 1.0, "rope_theta", "partial_rotary_factor")
+    return dict(
+        arch="gemma",
+        vocab_size=r.get("vocab_size", types=int),
+        hidden_size=r.get("hidden_size", types=int),
+        intermediate_size=r.get("intermediate_size", types=int),
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=r.get("num_key_value_heads", 4, int),
+        head_dim=head_dim,
+        max_position_embeddings=r.get("max_position_embeddings", 131072 if gemma3 else 8192, int),
+        norm="rms_plus_one",
+        norm_eps=r.get("rms_norm_eps", 1e-6, float),
+        **rope,
+        softmax_scale=r.get("query_pre_attn_scalar", 256, float) ** -0.5,
+        mlp="gated",
+        activation=r.activation("hidden_activation", "gelu_pytorch_tanh"),
+        attention_bias=r.get("attention_bias", False, bool),
+        tie_embeddings=r.get("tie_word_embeddings", True, bool),
+        sliding_window=nullable("sliding_window", 4096, int),
+        layer_types=tuple(layer_types),
+        post_norms=True,
+        qk_norm=gemma3,
+        scale_embeddings=True,
+        attn_logit_softcap=nullable("attn_logit_softcapping", None if gemma3 else 50.0, float),
+        final_logit_softcap=nullable("final_logit_softcapping", None if gemma3 else 30.0, float),
+    )
+
+
+def _gemma3_rope(r: _Reader) -> dict[str, Any]:
+    """Gemma 3's two RoPEs: global layers (``rope_theta``, optional ``linear`` scaling) and local (sliding)
+    layers (``rope_local_base_freq``), from v5 ``rope_parameters`` per layer type or the v4 fields."""
+    params = r.get("rope_parameters", {}, dict)
+    full = dict(r.get("full_attention", {}, dict, within=params))
+    scaling = r.get("rope_scaling", None, dict)  # v4 layout: the global layers' scaling
+    if scaling is not None:
+        full = {**scaling, **full}
+    local = r.get("sliding_attention", {}, dict, within=params)
+    for key, p, allowed in (("full_attention", full, ("default", "linear")),
+                            ("sliding_attention", local, ("default",))):
+        rope_type = p.get("rope_type", p.get("type", "default"))
+        if rope_type not in allowed:
+            raise r.unsupported(f"rope_parameters.{key}", p, f" (rope_type {rope_type!r}; only {allowed})")
+    theta, local_theta = r.get("rope_theta", None, float, within=full), r.get("rope_theta", None, float, within=local)
+    linear = full.get("rope_type", full.get("type")) == "linear"
+    return dict(
+        position="rope",
+        rope_theta=r.get("rope_theta", 1_000_000.0, float) if theta is None else theta,
+        rope_local_theta=r.get("rope_local_base_freq", 10_000.0, float) if local_theta is None else local_theta,
+        rope_linear_factor=r.get("factor", types=float, within=full) if linear else 1.0,
+    )
 
 
 def _gpt_neox(r: _Reader) -> dict[str, Any]:
@@ -344,11 +466,13 @@ def _gpt2(r: _Reader) -> dict[str, Any]:
     )
 
 
-_PARSERS = {"llama": _llama, "gpt_neox": _gpt_neox, "mpt": _mpt, "gpt2": _gpt2}
+_PARSERS = {"llama": _llama, "gemma": _gemma, "gpt_neox": _gpt_neox, "mpt": _mpt, "gpt2": _gpt2}
 
 
 def _rope_parameters(c: ModelConfig) -> dict[str, Any]:
     params = {"rope_type": "default", "rope_theta": c.rope_theta}
+    if c.rope_linear_factor != 1.0:
+        params.update(rope_type="linear", factor=c.rope_linear_factor)
     if c.rotary_dim != c.head_dim:
         params["partial_rotary_factor"] = c.rotary_dim / c.head_dim
     return params
@@ -369,12 +493,51 @@ def _write_llama(c: ModelConfig) -> dict[str, Any]:
         attention_bias=c.attention_bias,
         mlp_bias=c.mlp_bias,
     )
-    if c.model_type == "mistral":
+    if c.model_type in ("mistral", "mixtral"):
         if c.attention_bias or c.mlp_bias:
-            raise ModelConfigError("ModelConfig: model_type 'mistral' has no attention_bias/mlp_bias in transformers")
+            raise ModelConfigError(f"ModelConfig: model_type {c.model_type!r} has no attention_bias/mlp_bias")
         del out["attention_bias"], out["mlp_bias"]
         out["sliding_window"] = c.sliding_window
+    if (c.model_type == "mixtral") != (c.num_experts is not None):
+        raise ModelConfigError(f"ModelConfig: num_experts={c.num_experts} with model_type {c.model_type!r}")
+    if c.num_experts is not None:
+        out.update(num_local_experts=c.num_experts, num_experts_per_tok=c.experts_per_token)
     return out
+
+
+def _write_gemma(c: ModelConfig) -> dict[str, Any]:
+    gemma3 = c.model_type == "gemma3_text"
+    # what transformers' Gemma classes always do, and what they cannot do
+    fixed = dict(norm="rms_plus_one", post_norms=True, qk_norm=gemma3, scale_embeddings=True, mlp="gated",
+                 mlp_bias=False, num_experts=None, position="rope", rotary_dim=c.head_dim)
+    if not gemma3:
+        fixed.update(rope_local_theta=None, rope_linear_factor=1.0)
+    wrong = {k: getattr(c, k) for k, v in fixed.items() if getattr(c, k) != v}
+    if wrong:
+        raise ModelConfigError(f"ModelConfig: model_type {c.model_type!r} needs {fixed}; got {wrong}")
+    scalar = c.head_dim if c.softmax_scale is None else round(c.softmax_scale**-2, 6)
+    rope = _rope_parameters(c)
+    if gemma3:
+        local = c.rope_theta if c.rope_local_theta is None else c.rope_local_theta
+        rope = {"full_attention": rope, "sliding_attention": {"rope_type": "default", "rope_theta": local}}
+    return dict(
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads,
+        head_dim=c.head_dim,
+        max_position_embeddings=c.max_position_embeddings,
+        rms_norm_eps=c.norm_eps,
+        rope_parameters=rope,
+        hidden_activation=c.activation,
+        attention_bias=c.attention_bias,
+        query_pre_attn_scalar=int(scalar) if scalar == int(scalar) else scalar,
+        sliding_window=c.sliding_window,
+        layer_types=["sliding_attention" if s else "full_attention" for s in c.sliding_layers],
+        attn_logit_softcapping=c.attn_logit_softcap,
+        final_logit_softcapping=c.final_logit_softcap,
+    )
 
 
 def _write_gpt_neox(c: ModelConfig) -> dict[str, Any]:
@@ -418,4 +581,6 @@ def _write_gpt2(c: ModelConfig) -> dict[str, Any]:
     )
 
 
-_WRITERS = {"llama": _write_llama, "gpt_neox": _write_gpt_neox, "mpt": _write_mpt, "gpt2": _write_gpt2}
+_WRITERS = {
+    "llama": _write_llama, "gemma": _write_gemma, "gpt_neox": _write_gpt_neox, "mpt": _write_mpt, "gpt2": _write_gpt2
+}
