@@ -10,17 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 import transformers
 from flax import nnx
 
-from fusejax.models import ModelConfig, Transformer, load_pretrained, save_pretrained
+from fusejax.models import ModelConfig, Transformer, load_pretrained
+from tiny import (PARITY_VOCAB, assert_close_at_tokens, check_export_parity, check_load_parity, hf_logits,
+                  parity_batch, save_random_hf_model)
 
-TOL = 1e-4
-VOCAB = 300  # not a multiple of 128: the embedding is padded to 384
-LENGTHS = (10, 7, 4, 1)  # right padding
-T = max(LENGTHS)
-
+VOCAB = PARITY_VOCAB
 COMMON = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 LLAMA = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              max_position_embeddings=64, **COMMON)
@@ -44,63 +41,23 @@ CASES = {
 }
 
 
-def _batch():
-    rng = np.random.default_rng(0)
-    ids = rng.integers(3, VOCAB, size=(len(LENGTHS), T)).astype(np.int32)
-    mask = (np.arange(T)[None, :] < np.asarray(LENGTHS)[:, None]).astype(np.int32)
-    return np.where(mask == 1, ids, 0), mask
-
-
-def _hf_logits(model, ids, mask):
-    with torch.no_grad():
-        out = model(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long())
-    return out.logits.float().numpy()
-
-
-def _assert_close_at_tokens(ours, ref, mask):
-    ours, ref = np.asarray(ours), np.asarray(ref)
-    sel = mask.astype(bool)
-    diff = np.abs(ours[..., :VOCAB][sel] - ref[sel]).max()
-    assert diff <= TOL, f"max abs logit difference {diff} > {TOL}"
-
-
 @pytest.fixture(scope="module", params=list(CASES))
 def case(request, tmp_path_factory):
     """(name, HF model folder, reference logits) for one random tiny HF model whose every weight is perturbed."""
     name = request.param
-    config_cls, model_cls, kwargs = CASES[name]
-    torch.manual_seed(0)
-    model = model_cls(config_cls(**kwargs, attn_implementation="eager")).eval()
-    with torch.no_grad():  # norms start at 1 and biases at 0: perturb so that their mapping is tested
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
     folder = tmp_path_factory.mktemp(name)
-    model.save_pretrained(folder)
-    ids, mask = _batch()
-    return name, folder, _hf_logits(model, ids, mask)
+    model = save_random_hf_model(folder, *CASES[name])
+    return name, folder, hf_logits(model, *parity_batch())
 
 
 def test_logits_match_transformers(case):
     name, folder, ref = case
-    ids, mask = _batch()
-    model = load_pretrained(folder)
-    logits = model(jnp.asarray(ids), jnp.asarray(mask))
-    assert logits.dtype == jnp.float32 and logits.shape == (*ids.shape, 384)
-    _assert_close_at_tokens(logits, ref, mask)
-    assert np.all(np.isneginf(np.asarray(logits)[..., VOCAB:])), "padded vocab ids must have -inf logits"
-    assert np.isfinite(np.asarray(logits)[..., :VOCAB]).all()
+    check_load_parity(folder, ref)
 
 
 def test_save_then_transformers_loads(case, tmp_path):
     name, folder, ref = case
-    ids, mask = _batch()
-    save_pretrained(load_pretrained(folder), tmp_path)
-    hf, info = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path, attn_implementation="eager", output_loading_info=True
-    )
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
-    assert type(hf).__name__ == CASES[name][1].__name__
-    _assert_close_at_tokens(_hf_logits(hf.eval(), ids, mask), ref, mask)
+    check_export_parity(folder, ref, tmp_path, CASES[name][1])
 
 
 @pytest.mark.parametrize("name,edit", [
@@ -110,18 +67,15 @@ def test_save_then_transformers_loads(case, tmp_path):
 ])
 def test_v4_config_layout_loads(name, edit, tmp_path_factory):
     """A config.json hand-edited to the transformers v4 layout gives the same model."""
-    config_cls, model_cls, kwargs = CASES[name]
     folder = tmp_path_factory.mktemp(f"v4_{name}")
-    torch.manual_seed(1)
-    model = model_cls(config_cls(**kwargs, attn_implementation="eager")).eval()
-    model.save_pretrained(folder)
+    model = save_random_hf_model(folder, *CASES[name], seed=1)
     config = json.loads((folder / "config.json").read_text())
     edit(config)
     assert "rope_parameters" not in config
     (folder / "config.json").write_text(json.dumps(config))
-    ids, mask = _batch()
+    ids, mask = parity_batch()
     logits = load_pretrained(folder)(jnp.asarray(ids), jnp.asarray(mask))
-    _assert_close_at_tokens(logits, _hf_logits(model, ids, mask), mask)
+    assert_close_at_tokens(logits, hf_logits(model, ids, mask), mask)
 
 
 def _tiny(**kw):

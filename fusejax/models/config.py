@@ -346,7 +346,8 @@ def _gemma(r: _Reader) -> dict[str, Any]:
         post_norms=True,
         qk_norm=gemma3,
         scale_embeddings=True,
-        attn_logit_softcap=nullable("attn_logit_softcapping", None if gemma3 else 50.0, float),
+        # transformers' Gemma 3 attention ignores attn_logit_softcapping
+        attn_logit_softcap=None if gemma3 else nullable("attn_logit_softcapping", 50.0, float),
         final_logit_softcap=nullable("final_logit_softcapping", None if gemma3 else 30.0, float),
     )
 
@@ -510,7 +511,9 @@ def _write_gemma(c: ModelConfig) -> dict[str, Any]:
     # what transformers' Gemma classes always do, and what they cannot do
     fixed = dict(norm="rms_plus_one", post_norms=True, qk_norm=gemma3, scale_embeddings=True, mlp="gated",
                  mlp_bias=False, num_experts=None, position="rope", rotary_dim=c.head_dim)
-    if not gemma3:
+    if gemma3:
+        fixed.update(attn_logit_softcap=None)
+    else:
         fixed.update(rope_local_theta=None, rope_linear_factor=1.0)
     wrong = {k: getattr(c, k) for k, v in fixed.items() if getattr(c, k) != v}
     if wrong:
