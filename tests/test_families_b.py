@@ -5,6 +5,7 @@ than every sliding window; the transformers v4 config layouts; for Mixtral the g
 extraction with the experts sharded over the mesh, and `fusejax plan`.
 """
 
+import dataclasses
 import json
 
 import jax
@@ -16,6 +17,7 @@ import transformers
 from flax import nnx
 from jax.sharding import PartitionSpec
 
+from fusejax.checkpoint import check_architecture
 from fusejax.config import load_config
 from fusejax.models import ModelConfig, ModelConfigError, load_pretrained
 from fusejax.plan import run as plan
@@ -191,3 +193,14 @@ def test_mixtral_plan_shards_experts(mixtral, capsys):
     # [L, X, D, F] -> experts over tensor, embed over fsdp
     assert "layers.w_gate" in report and "[2, 4, 64, 96] -> [2, 2, 32, 96]" in report
     assert result["num_params"] > 2 * 4 * 3 * 64 * 96
+
+
+def test_checkpoint_metadata_matches_its_model():
+    """A training checkpoint's metadata (ModelConfig fields through JSON: tuples become lists) matches the
+    model it was written for, so that a Gemma target resumes."""
+    c = ModelConfig.from_hf({"model_type": "gemma3_text", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
+                             "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
+                             "eos_token_id": [1, 2]})
+    meta = {"model": json.loads(json.dumps(dataclasses.asdict(c)))}
+    check_architecture(meta, c, "here")
+    assert ModelConfig(**meta["model"]) == c
