@@ -160,6 +160,8 @@ class ModelConfig:
             raise ModelConfigError(
                 f"ModelConfig.experts_per_token={self.experts_per_token!r}: expected 1..num_experts={self.num_experts}"
             )
+        if self.num_experts is not None and (self.mlp != "gated" or self.mlp_bias):
+            raise ModelConfigError("ModelConfig: experts (num_experts) are gated MLPs without biases")
 
     @property
     def padded_vocab_size(self) -> int:

@@ -302,7 +302,7 @@ def _moe(c: ModelConfig, rules: dict, p: dict, h: jax.Array) -> jax.Array:
     probs = jax.nn.softmax(jnp.einsum("btd,dx->btx", h, p["router"].astype(dt)).astype(jnp.float32), axis=-1)
     top, chosen = jax.lax.top_k(probs, c.experts_per_token)  # [B, T, k]
     weights = jnp.einsum("btk,btkx->btx", top / top.sum(-1, keepdims=True), jax.nn.one_hot(chosen, X))
-    experts = {name: p[name] for name in ("w_gate", "w_up", "w_down") if name in p}
+    experts = {name: p[name] for name in ("w_gate", "w_up", "w_down")}
     out = jax.vmap(lambda e: _mlp(c, rules, e, h))(experts)  # [X, B, T, D]
     return jnp.einsum("xbtd,btx->btd", out, weights.astype(dt))
 
