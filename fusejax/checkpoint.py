@@ -58,10 +58,8 @@ def read_meta(manager, step: int) -> dict:
 def architecture(config: ModelConfig | dict) -> dict:
     """The fields of a model config (or its stored dict) that a checkpoint must match: all but RUNTIME_FIELDS."""
     d = dataclasses.asdict(config) if isinstance(config, ModelConfig) else dict(config)
-    d = {k: v for k, v in d.items() if k not in RUNTIME_FIELDS}
-    if isinstance(d.get("eos_token_id"), (list, tuple)):
-        d["eos_token_id"] = list(d["eos_token_id"])
-    return d
+    # tuples (eos_token_id, layer_types) as lists, as the JSON metadata holds them
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items() if k not in RUNTIME_FIELDS}
 
 
 def check_architecture(meta: dict, config: ModelConfig, where: str) -> None:
