@@ -368,12 +368,12 @@ def test_mixtral_plan_shards_experts():
     assert result["memory"]["peak_bytes"] > 0
 
 
-def test_checkpoint_metadata_matches_its_model():
-    """A training checkpoint's metadata (ModelConfig fields through JSON: tuples become lists) matches the
-    model it was written for, so that a Gemma target resumes."""
-    c = ModelConfig.from_hf({"model_type": "gemma3_text", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
-                             "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
-                             "eos_token_id": [1, 2]})
+@pytest.mark.parametrize("name", ["gemma3_text", "phi3_longrope_long"])
+def test_checkpoint_metadata_matches_its_model(tmp_path, name):
+    """A training checkpoint's metadata (ModelConfig fields through JSON: tuples become lists, RoPE scaling a
+    dict) matches the model it was written for and rebuilds its config, so that such a target resumes and
+    exports."""
+    c = read_config(_write(tmp_path, name, eos_token_id=[1, 2]))
     meta = {"model": json.loads(json.dumps(dataclasses.asdict(c)))}
     check_architecture(meta, c, "here")
     assert ModelConfig(**meta["model"]) == c

@@ -170,6 +170,9 @@ class ModelConfig:
         for field in ("eos_token_id", "layer_types"):  # lists from JSON (parsers, checkpoint metadata)
             if isinstance(getattr(self, field), list):
                 object.__setattr__(self, field, tuple(getattr(self, field)))
+        if isinstance(self.rope_scaling, dict):  # checkpoint metadata
+            object.__setattr__(self, "rope_scaling", RopeScaling(
+                **{k: tuple(v) if isinstance(v, list) else v for k, v in self.rope_scaling.items()}))
         if self.attention_out_bias is None:
             object.__setattr__(self, "attention_out_bias", self.attention_bias)
         if self.layer_types is not None and (len(self.layer_types) != self.num_layers
