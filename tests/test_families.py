@@ -251,6 +251,8 @@ GEMMA3_ROPE = CASES["gemma3_text"][2]["rope_parameters"]
      r"field 'rope_parameters.sliding_attention'=.* is not supported by fusejax \(only rope_type 'default'\)"),
     ("gemma3_text", dict(rope_parameters={**GEMMA3_ROPE, "full_attention": {"rope_type": "mrope"}}),
      r"field 'rope_parameters.full_attention'=.* is not supported by fusejax \(rope_type 'mrope'"),
+    ("gemma3_text", dict(rope_parameters=None, rope_scaling={"rope_type": "linear"}),
+     r"field 'rope_scaling': required field 'factor' is missing"),
 ])
 def test_bad_new_config_fields_name_file_and_field(tmp_path, name, changes, match):
     _write(tmp_path, name, **changes)

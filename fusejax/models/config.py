@@ -484,6 +484,7 @@ def _gemma3_text(r: _Reader) -> dict[str, Any]:
     scaling = r.get("rope_scaling", None, dict)  # v4 layout: the global layers' scaling
     if scaling is not None:
         full = {**scaling, **full}
+    field = "rope_parameters.full_attention" if scaling is None or "full_attention" in params else "rope_scaling"
     local = r.get("sliding_attention", {}, dict, within=params)
     if local.get("rope_type", local.get("type", "default")) != "default":
         raise r.unsupported("rope_parameters.sliding_attention", local, " (only rope_type 'default')")
@@ -492,7 +493,7 @@ def _gemma3_text(r: _Reader) -> dict[str, Any]:
         _gemma(r, max_positions=131072, pattern=r.get("sliding_window_pattern", 6, int)),
         position="rope",
         rope_theta=r.get("rope_theta", 1_000_000.0, float) if theta is None else theta,
-        rope_scaling=_rope_scaling(r, full, "rope_parameters.full_attention"),
+        rope_scaling=_rope_scaling(r, full, field),
         rope_local_theta=r.get("rope_local_base_freq", 10_000.0, float) if local_theta is None else local_theta,
         qk_norm=True,
         final_logit_softcap=r.nullable("final_logit_softcapping", None, float),
