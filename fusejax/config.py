@@ -197,6 +197,9 @@ class TrainConfig:
     remat: Literal["none", "full", "dots"] = opt(
         "none", "rematerialization per layer: none, full (recompute all), dots (keep matmul outputs)"
     )
+    loss_chunk: int = opt(
+        256, "positions of each sequence whose float32 logits the loss holds at once (never [B,T,V]); must divide "
+        "train.seq_len (a larger value: the whole sequence)", POSITIVE)
     log_every: int = opt(10, "steps between metric logs", POSITIVE)
     eval_every: int = opt(
         500, "steps between held-out evaluations, scored as the eval stage scores them (0: never)", NON_NEGATIVE)
@@ -211,6 +214,9 @@ class TrainConfig:
         if self.batch_size % self.grad_accum:  # the one check: YAML, overrides and Python all build through here
             raise ConfigError(f"bad value for 'train.grad_accum': must divide train.batch_size={self.batch_size}, "
                               f"got {self.grad_accum}")
+        if self.loss_chunk < self.seq_len and self.seq_len % self.loss_chunk:
+            raise ConfigError(f"bad value for 'train.loss_chunk': must divide train.seq_len={self.seq_len}, "
+                              f"got {self.loss_chunk}")
 
 
 @section

@@ -127,6 +127,12 @@ class Transformer(nnx.Module):
             self.lm_head = _param(rngs, (D, V), ("embed", "vocab"), dt)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        """Logits [B,T,Vp] float32: :meth:`logits` of :meth:`hidden_states`."""
+        logits = self.logits(self.hidden_states(input_ids, attention_mask))
+        return constrain(logits, ("batch", "length", "vocab"), dict(self.rules))
+
+    def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        """The decoder's output after the final norm: input_ids [B,T] int32 -> [B,T,D] in ``config.dtype``."""
         c = self.config
         B, T = input_ids.shape
         if c.position == "learned" and T > c.max_position_embeddings:
@@ -168,21 +174,34 @@ class Transformer(nnx.Module):
         if c.remat != "none":
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
         x, _ = jax.lax.scan(body, x, (self.layers.arrays(), jnp.asarray(c.sliding_layers)))
+        return _norm(c, x, self.final_norm_scale[...], self.final_norm_bias[...] if c.norm_bias else None)
 
-        x = _norm(c, x, self.final_norm_scale[...], self.final_norm_bias[...] if c.norm_bias else None)
-        if c.tie_embeddings:
-            logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(dt), preferred_element_type=jnp.float32)
-        else:
-            logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(dt), preferred_element_type=jnp.float32)
-        logits = softcap(logits, c.final_logit_softcap)
-        if c.padded_vocab_size > c.vocab_size:  # XLA does not drop an all-true mask, and it costs a pass
-            logits = jnp.where(jnp.arange(c.padded_vocab_size) < c.vocab_size, logits, -jnp.inf)
-        return constrain(logits, ("batch", "length", "vocab"), rules)
+    @property
+    def head_weight(self) -> jax.Array:
+        """The unembedding :func:`head_logits` reads: ``embed`` [Vp, D] when tied, else ``lm_head`` [D, Vp]."""
+        return self.embed[...] if self.config.tie_embeddings else self.lm_head[...]
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """The LM head on hidden states [..., D] (any leading axes, e.g. one chunk of positions): [..., Vp] float32."""
+        return head_logits(self.config, self.head_weight, hidden)
+
+
+def head_logits(c: ModelConfig, weight: jax.Array, hidden: jax.Array) -> jax.Array:
+    """Logits [..., Vp] float32 of hidden [..., D] and the unembedding ``weight`` (:attr:`Transformer.head_weight`),
+    projected in ``hidden``'s dtype with float32 accumulation, soft-capped (``final_logit_softcap``); padded
+    vocabulary ids are -inf. A pure function of its arrays, so that a chunked loss can apply it (and
+    differentiate it) one chunk at a time."""
+    equation = "...d,vd->...v" if c.tie_embeddings else "...d,dv->...v"
+    logits = jnp.einsum(equation, hidden, weight.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    logits = softcap(logits, c.final_logit_softcap)
+    if c.padded_vocab_size > c.vocab_size:  # XLA does not drop an all-true mask, and it costs a pass
+        logits = jnp.where(jnp.arange(c.padded_vocab_size) < c.vocab_size, logits, -jnp.inf)
+    return logits
 
 
 def softcap(x: jax.Array, cap: float | None) -> jax.Array:
     """Soft-capping (Gemma 2): ``cap * tanh(x / cap)`` elementwise, or x itself when ``cap`` is None. Applied
-    to attention scores and to the head's logits (per chunk of them, if a loss computes them in chunks)."""
+    to attention scores and in :func:`head_logits` (so per chunk where a loss computes logits in chunks)."""
     return x if cap is None else cap * jnp.tanh(x / cap)
 
 
