@@ -79,6 +79,7 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
     "kv_heads": "tensor",  # key/value heads (grouped-query attention)
     "head_dim": None,
     "vocab": "tensor",  # embedding/unembedding rows (vocabulary padded to a multiple of 128)
+    "experts": "tensor",  # mixture-of-experts experts (expert parallelism; their MLP units then stay whole)
     "layers": None,  # stacked-layer axis of scanned models
     "norm": None,  # norm scales and biases
     "sources": None,  # fusion sources

@@ -1,18 +1,20 @@
-"""One generic decoder-only Transformer in Flax NNX covering Llama/Mistral, Qwen2/3, Phi-3, GPT-NeoX/Pythia, MPT
-and GPT-2.
+"""One generic decoder-only Transformer in Flax NNX covering Llama/Mistral/Mixtral, Qwen2/3, Phi-3, Gemma 2/3,
+GPT-NeoX/Pythia, MPT and GPT-2.
 
 Per-layer parameters are stacked along a leading ``layers`` axis (module :class:`Layers`) and applied with
-``jax.lax.scan``, under ``jax.checkpoint`` when ``config.remat`` is not ``"none"``; what differs between layers
-(whether the sliding window applies) is scanned alongside them as a per-layer array. Every ``nnx.Param`` carries
-``logical_axes`` metadata (names from :mod:`fusejax.sharding`); activations are constrained by logical names
-under the model's own ``rules`` (given at construction), the same rules that place its parameters.
+``jax.lax.scan``, under ``jax.checkpoint`` when ``config.remat`` is not ``"none"``. Layers that differ (sliding
+window or global attention, local or global RoPE) scan a per-layer flag alongside their parameters. Every
+``nnx.Param`` carries ``logical_axes`` metadata (names from :mod:`fusejax.sharding`); activations are constrained
+by logical names under the model's own ``rules`` (given at construction), the same rules that place its parameters.
 
-Weight layouts (``L`` layers, ``D`` hidden, ``H``/``K`` query/kv heads, ``E`` head_dim, ``F`` mlp, ``V`` padded vocab):
+Weight layouts (``L`` layers, ``D`` hidden, ``H``/``K`` query/kv heads, ``E`` head_dim, ``F`` mlp, ``V`` padded vocab,
+``X`` experts):
   embed [V, D]; pos_embed [P, D] (learned positions); lm_head [D, V] (absent when tied)
   layers.wq [L, D, H, E]; wk, wv [L, D, K, E]; wo [L, H, E, D]; bq [L, H, E]; bk, bv [L, K, E]; bo [L, D]
-  layers.q_norm_scale, k_norm_scale [L, E] (qk_norm)
   layers.w_gate, w_up [L, D, F]; w_down [L, F, D]; b_gate, b_up [L, F]; b_down [L, D]
-  layers.{attn,mlp}_norm_{scale,bias} [L, D]; final_norm_{scale,bias} [D]
+  mixture of experts: layers.router [L, D, X]; w_gate, w_up [L, X, D, F]; w_down [L, X, F, D]
+  layers.{attn,mlp}_norm_{scale,bias} [L, D]; post-norms layers.{attn,mlp}_out_norm_{scale,bias} [L, D]
+  layers.{q,k}_norm_scale [L, E]; final_norm_{scale,bias} [D]
 """
 
 from __future__ import annotations
@@ -64,10 +66,13 @@ class Layers(nnx.Module):
         L, D, H, K, E, F = c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
         dt = jnp.dtype(c.param_dtype)
         p = functools.partial(_param, rngs, dtype=dt)
-        for norm in ("attn_norm", "mlp_norm"):
-            setattr(self, f"{norm}_scale", p((L, D), ("layers", "norm"), init="ones"))
+        for norm in ("attn_norm", "mlp_norm", *(("attn_out_norm", "mlp_out_norm") if c.post_norms else ())):
+            setattr(self, f"{norm}_scale", p((L, D), ("layers", "norm"), init=_norm_init(c)))
             if c.norm_bias:
                 setattr(self, f"{norm}_bias", p((L, D), ("layers", "norm"), init="zeros"))
+        if c.qk_norm:
+            self.q_norm_scale = p((L, E), ("layers", "norm"), init=_norm_init(c))
+            self.k_norm_scale = p((L, E), ("layers", "norm"), init=_norm_init(c))
         self.wq = p((L, D, H, E), ("layers", "embed", "heads", "head_dim"))
         self.wk = p((L, D, K, E), ("layers", "embed", "kv_heads", "head_dim"))
         self.wv = p((L, D, K, E), ("layers", "embed", "kv_heads", "head_dim"))
@@ -78,13 +83,14 @@ class Layers(nnx.Module):
             self.bv = p((L, K, E), ("layers", "kv_heads", "head_dim"), init="zeros")
         if c.attention_out_bias:
             self.bo = p((L, D), ("layers", "embed"), init="zeros")
-        if c.qk_norm:
-            self.q_norm_scale = p((L, E), ("layers", "head_dim"), init="ones")
-            self.k_norm_scale = p((L, E), ("layers", "head_dim"), init="ones")
         mlp_in = ("w_gate", "w_up") if c.mlp == "gated" else ("w_up",)
+        X = () if c.num_experts is None else (c.num_experts,)  # experts: one MLP each
+        x_axis = () if c.num_experts is None else ("experts",)
+        if c.num_experts is not None:
+            self.router = p((L, D, c.num_experts), ("layers", "embed", None))
         for name in mlp_in:
-            setattr(self, name, p((L, D, F), ("layers", "embed", "mlp")))
-        self.w_down = p((L, F, D), ("layers", "mlp", "embed"))
+            setattr(self, name, p((L, *X, D, F), ("layers", *x_axis, "embed", "mlp")))
+        self.w_down = p((L, *X, F, D), ("layers", *x_axis, "mlp", "embed"))
         if c.mlp_bias:
             for name in mlp_in:
                 setattr(self, "b" + name[1:], p((L, F), ("layers", "mlp"), init="zeros"))
@@ -114,7 +120,7 @@ class Transformer(nnx.Module):
         if c.position == "learned":
             self.pos_embed = _param(rngs, (c.max_position_embeddings, D), (None, "embed"), dt)
         self.layers = Layers(c, rngs)
-        self.final_norm_scale = _param(None, (D,), ("norm",), dt, init="ones")
+        self.final_norm_scale = _param(None, (D,), ("norm",), dt, init=_norm_init(c))
         if c.norm_bias:
             self.final_norm_bias = _param(None, (D,), ("norm",), dt, init="zeros")
         if not c.tie_embeddings:
@@ -134,23 +140,35 @@ class Transformer(nnx.Module):
         dt = jnp.dtype(c.dtype)
         rules = dict(self.rules)
         key_valid = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
-        causal = _attention_mask(key_valid, None)  # [B, T, T]
-        window = causal if c.sliding_window is None else _attention_mask(key_valid, c.sliding_window)
+        # (global, sliding layers): [B, T, T] masks and RoPE tables (HF default positions 0..T-1; right padding
+        # keeps them correct); the same object when they agree
+        mask = _attention_mask(key_valid, None)
+        masks = (mask, _attention_mask(key_valid, c.sliding_window) if c.sliding_window else mask)
+        ropes = (None, None)
+        if c.position == "rope":
+            rope = rope_tables(T, c.rotary_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings)
+            local = rope
+            if c.rope_local_theta is not None:
+                local = rope_tables(T, c.rotary_dim, c.rope_local_theta, None, c.max_position_embeddings)
+            ropes = (rope, local)
+        alibi = _alibi_bias(c.num_heads, T, c.alibi_bias_max) if c.position == "alibi" else None
 
         x = jnp.take(self.embed[...], input_ids, axis=0).astype(dt)
+        if c.scale_embeddings:
+            x = x * jnp.asarray(c.hidden_size**0.5, dt)
         if c.position == "learned":
             x = x + self.pos_embed[...][:T].astype(dt)
         x = constrain(x, ("batch", "length", "embed"), rules)
-        # HF default positions 0..T-1; right padding keeps them correct
-        rope = None
-        if c.position == "rope":
-            rope = rope_tables(T, c.rotary_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings)
-        alibi = _alibi_bias(c.num_heads, T, c.alibi_bias_max) if c.position == "alibi" else None
 
         def body(h, xs):
             p, sliding = xs
-            mask = jnp.where(sliding, window, causal)
-            return _layer(c, rules, p, h, mask, rope, alibi), None
+
+            def pick(both):  # this layer's mask or RoPE tables; a select only where layers differ in them
+                if both[0] is both[1] or len(set(c.sliding_layers)) == 1:
+                    return both[c.sliding_layers[0]]
+                return jax.tree.map(lambda a, b: jnp.where(sliding, b, a), *both)
+
+            return _layer(c, rules, p, h, pick(masks), pick(ropes), alibi), None
 
         policy = REMAT_POLICIES[c.remat]
         if c.remat != "none":
@@ -170,13 +188,21 @@ class Transformer(nnx.Module):
 
 def head_logits(c: ModelConfig, weight: jax.Array, hidden: jax.Array) -> jax.Array:
     """Logits [..., Vp] float32 of hidden [..., D] and the unembedding ``weight`` (:attr:`Transformer.head_weight`),
-    projected in ``hidden``'s dtype with float32 accumulation; padded vocabulary ids are -inf. A pure function
-    of its arrays, so that a chunked loss can apply it (and differentiate it) one chunk at a time."""
+    projected in ``hidden``'s dtype with float32 accumulation, soft-capped (``final_logit_softcap``); padded
+    vocabulary ids are -inf. A pure function of its arrays, so that a chunked loss can apply it (and
+    differentiate it) one chunk at a time."""
     equation = "...d,vd->...v" if c.tie_embeddings else "...d,dv->...v"
     logits = jnp.einsum(equation, hidden, weight.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    logits = softcap(logits, c.final_logit_softcap)
     if c.padded_vocab_size > c.vocab_size:  # XLA does not drop an all-true mask, and it costs a pass
         logits = jnp.where(jnp.arange(c.padded_vocab_size) < c.vocab_size, logits, -jnp.inf)
     return logits
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """Soft-capping (Gemma 2): ``cap * tanh(x / cap)`` elementwise, or x itself when ``cap`` is None. Applied
+    to attention scores and in :func:`head_logits` (so per chunk where a loss computes logits in chunks)."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
 
 
 def _attention_mask(key_valid: jax.Array, sliding_window: int | None) -> jax.Array:
@@ -214,14 +240,21 @@ def _alibi_bias(num_heads: int, T: int, alibi_bias_max: float) -> jax.Array:
     return jnp.asarray(alibi_slopes(num_heads, alibi_bias_max))[:, None, None] * dist[None].astype(jnp.float32)
 
 
+def _norm_init(c: ModelConfig) -> str:
+    """Initial norm scales: ones, or zeros where the norm multiplies by ``1 + scale``."""
+    return "zeros" if c.norm == "rms_plus_one" else "ones"
+
+
 def _norm(c: ModelConfig, x: jax.Array, scale: jax.Array, bias: jax.Array | None) -> jax.Array:
-    """RMSNorm or LayerNorm over the last axis, computed in float32, returned in x's dtype."""
+    """RMSNorm, (1 + w) RMSNorm or LayerNorm over the last axis, computed in float32, returned in x's dtype."""
     xf = x.astype(jnp.float32)
     if c.norm == "layer":
         xf = xf - xf.mean(-1, keepdims=True)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + c.norm_eps)
     if c.norm == "rms":  # HF Llama casts back to the input dtype before the scale
         return scale.astype(x.dtype) * y.astype(x.dtype)
+    if c.norm == "rms_plus_one":  # HF Gemma scales in float32, then casts
+        return (y * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
     y = y * scale.astype(jnp.float32)
     if bias is not None:
         y = y + bias.astype(jnp.float32)
@@ -246,7 +279,8 @@ def _attention(c: ModelConfig, rules: dict, p: dict, h: jax.Array, mask: jax.Arr
     K, G = c.num_kv_heads, c.num_heads // c.num_kv_heads
     q = q.reshape(B, T, K, G, c.head_dim)
     scale = c.head_dim**-0.5 if c.softmax_scale is None else c.softmax_scale
-    scores = jnp.einsum("btkge,bske->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = softcap(jnp.einsum("btkge,bske->bkgts", q, k, preferred_element_type=jnp.float32) * scale,
+                     c.attn_logit_softcap)
     if alibi is not None:
         scores = scores + alibi.reshape(K, G, T, T)
     # a finite floor (not -inf) keeps rows without any visible key (fully padded rows) free of NaN
@@ -274,13 +308,33 @@ def _mlp(c: ModelConfig, rules: dict, p: dict, h: jax.Array) -> jax.Array:
     return out + p["b_down"].astype(dt) if c.mlp_bias else out
 
 
+def _moe(c: ModelConfig, rules: dict, p: dict, h: jax.Array) -> jax.Array:
+    """Sparse mixture of experts (Mixtral) on h [B, T, D] -> [B, T, D]: each token's ``experts_per_token``
+    experts with the highest router softmax (float32), their outputs weighted by those probabilities
+    renormalised to sum to 1. Dispatch is dense: every expert (an :func:`_mlp`) runs on every token and the
+    others get weight 0, exact in value and gradient, at num_experts / experts_per_token times the MLP FLOPs."""
+    dt, X = h.dtype, c.num_experts
+    probs = jax.nn.softmax(jnp.einsum("btd,dx->btx", h, p["router"].astype(dt)).astype(jnp.float32), axis=-1)
+    top, chosen = jax.lax.top_k(probs, c.experts_per_token)  # [B, T, k]
+    weights = jnp.einsum("btk,btkx->btx", top / top.sum(-1, keepdims=True), jax.nn.one_hot(chosen, X))
+    experts = {name: p[name] for name in ("w_gate", "w_up", "w_down")}
+    out = jax.vmap(lambda e: _mlp(c, rules, e, h))(experts)  # [X, B, T, D]
+    return jnp.einsum("xbtd,btx->btd", out, weights.astype(dt))
+
+
 def _layer(c: ModelConfig, rules: dict, p: dict, x: jax.Array, mask, rope, alibi) -> jax.Array:
-    """One pre-norm decoder layer on x [B, T, D] with this layer's parameters ``p`` (sliced by scan)."""
-    attn_in = _norm(c, x, p["attn_norm_scale"], p.get("attn_norm_bias"))
-    attn = _attention(c, rules, p, attn_in, mask, rope, alibi)
+    """One pre-norm decoder layer on x [B, T, D] with this layer's parameters ``p`` (sliced by scan); with
+    ``post_norms`` the attention and MLP outputs are normed too before they are added."""
+
+    def block(name, f, h):
+        out = f(_norm(c, h, p[f"{name}_norm_scale"], p.get(f"{name}_norm_bias")))
+        return _norm(c, out, p[f"{name}_out_norm_scale"], p.get(f"{name}_out_norm_bias")) if c.post_norms else out
+
+    attn = functools.partial(_attention, c, rules, p, mask=mask, rope=rope, alibi=alibi)
+    mlp = functools.partial(_mlp if c.num_experts is None else _moe, c, rules, p)
     if c.parallel_residual:
-        x = x + attn + _mlp(c, rules, p, _norm(c, x, p["mlp_norm_scale"], p.get("mlp_norm_bias")))
+        x = x + block("attn", attn, x) + block("mlp", mlp, x)
     else:
-        x = x + attn
-        x = x + _mlp(c, rules, p, _norm(c, x, p["mlp_norm_scale"], p.get("mlp_norm_bias")))
+        x = x + block("attn", attn, x)
+        x = x + block("mlp", mlp, x)
     return constrain(x, ("batch", "length", "embed"), rules)
