@@ -35,6 +35,8 @@ import shutil
 import zlib
 from pathlib import Path
 
+import jax
+import ml_dtypes
 import numpy as np
 
 from fusejax.config import Config
@@ -49,7 +51,7 @@ NORMALIZE = {"linear": True, "ties": True}  # mergekit's default of `normalize` 
 SAME_CONFIG = ("model_type", "architectures", "vocab_size", "hidden_size", "num_hidden_layers")
 COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                 "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
-DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype("bfloat16")}
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
 
 def merge_tensor(method: str, tensors: list[np.ndarray], base: np.ndarray | None = None, *,
@@ -116,8 +118,8 @@ def merge(models: list[str | os.PathLike], out: str | os.PathLike, *, method: st
     base (else the first model), the safetensors files keep its layout. Returns a summary. Raises
     ValueError (or CheckpointError) naming the setting, config field or tensor that is wrong, before
     anything is written; an existing ``out`` is replaced only once the new folder is complete."""
-    models = [Path(p) for p in models]
-    _check_settings(models, base, method, weights, density, dtype)
+    models, out = [Path(p) for p in models], Path(out)
+    _check_settings(models, base, out, method, weights, density, dtype)
     folders = ([Path(base)] if base is not None else []) + models
     checkpoints = [_Checkpoint(f) for f in folders]
     _check_same(folders, checkpoints)
@@ -134,7 +136,6 @@ def merge(models: list[str | os.PathLike], out: str | os.PathLike, *, method: st
                               weights=weights, density=density, scale=scale, normalize=normalize, rngs=rngs)
         return merged.astype(DTYPES[dtype])
 
-    out = Path(out)
     tmp = out.with_name(f"{TEMP_PREFIX}{out.name}.{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -162,16 +163,18 @@ def merge(models: list[str | os.PathLike], out: str | os.PathLike, *, method: st
             "base": None if base is None else str(base), "tensors": len(ref.where), "dtype": dtype}
 
 
-def run(cfg: Config) -> dict:
+def run(cfg: Config) -> dict | None:
     """The ``fusejax merge`` command: the ``merge`` section of ``cfg`` (output ``merge.path``, default
-    ``<run.output_dir>/merge``)."""
+    ``<run.output_dir>/merge``). With several processes, process 0 merges and the others return None."""
     m = cfg.merge
     out = m.path or Path(cfg.run.output_dir) / "merge"
+    if jax.process_index() != 0:
+        return None
     return merge(list(m.models), out, method=m.method, base=m.base, weights=m.weights or None, density=m.density,
                  scale=m.scale, normalize=m.normalize, seed=m.seed, dtype=m.dtype)
 
 
-def _check_settings(models: list[Path], base, method: str, weights, density: float, dtype: str) -> None:
+def _check_settings(models: list[Path], base, out: Path, method: str, weights, density: float, dtype: str) -> None:
     """One clear ValueError for a setting that cannot work (before any file is read)."""
     if method not in METHODS:
         raise ValueError(f"merge.method {method!r} is not one of {', '.join(METHODS)}")
@@ -184,6 +187,9 @@ def _check_settings(models: list[Path], base, method: str, weights, density: flo
     for key, folder in [("merge.base", base)] + [(f"merge.models.{i}", p) for i, p in enumerate(models)]:
         if folder is not None and not Path(folder).is_dir():
             raise ValueError(f"{key}: {folder} is not a folder")
+        if folder is not None and (out.resolve().is_relative_to(Path(folder).resolve())
+                                   or Path(folder).resolve().is_relative_to(out.resolve())):
+            raise ValueError(f"merge.path {out} overlaps {key} {folder}: the output would replace an input")
     if not 0 <= density <= 1:
         raise ValueError(f"merge.density {density} must be in [0, 1]")
     if weights is None:

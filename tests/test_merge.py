@@ -161,4 +161,6 @@ def test_cli_merge_and_bad_weights(folders, tmp_path, capsys):
     assert "merge.weights [1.0, -1.0] sum to 0" in capsys.readouterr().err
     assert main([*args, "merge.method=ties", f"merge.path={tmp_path}/bad"]) == 2
     assert "merge.base is not set" in capsys.readouterr().err
+    assert main([*args, f"merge.path={folders['m1']}"]) == 2
+    assert "the output would replace an input" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
