@@ -238,7 +238,7 @@ class ExportConfig:
 @section
 class MergeConfig:
     method: Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "sce", "varm"] = opt(
-        "linear", "how `fusejax merge` combines the models' parameters (formulas in fusejax/merge.py)"
+        "linear", "how `fusejax merge` combines the models' parameters (formulas in fusejax/merging.py)"
     )
     models: tuple[str, ...] = opt((), "Hugging Face folders merged (one architecture, same shapes and vocabulary)")
     base: str | None = opt(None, "the base model of the task vectors (every method but linear); config and "

@@ -10,7 +10,7 @@ from safetensors.numpy import load_file
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from fusejax.cli import main
-from fusejax.merge import merge, merge_tensor
+from fusejax.merging import merge, merge_tensor
 
 LLAMA = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
              num_key_value_heads=1, max_position_embeddings=32)
@@ -151,6 +151,8 @@ def test_a_missing_tensor_is_refused_and_the_old_output_kept(folders, tmp_path):
 
 
 def test_cli_merge_and_bad_weights(folders, tmp_path, capsys):
+    import fusejax
+    assert fusejax.merge is merge  # the function, also once the stage module is imported
     models = f"[{folders['m0']},{folders['m1']}]"
     args = ["merge", f"run.output_dir={tmp_path}", f"merge.models={models}"]
     assert main([*args, "merge.weights=[1,2]"]) == 0
