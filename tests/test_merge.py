@@ -166,3 +166,18 @@ def test_cli_merge_and_bad_weights(folders, tmp_path, capsys):
     assert main([*args, f"merge.path={folders['m1']}"]) == 2
     assert "the output would replace an input" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_sharded_base_keeps_its_layout(folders, tmp_path):
+    LlamaForCausalLM.from_pretrained(folders["base"]).save_pretrained(tmp_path / "sharded", max_shard_size="8KB")
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    models = [folders["m0"], folders["m1"]]
+    merge(models, tmp_path / "a", method="task_arithmetic", base=tmp_path / "sharded")
+    merge(models, tmp_path / "b", method="task_arithmetic", base=folders["base"])
+    out = json.loads((tmp_path / "a" / "model.safetensors.index.json").read_text())
+    assert out["weight_map"] == index["weight_map"]
+    got = {k: v for f in set(out["weight_map"].values()) for k, v in load_file(str(tmp_path / "a" / f)).items()}
+    want = _tensors(tmp_path / "b")
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+    LlamaForCausalLM.from_pretrained(tmp_path / "a")
