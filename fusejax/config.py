@@ -237,6 +237,24 @@ class ExportConfig:
 
 
 @section
+class MergeConfig:
+    method: Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "sce", "varm"] = opt(
+        "linear", "how `fusejax merge` combines the models' parameters (formulas in fusejax/merging.py)"
+    )
+    models: tuple[str, ...] = opt((), "Hugging Face folders merged (one architecture, same shapes and vocabulary)")
+    base: str | None = opt(None, "the base model of the task vectors (every method but linear); config and "
+                                 "tokenizer are copied from it (else from the first model)")
+    weights: tuple[float, ...] = opt((), "one weight per model (linear, task_arithmetic, ties, dare_*); empty: 1 each")
+    density: float = opt(1.0, "fraction of each task vector kept (ties, dare_*) or of elements (sce's top-k)",
+                         FRACTION)
+    scale: float = opt(1.0, "lambda: multiplier of the merged task vector (task_arithmetic, ties, dare_*)")
+    normalize: bool | None = opt(None, "divide by the sum of the weights; null: the method's default (mergekit's)")
+    seed: int = opt(0, "seed of DARE's random drops", SEED)
+    dtype: Literal["float32", "bfloat16"] = opt("float32", "dtype of the merged weights (computed in float32)")
+    path: str | None = opt(None, "output folder of the merged model; null: <output_dir>/merge")
+
+
+@section
 class Config:
     """The whole run configuration (frozen). Build it with :func:`load_config`; change it with :func:`replace`."""
 
@@ -251,6 +269,7 @@ class Config:
     train: TrainConfig = opt(TrainConfig, "continual training of the target on lambda*CLM + (1-lambda)*fusion")
     eval: EvalConfig = opt(EvalConfig, "held-out evaluation")
     export: ExportConfig = opt(ExportConfig, "export of the trained target model")
+    merge: MergeConfig = opt(MergeConfig, "`fusejax merge`: models of one architecture merged in parameter space")
 
 
 # ----------------------------------------------------------------------------------------------- loading
