@@ -20,7 +20,7 @@ demo: install
 	$(BIN)/fusejax demo --output runs/embedded
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -5,14 +5,16 @@
    plain jitted forward pass of the same model and batch whose ``[B,T,V]`` logits stay on the device
    (``forward``), and against the stricter ``forward+sum`` (fetches only the logits' sum, which XLA may fuse
    into the vocabulary matmul). All are timed interleaved in one process, ``--repeats`` times each; the
-   medians give tokens/s and the ratios extract/forward (target >= 0.9). Random Llama-style models.
+   medians give tokens/s and the ratios extract/forward (target >= 0.9). Random Llama-style models. Also the
+   compiled temporaries of forward and extract (XLA memory analysis): extract holds logits for ``--chunk``
+   positions of each row at a time, never ``[B,T,V]``.
 2. Host memory: ``represent_source`` (streaming, one source) over corpus stores of N and 4N blocks of 256
    tokens of the standard library's source, each in a fresh subprocess; prints its peak RSS after loading the
    model and at the end. ``--diagnose`` also times forward + XLA's full ``top_k`` and, on precomputed logits,
    the epilogue, ``represent.top_k`` and ``lax.top_k`` alone.
 
 Usage: .venv/bin/python benchmarks/bench_extract.py [--vocab 32000 --sizes 256x4,512x8 --batch 8 --seq 256
-       --k 10 --repeats 7 --blocks 150 --diagnose --skip-memory]
+       --k 10 --repeats 7 --blocks 150 --chunk 256 --diagnose --skip-memory]
 """
 
 import argparse
@@ -36,7 +38,7 @@ from flax import nnx
 from bench_train_step import machine
 
 from fusejax.models import ModelConfig, Transformer
-from fusejax.represent import extract_step, top_k, topk_and_ce
+from fusejax.represent import CHUNK, extract_step, position_stats, top_k
 
 HERE = Path(__file__).resolve()
 
@@ -77,8 +79,11 @@ def throughput(a) -> list[dict]:
         variants = {
             "forward": lambda: jax.block_until_ready(_forward(model, ids, mask)),
             "forward+sum": lambda: jax.device_get(_forward_sum(model, ids, mask)),
-            "extract": lambda: jax.device_get(extract_step(model, ids, mask, a.k)),
+            "extract": lambda: jax.device_get(extract_step(model, ids, mask, a.k, chunk=a.chunk)),
         }
+        temp = {"forward": _forward.lower(model, ids, mask), "extract": extract_step.lower(model, ids, mask, a.k,
+                                                                                           chunk=a.chunk)}
+        temp = {name: lowered.compile().memory_analysis().temp_size_in_bytes / 2**20 for name, lowered in temp.items()}
         if a.diagnose:
             variants["forward+lax.top_k"] = lambda: jax.device_get(_forward_topk(model, ids, mask, a.k))
         times = {name: [] for name in variants}
@@ -92,7 +97,9 @@ def throughput(a) -> list[dict]:
                 times[name].append(time.perf_counter() - t0)
         tokens = a.batch * a.seq
         med = {name: statistics.median(t) for name, t in times.items()}
-        row = {"size": f"hidden {hidden}, {layers} layers", "vocab": a.vocab,
+        row = {"size": f"hidden {hidden}, {layers} layers", "vocab": a.vocab, "chunk": a.chunk,
+               "forward [B,T,V] f32 MiB": a.batch * a.seq * a.vocab * 4 / 2**20,
+               **{f"{name} temp MiB": m for name, m in temp.items()},
                **{f"{name} tok/s": tokens / t for name, t in med.items()},
                "ratio": med["forward"] / med["extract"], "ratio vs forward+sum": med["forward+sum"] / med["extract"],
                "spread": {name: [round(min(t) * 1e3), round(max(t) * 1e3)] for name, t in times.items()}}
@@ -100,7 +107,7 @@ def throughput(a) -> list[dict]:
         print(json.dumps(row), flush=True)
         if a.diagnose:  # the top-k/CE epilogue alone, on precomputed logits
             logits = _forward(model, ids, mask)
-            for name, fn in (("epilogue (top-k + CE)", jax.jit(lambda lg: topk_and_ce(lg, ids, mask, a.k, a.vocab))),
+            for name, fn in (("epilogue (top-k + CE)", jax.jit(lambda lg: position_stats(lg, ids, a.k))),
                              ("represent.top_k", jax.jit(lambda lg: top_k(lg, a.k))),
                              ("lax.top_k", jax.jit(lambda lg: jax.lax.top_k(lg, a.k)))):
                 jax.block_until_ready(fn(logits))
@@ -199,6 +206,7 @@ def main():
     p.add_argument("--sizes", default="256x4,512x8", help="comma-separated HIDDENxLAYERS")
     for name, default in (("batch", 8), ("seq", 256), ("k", 10), ("repeats", 7), ("blocks", 150)):
         p.add_argument(f"--{name}", type=int, default=default)
+    p.add_argument("--chunk", type=int, default=CHUNK, help="positions per chunk of extract_step")
     p.add_argument("--diagnose", action="store_true", help="also time forward+lax.top_k and the epilogue parts alone")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-throughput", action="store_true")

@@ -29,6 +29,7 @@ Where things live, one home each, in import order (a module imports only from th
   evaluation.py       stage eval: held-out loss and bits per byte, per domain
   export.py           stage export: a checkpoint as a Hugging Face folder
   plan.py             `fusejax plan`: per-device memory of the train step without allocating the model
+  merging.py          `fusejax merge`: models of one architecture merged in parameter space, tensor by tensor
 
   stages.py           the one registry of stages and commands, read by the pipeline and the CLI
   pipeline.py         `fusejax run`: every stage in order, fingerprinted, resumable, validated up front
@@ -60,6 +61,7 @@ _EXPORTS = {
     "vocab_map_summary": "fusejax.vocab_maps",
     "align_tokens": "fusejax.dtw",
     "align_topk": "fusejax.align",
+    "merge": "fusejax.merging",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -125,35 +125,49 @@ def _project(s: Vocab, t: Vocab, src, tgt, top_ids, top_logits, partner, vocab_m
         tgt_keys = [t.texts[i] for i in tgt.tolist()]
 
     T, k = tgt.size, top_ids.shape[1]
+    rows, row_logits, filled = _project_rows(project, top_ids, top_logits)
     out_ids = np.full((T, k), -1, np.int32)
     out_logits = np.zeros((T, k), np.float32)
     stats = AlignStats(positions=T)
-    for i in range(T):
-        j = int(partner[i])
+    src_ids, tgt_ids, copied = src.tolist(), tgt.tolist(), []
+    for i, j in enumerate(partner.tolist()):
         if j >= 0:
             stats.one_to_one += 1
-            if _matches(s, t, mode, i, src_keys[j], tgt_keys[i], int(src[j]), int(tgt[i]), vocab_map):
+            if _matches(s, t, mode, i, src_keys[j], tgt_keys[i], src_ids[j], tgt_ids[i], vocab_map):
                 stats.matched += 1
-                row = []
-                for sid, logit in zip(top_ids[j].tolist(), top_logits[j].tolist()):
-                    tid = int(project[sid]) if sid < project.size else -1  # ids past the tokenizer: model padding
-                    if tid >= 0 and tid not in row:
-                        row.append(tid)
-                        out_logits[i, len(row) - 1] = logit
-                out_ids[i, : len(row)] = row
-                if row or mode == "reference":
-                    stats.empty += not row
+                if filled[j]:
+                    copied.append(i)
+                    continue
+                if mode == "reference":
+                    stats.empty += 1
                     continue
         stats.fallback += 1
         if fallback == "reference":
-            out_ids[i, 0] = t.vocab[tgt_keys[i]] if mode == "reference" else tgt[i]
+            out_ids[i, 0] = t.vocab[tgt_keys[i]] if mode == "reference" else tgt_ids[i]
         elif i + 1 < T or next_target_id is not None:
-            out_ids[i, 0] = tgt[i + 1] if i + 1 < T else next_target_id
+            out_ids[i, 0] = tgt_ids[i + 1] if i + 1 < T else next_target_id
         else:
             stats.empty += 1
             continue
         out_logits[i, 0] = 1.0
+    out_ids[copied], out_logits[copied] = rows[partner[copied]], row_logits[partner[copied]]
     return out_ids, out_logits, stats
+
+
+def _project_rows(project: np.ndarray, top_ids: np.ndarray, top_logits: np.ndarray):
+    """Each source position's top-k projected onto target ids: ``project [V_s]`` (-1: does not resolve; ids
+    past its end, the model's padding, do not resolve either), ``top_ids`` / ``top_logits [n, k]``. Keeps the
+    first entry of each target id, in rank order, filled entries first; returns (ids [n, k] int32 -1 padded,
+    logits [n, k] float32 0 padded, filled entries [n])."""
+    k = top_ids.shape[1]
+    inside = top_ids < project.size
+    ids = np.where(inside, project[np.where(inside, top_ids, 0)], -1)
+    repeated = ((ids[:, :, None] == ids[:, None, :]) & np.tri(k, k, -1, bool)).any(axis=-1)  # an earlier rank has it
+    keep = (ids >= 0) & ~repeated
+    order = np.argsort(~keep, axis=1, kind="stable")  # kept entries first, in rank order
+    ids = np.take_along_axis(np.where(keep, ids, -1), order, axis=1).astype(np.int32)
+    logits = np.take_along_axis(np.where(keep, top_logits, 0), order, axis=1).astype(np.float32)
+    return ids, logits, keep.sum(axis=1)
 
 
 def _matches(s: Vocab, t: Vocab, mode: str, i: int, src_key, tgt_key, src_id: int, tgt_id: int, vocab_map) -> bool:
@@ -213,6 +227,119 @@ def _aligned_summary(path: Path, names: list[str]) -> dict:
     return {"blocks": len(store), "skipped_blocks": skipped, "sources": per_source}
 
 
+class BlockAligner:
+    """The checked inputs of the alignment of a run, and the aligned-store row of any corpus block
+    (:meth:`row`): what ``fusejax align`` writes and what ``align.on_the_fly`` computes while training.
+
+    Reads ``<run.output_dir>``'s corpus store, every source's top-k store (``represent/<name>``) and, with
+    ``align.use_vocab_map``, the vocabulary maps; refuses (one line naming the store or map and the key) top-k
+    stores built for another corpus, tokenizer, k or logits dtype, or of another format version. ``maps``:
+    "build" (a map that is missing, or was built for other tokenizers or settings, is built by ``fusejax
+    vocab-map``) or "require" (one line naming the missing map); ``verify``: check every store's checksums.
+    ``meta``: the aligned store's meta for these inputs.
+    """
+
+    def __init__(self, cfg: Config, *, maps: str = "build", verify: bool = True):
+        from fusejax.tokenizer import tokenizer_fingerprint
+
+        if maps not in ("build", "require"):
+            raise ValueError(f"maps={maps!r}: expected 'build' or 'require'")
+        self.names = vocab_maps.source_names(cfg)
+        self.k, self.mode, self.fallback = cfg.represent.k, cfg.align.mode, cfg.align.fallback
+        layout = RunLayout.of(cfg)
+        self.corpus = open_checked(layout.corpus, CORPUS_KIND, verify=verify)
+        self.target = Vocab.of(cfg.target.tokenizer_path)
+        self.target_fingerprint = tokenizer_fingerprint(self.target.tok)
+        _check_meta(self.corpus, "tokenizer_fingerprint", self.corpus.meta.get("tokenizer_fingerprint"),
+                    self.target_fingerprint, f"the target tokenizer {cfg.target.tokenizer_path}")
+        self.vocabs, self.stores, self.fingerprints = [], [], []
+        for name, source in zip(self.names, cfg.sources):  # every input checked before anything is written
+            s = Vocab.of(source.tokenizer_path)
+            fp = tokenizer_fingerprint(s.tok)
+            store = open_checked(layout.topk(name), TOPK_KIND, verify=verify)
+            _check_meta(store, "tokenizer_fingerprint", store.meta.get("tokenizer_fingerprint"), fp,
+                        f"the tokenizer {source.tokenizer_path} of source {name!r}")
+            _check_meta(store, "k", store.meta.get("k"), self.k, "represent.k")
+            _check_meta(store, "logits_dtype", store.meta.get("logits_dtype"), cfg.represent.logits_dtype,
+                        "represent.logits_dtype; every top-k store of a run has the same")
+            _check_meta(store, "corpus", store.meta.get("corpus"), self.corpus.meta,
+                        f"the corpus store {self.corpus.path}")
+            self.vocabs.append(s)
+            self.stores.append(store)
+            self.fingerprints.append(fp)
+        self.maps = [None] * len(self.names)
+        if cfg.align.use_vocab_map:
+            self.maps = [self._map(cfg, name, fp, maps) for name, fp in zip(self.names, self.fingerprints)]
+        self.meta = format_meta(
+            ALIGNED_KIND,
+            sources=self.names,
+            source_fingerprints=self.fingerprints,
+            target_fingerprint=self.target_fingerprint,
+            k=self.k,
+            mode=self.mode,
+            fallback=self.fallback,
+            vocab_map={key: getattr(cfg.vocab_map, key) for key in ("method", "mode", "co_occurrence")}
+            if cfg.align.use_vocab_map
+            else None,
+            corpus=self.corpus.meta,
+        )
+
+    def _map(self, cfg: Config, name: str, fingerprint: str, maps: str) -> np.ndarray:
+        found = vocab_maps.load_map(cfg, name, fingerprint, self.target_fingerprint)
+        if found is None and maps == "build":
+            vocab_maps.run(cfg)
+            found = vocab_maps.load_map(cfg, name, fingerprint, self.target_fingerprint)
+        if found is None:
+            raise StoreError(
+                f"vocabulary map {RunLayout.of(cfg).vocab_map(name)} of source {name!r} is missing or was built "
+                f"for other tokenizers or vocab_map settings; run `fusejax vocab-map` (or `fusejax run`) first")
+        return found
+
+    def row(self, position: int) -> dict:
+        """The aligned-store row of the corpus block at ``position``: ``{"id": block id, field: value}`` with
+        the fields of :func:`fusejax.schema.aligned_fields` (see :func:`run`; the tables packed by
+        :func:`fusejax.schema.pack_tables`, their logits float32 holding the top-k stores' values exactly)."""
+        from fusejax.tokenizer import encode_block
+
+        t, k, S = self.target, self.k, len(self.names)
+        block = self.corpus.row(position)
+        tgt = np.asarray(encode_block(t.tok, block["text"].decode("utf-8")), np.int32)
+        n_bytes = int(block["n_bytes"])
+        T = tgt.size
+        table_ids = np.full((T, S, k), -1, np.int32)
+        table_logits = np.zeros((T, S, k), np.float32)
+        token_ce = np.zeros((T, S), np.float32)
+        seq_ce, byte_ce = np.zeros(S, np.float32), np.zeros(S, np.float32)
+        counts = np.zeros((S, len(ALIGN_COUNTS)), np.int32)
+        skip = False
+        for n, (name, s, store, vmap) in enumerate(zip(self.names, self.vocabs, self.stores, self.maps)):
+            try:
+                row = store.get(block["id"])
+            except KeyError:
+                raise StoreError(f"{store.path}: block {block['id']} of the corpus is missing (source {name!r})")
+            src = np.asarray(row["input_ids"], np.int64)
+            top_ids = np.asarray(row["topk_ids"])
+            top_logits = np.asarray(row["topk_logits"], np.float32)
+            ce = np.asarray(row["token_ce"], np.float32)
+            if top_ids.shape != (src.size, k) or ce.shape != (src.size,):
+                raise StoreError(
+                    f"{store.path}: block {block['id']} has {src.size} input_ids but topk_ids {top_ids.shape} "
+                    f"and token_ce {ce.shape}"
+                )
+            partner = align_tokens(s, src, t, tgt, mode=self.mode)
+            ids, logits, stats = _project(s, t, src, tgt.astype(np.int64), top_ids, top_logits, partner, vmap,
+                                          self.fallback, self.mode, None)
+            table_ids[:, n], table_logits[:, n] = ids, logits
+            seq_ce[n] = row["seq_ce"]
+            token_ce[:, n] = np.where(partner >= 0, ce[np.maximum(partner, 0)], seq_ce[n])
+            byte_ce[n] = ce.sum(dtype=np.float64) / max(n_bytes, 1)
+            counts[n] = dataclasses.astuple(stats)
+            skip |= int(row["nonfinite"]) > 0
+        return {"id": int(block["id"]), "input_ids": tgt, **pack_tables(table_ids, table_logits), "seq_ce": seq_ce,
+                "token_ce": token_ce, "byte_ce": byte_ce, "n_bytes": n_bytes, "split": block["split"], "skip": skip,
+                "align_counts": counts}
+
+
 def run(cfg: Config) -> dict:
     """The ``fusejax align`` stage: every source's top-k store, aligned to the target's tokens, in one store.
 
@@ -234,106 +361,33 @@ def run(cfg: Config) -> dict:
     ``align.use_vocab_map`` uses the maps of ``fusejax vocab-map`` (``soft``; built here when missing), else
     ``hard``. JAX process i of n writes a contiguous slice of the blocks; a rerun resumes; top-k stores built
     for another corpus, tokenizer, k or logits dtype, or of another format version, are refused before anything
-    is written. Writes the per-source rates to
-    ``<run.output_dir>/aligned_summary.json`` and returns them.
+    is written (:class:`BlockAligner`). Writes the per-source rates to ``<run.output_dir>/aligned_summary.json``
+    and returns them. With ``align.on_the_fly`` it only checks these inputs (building missing maps) and writes
+    no store: ``fusejax train`` aligns each batch itself (:class:`fusejax.data.AlignedOnTheFly`).
     """
     import jax
 
-    from fusejax.tokenizer import encode_block, tokenizer_fingerprint
-
-    names = vocab_maps.source_names(cfg)
-    layout = RunLayout.of(cfg)
-    k = cfg.represent.k
-    corpus = open_checked(layout.corpus, CORPUS_KIND, verify=True)
-    t = Vocab.of(cfg.target.tokenizer_path)
-    target_fp = tokenizer_fingerprint(t.tok)
-    _check_meta(corpus, "tokenizer_fingerprint", corpus.meta.get("tokenizer_fingerprint"), target_fp,
-                f"the target tokenizer {cfg.target.tokenizer_path}")
-    vocabs, stores, maps, fingerprints = [], [], [], []
-    for name, source in zip(names, cfg.sources):  # every input checked before anything is written
-        s = Vocab.of(source.tokenizer_path)
-        fp = tokenizer_fingerprint(s.tok)
-        store = open_checked(layout.topk(name), TOPK_KIND, verify=True)
-        _check_meta(store, "tokenizer_fingerprint", store.meta.get("tokenizer_fingerprint"), fp,
-                    f"the tokenizer {source.tokenizer_path} of source {name!r}")
-        _check_meta(store, "k", store.meta.get("k"), k, "represent.k")
-        _check_meta(store, "logits_dtype", store.meta.get("logits_dtype"), cfg.represent.logits_dtype,
-                    "represent.logits_dtype; every top-k store of a run has the same")
-        _check_meta(store, "corpus", store.meta.get("corpus"), corpus.meta, f"the corpus store {corpus.path}")
-        vocabs.append(s)
-        stores.append(store)
-        fingerprints.append(fp)
-    path = layout.aligned
-    check_existing(path, ALIGNED_KIND)
-    for name, fp in zip(names, fingerprints):
-        if cfg.align.use_vocab_map and vocab_maps.load_map(cfg, name, fp, target_fp) is None:
-            vocab_maps.run(cfg)
-        maps.append(vocab_maps.load_map(cfg, name, fp, target_fp) if cfg.align.use_vocab_map else None)
-
-    S = len(names)
-    meta = format_meta(
-        ALIGNED_KIND,
-        sources=names,
-        source_fingerprints=fingerprints,
-        target_fingerprint=target_fp,
-        k=k,
-        mode=cfg.align.mode,
-        fallback=cfg.align.fallback,
-        vocab_map={key: getattr(cfg.vocab_map, key) for key in ("method", "mode", "co_occurrence")}
-        if cfg.align.use_vocab_map
-        else None,
-        corpus=corpus.meta,
-    )
+    path = RunLayout.of(cfg).aligned
+    if not cfg.align.on_the_fly:
+        check_existing(path, ALIGNED_KIND)
+    aligner = BlockAligner(cfg)
+    if cfg.align.on_the_fly:
+        return {"on_the_fly": True, "sources": aligner.names, "corpus_blocks": len(aligner.corpus)}
+    corpus = aligner.corpus
     process = jax.process_index()
     start, stop = process_slice(len(corpus), process, jax.process_count())
-    fields = aligned_fields(S, k, t.size, cfg.represent.logits_dtype)
-    with StoreWriter(path, kind=ALIGNED_KIND, meta=meta, fields=fields,
+    fields = aligned_fields(len(aligner.names), aligner.k, aligner.target.size, cfg.represent.logits_dtype)
+    with StoreWriter(path, kind=ALIGNED_KIND, meta=aligner.meta, fields=fields,
                      rows_per_shard=cfg.represent.shard_size, process_index=process) as writer:
         done = writer.completed_ids()
         if len(done) and not np.array_equal(done, [corpus.row(i)["id"] for i in range(start, start + len(done))]):
             raise StoreError(f"{path}: stored blocks do not follow the corpus {corpus.path}")
         for position in range(start + len(done), stop):
-            block = corpus.row(position)
-            tgt = np.asarray(encode_block(t.tok, block["text"].decode("utf-8")), np.int32)
-            n_bytes = int(block["n_bytes"])
-            T = tgt.size
-            table_ids = np.full((T, S, k), -1, np.int32)
-            table_logits = np.zeros((T, S, k), np.float32)
-            token_ce = np.zeros((T, S), np.float32)
-            seq_ce, byte_ce = np.zeros(S, np.float32), np.zeros(S, np.float32)
-            counts = np.zeros((S, len(ALIGN_COUNTS)), np.int32)
-            skip = False
-            for n, (name, s, store, vmap) in enumerate(zip(names, vocabs, stores, maps)):
-                try:
-                    row = store.get(block["id"])
-                except KeyError:
-                    raise StoreError(f"{store.path}: block {block['id']} of the corpus is missing (source {name!r})")
-                src = np.asarray(row["input_ids"], np.int64)
-                top_ids = np.asarray(row["topk_ids"])
-                top_logits = np.asarray(row["topk_logits"], np.float32)
-                ce = np.asarray(row["token_ce"], np.float32)
-                if top_ids.shape != (src.size, k) or ce.shape != (src.size,):
-                    raise StoreError(
-                        f"{store.path}: block {block['id']} has {src.size} input_ids but topk_ids {top_ids.shape} "
-                        f"and token_ce {ce.shape}"
-                    )
-                partner = align_tokens(s, src, t, tgt, mode=cfg.align.mode)
-                ids, logits, stats = _project(s, t, src, tgt.astype(np.int64), top_ids, top_logits, partner, vmap,
-                                              cfg.align.fallback, cfg.align.mode, None)
-                table_ids[:, n], table_logits[:, n] = ids, logits
-                seq_ce[n] = row["seq_ce"]
-                token_ce[:, n] = np.where(partner >= 0, ce[np.maximum(partner, 0)], seq_ce[n])
-                byte_ce[n] = ce.sum(dtype=np.float64) / max(n_bytes, 1)
-                counts[n] = dataclasses.astuple(stats)
-                skip |= int(row["nonfinite"]) > 0
-            writer.add(
-                int(block["id"]), input_ids=tgt, **pack_tables(table_ids, table_logits), seq_ce=seq_ce,
-                token_ce=token_ce, byte_ce=byte_ce, n_bytes=n_bytes, split=block["split"], skip=skip,
-                align_counts=counts,
-            )
+            row = aligner.row(position)
+            writer.add(row.pop("id"), **row)
     if process != 0:  # process 0 writes the summary, from the shards complete at that time
         return {}
-    summary = {**_aligned_summary(path, names), "corpus_blocks": len(corpus)}
-    write_json(layout.aligned_summary, summary)
+    summary = {**_aligned_summary(path, aligner.names), "corpus_blocks": len(corpus)}
+    write_json(RunLayout.of(cfg).aligned_summary, summary)
     save_resolved(cfg, path)
     return summary

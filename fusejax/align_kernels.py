@@ -1,4 +1,5 @@
-"""Compiled (numba) kernels for token alignment: Levenshtein distance on code arrays and the pruned DTW.
+"""Compiled (numba) kernels for token alignment: Levenshtein distance on code arrays, the pruned DTW and the
+nearest-token search of MinED vocabulary maps.
 
 Token strings arrive as one flat int32 array of codes (characters or bytes) plus offsets: token ``t`` is
 ``codes[offsets[t]:offsets[t + 1]]``. The DTW matrix is stored row by row in a ragged array: row ``i`` holds
@@ -12,14 +13,28 @@ from numba.extending import intrinsic
 INF = np.int64(1) << 62
 
 
+@njit(cache=True, inline="always")
+def _myers_column(eq, vp, vn, last):
+    """One column of Myers' bit-parallel edit distance in Hyyro's form for the global distance: bit q of each
+    word is row q of the DP column (vertical deltas vp / vn, horizontal hp / hn); ``eq``: the rows whose pattern
+    code equals this column's code; ``last``: the bit of the last row. Returns (vp, vn, change of the last row)."""
+    one = np.uint64(1)
+    xv = eq | vn
+    xh = (((eq & vp) + vp) ^ vp) | eq
+    hp = vn | ~(xh | vp)
+    hn = vp & xh
+    step = 1 if hp & last else (-1 if hn & last else 0)
+    hp = (hp << one) | one  # the top row of the DP is 0, 1, 2, ...: its horizontal delta is +1
+    hn = hn << one
+    return hn | ~(xv | hp), hp & xv, step
+
+
 @njit(cache=True)
 def _levenshtein_bits(codes_a, a0, a1, codes_b, b0, b1):
-    """Edit distance between codes_a[a0:a1] (any length) and codes_b[b0:b1] (1 to 64 codes): Myers'
-    bit-parallel algorithm in Hyyro's form for the global distance. Bit q of each word is row q of the DP
-    column (vertical deltas vp / vn, horizontal hp / hn); one column per code of a; ``score`` is the last row."""
+    """Edit distance between codes_a[a0:a1] (any length) and codes_b[b0:b1] (1 to 64 codes, the pattern):
+    one :func:`_myers_column` per code of a; ``score`` is the last row."""
     lb = b1 - b0
     last = np.uint64(1) << np.uint64(lb - 1)
-    one = np.uint64(1)
     vp = ~np.uint64(0)  # vertical deltas +1 / -1 (first column: 0, 1, ..., lb: all +1)
     vn = np.uint64(0)
     score = lb
@@ -28,19 +43,9 @@ def _levenshtein_bits(codes_a, a0, a1, codes_b, b0, b1):
         eq = np.uint64(0)
         for q in range(lb):
             if codes_b[b0 + q] == ca:
-                eq |= one << np.uint64(q)
-        xv = eq | vn
-        xh = (((eq & vp) + vp) ^ vp) | eq
-        hp = vn | ~(xh | vp)
-        hn = vp & xh
-        if hp & last:
-            score += 1
-        elif hn & last:
-            score -= 1
-        hp = (hp << one) | one  # the top row of the DP is 0, 1, 2, ...: its horizontal delta is +1
-        hn = hn << one
-        vp = hn | ~(xv | hp)
-        vn = hp & xv
+                eq |= np.uint64(1) << np.uint64(q)
+        vp, vn, step = _myers_column(eq, vp, vn, last)
+        score += step
     return score
 
 
@@ -88,13 +93,24 @@ def _popcount(typingctx, x):
 @njit(cache=True)
 def char_masks(codes, offs, seq):
     """uint64 [len(seq)]: per token, a 64-bit set of (hashed) characters it contains."""
-    out = np.zeros(seq.shape[0], np.uint64)
+    return char_sets(codes, offs, seq)[0]
+
+
+@njit(cache=True)
+def char_sets(codes, offs, seq):
+    """(present, repeated) uint64 [len(seq)]: per token, the 64-bit sets of the (hashed) characters it contains
+    once or more and twice or more."""
+    present = np.zeros(seq.shape[0], np.uint64)
+    repeated = np.zeros(seq.shape[0], np.uint64)
     for p in range(seq.shape[0]):
-        mask = np.uint64(0)
+        once = np.uint64(0)
+        twice = np.uint64(0)
         for q in range(offs[seq[p]], offs[seq[p] + 1]):
-            mask |= np.uint64(1) << np.uint64((np.uint32(codes[q]) * np.uint32(2654435761)) >> np.uint32(26) & np.uint32(63))
-        out[p] = mask
-    return out
+            bit = np.uint64(1) << np.uint64((np.uint32(codes[q]) * np.uint32(2654435761)) >> np.uint32(26) & np.uint32(63))
+            twice |= once & bit
+            once |= bit
+        present[p], repeated[p] = once, twice
+    return present, repeated
 
 
 @njit(cache=True, inline="always")
@@ -319,3 +335,126 @@ def backtrack(values, row_start, row_lo, row_len, n, m):
         if count[c] != 1:
             partner[c] = -1
     return partner, True
+
+
+# ------------------------------------------------------------------------------- MinED: the nearest target token
+
+
+@njit(cache=True)
+def _distance_within(peq, lp, codes_t, b0, b1, limit):
+    """Edit distance between a pattern of ``lp`` (1 to 64) codes, given as ``peq[code]`` = the bits of the
+    pattern positions holding ``code``, and codes_t[b0:b1]; some value > ``limit`` once it must exceed
+    ``limit`` (the last row changes by at most 1 per column)."""
+    last = np.uint64(1) << np.uint64(lp - 1)
+    vp = ~np.uint64(0)
+    vn = np.uint64(0)
+    score = lp
+    for p in range(b0, b1):
+        vp, vn, step = _myers_column(peq[codes_t[p]], vp, vn, last)
+        score += step
+        if score - (b1 - 1 - p) > limit:
+            return limit + 1
+    return score
+
+
+@njit(cache=True)
+def _bag_bounds(len_a, set_a, rep_a, len_b, set_b, rep_b, out):
+    """out[k] = a lower bound on the Levenshtein distance between a string a and strings b[k], all of length
+    ``len_b``, from char_sets (``set``, ``rep``): an edit removes at most one character of a and adds at most one
+    of b, so each hash that a has and b lacks, or has twice while b has it at most once, needs its own edit (and
+    the same from b's side); strings with no hash in common differ at every position of the longer. (A loop
+    without branches that LLVM vectorises.)"""
+    gap = np.uint64(abs(len_a - len_b))
+    longer = np.int32(max(len_a, len_b))
+    for k in range(out.shape[0]):
+        sb = set_b[k]
+        rb = rep_b[k]
+        x = _popcount(set_a & ~sb) + _popcount(rep_a & ~rb)
+        y = _popcount(sb & ~set_a) + _popcount(rb & ~rep_a)
+        out[k] = longer if set_a & sb == 0 else np.int32(max(gap, max(x, y)))
+
+
+@njit(cache=True)
+def _nearest(peq, codes_s, s0, s1, sets_s, codes_t, offs_t, order, len_start, sets_t, co_ids, co_counts, buf, bound):
+    """The MinED choice for the source token codes_s[s0:s1] (its pattern bits set in ``peq`` when it has 1 to
+    64 codes): (target id, distance) with the smallest distance, then the largest co-occurrence count
+    (``co_ids`` sorted, ``co_counts``; 0 for ids not listed), then the lowest id.
+
+    Target tokens are visited by length difference d = 0, 1, ... (``order[len_start[l]:len_start[l + 1]]``:
+    the ids of length l) until d exceeds the best distance. Within a length, _bag_bounds (``sets_s``: the
+    source's char_sets, ``sets_t`` the targets' in ``order``) bounds each distance from below (into scratch
+    ``bound``) and tokens are compared in order of that bound, those above the best distance never: every
+    token within the final distance is compared exactly."""
+    ls = s1 - s0
+    top = len_start.shape[0] - 2  # the longest target token
+    set_s, rep_s = sets_s
+    set_t, rep_t = sets_t
+    best_d = np.int64(2**31 - 1)
+    best_c = -np.inf
+    best_id = np.int64(-1)
+    for d in range(max(ls, top - ls) + 1):
+        if d > best_d:
+            break
+        for side in range(2 if d > 0 else 1):
+            lt = ls - d if side == 0 else ls + d
+            if lt < 0 or lt > top or len_start[lt] == len_start[lt + 1]:
+                continue
+            a, b = len_start[lt], len_start[lt + 1]
+            lb = bound[: b - a]
+            _bag_bounds(ls, set_s, rep_s, lt, set_t[a:b], rep_t[a:b], lb)
+            level, highest = np.int64(lb.min()), np.int64(lb.max())
+            while level <= min(best_d, highest):
+                for k in range(b - a):
+                    if lb[k] != level:
+                        continue
+                    j = order[a + k]
+                    if ls == 0:
+                        dist = np.int64(lt)
+                    elif ls <= 64:
+                        dist = np.int64(_distance_within(peq, ls, codes_t, offs_t[j], offs_t[j + 1], best_d))
+                    else:
+                        dist = np.int64(levenshtein(codes_s, s0, s1, codes_t, offs_t[j], offs_t[j + 1], buf))
+                    if dist > best_d:
+                        continue
+                    c = 0.0
+                    if co_ids.shape[0]:
+                        q = np.searchsorted(co_ids, j)
+                        if q < co_ids.shape[0] and co_ids[q] == j:
+                            c = co_counts[q]
+                    if dist < best_d or c > best_c or (c == best_c and j < best_id):
+                        best_d, best_c, best_id = dist, c, j
+                level += 1
+    return best_id, best_d
+
+
+@njit(cache=True, nogil=True)
+def nearest_tokens(codes_s, offs_s, rows, codes_t, offs_t, alphabet, co_ptr, co_ids, co_counts):
+    """MinED over whole vocabularies: for each source token ``rows[i]``, the target token at the smallest
+    Levenshtein distance, the most frequent in co-occurrence on ties (source ``r``'s counts: ``co_ids`` /
+    ``co_counts[co_ptr[r]:co_ptr[r + 1]]``, ids sorted; ``co_ptr`` all zeros for none), then the lowest id.
+
+    Codes are dense in ``0 .. alphabet - 1``; at least one target token. Returns (target ids int32 [len(rows)],
+    distances int32); identical to comparing every pair (see :func:`_nearest`). Releases the GIL: threads may
+    share the rows."""
+    len_t = offs_t[1:] - offs_t[:-1]
+    order = np.argsort(len_t, kind="mergesort")  # by length, ids ascending within a length
+    len_start = np.searchsorted(len_t[order], np.arange(len_t.max() + 2))
+    sets_t = char_sets(codes_t, offs_t, order)
+    set_s, rep_s = char_sets(codes_s, offs_s, rows)
+    peq = np.zeros(alphabet, np.uint64)
+    buf = np.empty(len_t.max() + 1, np.int64)
+    bound = np.empty(np.max(len_start[1:] - len_start[:-1]), np.int32)
+    ids = np.empty(rows.shape[0], np.int32)
+    dist = np.empty(rows.shape[0], np.int32)
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        s0, s1 = offs_s[r], offs_s[r + 1]
+        if s1 - s0 <= 64:
+            for q in range(s0, s1):
+                peq[codes_s[q]] |= np.uint64(1) << np.uint64(q - s0)
+        c0, c1 = co_ptr[r], co_ptr[r + 1]
+        ids[i], dist[i] = _nearest(peq, codes_s, s0, s1, (set_s[i], rep_s[i]), codes_t, offs_t, order, len_start,
+                                   sets_t, co_ids[c0:c1], co_counts[c0:c1], buf, bound)
+        for q in range(s0, min(s1, s0 + 64)):
+            peq[codes_s[q]] = 0
+    return ids, dist

@@ -10,6 +10,7 @@ A checkpoint is the step folder ``<run>/checkpoints/<step>/`` with three Orbax i
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -58,10 +59,8 @@ def read_meta(manager, step: int) -> dict:
 def architecture(config: ModelConfig | dict) -> dict:
     """The fields of a model config (or its stored dict) that a checkpoint must match: all but RUNTIME_FIELDS."""
     d = dataclasses.asdict(config) if isinstance(config, ModelConfig) else dict(config)
-    d = {k: v for k, v in d.items() if k not in RUNTIME_FIELDS}
-    if isinstance(d.get("eos_token_id"), (list, tuple)):
-        d["eos_token_id"] = list(d["eos_token_id"])
-    return d
+    # as the JSON metadata holds them: tuples (eos_token_id, layer_types, RoPE factors) as lists
+    return json.loads(json.dumps({k: v for k, v in d.items() if k not in RUNTIME_FIELDS}))
 
 
 def check_architecture(meta: dict, config: ModelConfig, where: str) -> None:

@@ -79,6 +79,7 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
     "kv_heads": "tensor",  # key/value heads (grouped-query attention)
     "head_dim": None,
     "vocab": "tensor",  # embedding/unembedding rows (vocabulary padded to a multiple of 128)
+    "experts": "tensor",  # mixture-of-experts experts (expert parallelism; their MLP units then stay whole)
     "layers": None,  # stacked-layer axis of scanned models
     "norm": None,  # norm scales and biases
     "sources": None,  # fusion sources
@@ -163,6 +164,11 @@ class AlignConfig:
         "next_token", "unaligned positions: one-hot of the next token (label), or reference (of the current token)"
     )
     use_vocab_map: bool = opt(True, "map source token ids through the vocab map (false: exact strings only)")
+    on_the_fly: bool = opt(
+        False, "align each training batch in host worker processes while training; no aligned store is written")
+    workers: int | None = opt(
+        None, "worker processes aligning on the fly (null: one per host core; 0: in the training process)",
+        NON_NEGATIVE)
 
 
 @section
@@ -198,8 +204,12 @@ class TrainConfig:
     )
     attention_impl: Literal["auto", "xla", "chunked", "explicit"] = opt(
         "auto", "attention path: xla (jax.nn.dot_product_attention), chunked (blocks of attention_chunk queries, "
-        "no [B, H, T, T] scores), explicit; auto: chunked when seq_len > attention_chunk, else xla")
+        "no [B, H, T, T] scores), explicit; auto: chunked when seq_len > attention_chunk, else xla (explicit for "
+        "soft-capped attention)")
     attention_chunk: int = opt(512, "queries per block of the chunked attention path", POSITIVE)
+    loss_chunk: int = opt(
+        256, "positions of each sequence whose float32 logits the loss holds at once (never [B,T,V]); must divide "
+        "train.seq_len (a larger value: the whole sequence)", POSITIVE)
     log_every: int = opt(10, "steps between metric logs", POSITIVE)
     eval_every: int = opt(
         500, "steps between held-out evaluations, scored as the eval stage scores them (0: never)", NON_NEGATIVE)
@@ -214,6 +224,9 @@ class TrainConfig:
         if self.batch_size % self.grad_accum:  # the one check: YAML, overrides and Python all build through here
             raise ConfigError(f"bad value for 'train.grad_accum': must divide train.batch_size={self.batch_size}, "
                               f"got {self.grad_accum}")
+        if self.loss_chunk < self.seq_len and self.seq_len % self.loss_chunk:
+            raise ConfigError(f"bad value for 'train.loss_chunk': must divide train.seq_len={self.seq_len}, "
+                              f"got {self.loss_chunk}")
 
 
 @section
@@ -226,6 +239,24 @@ class EvalConfig:
 class ExportConfig:
     path: str | None = opt(None, "folder for the exported Hugging Face model; null: <output_dir>/export")
     dtype: Dtype = opt("bfloat16", "dtype of the exported weights")
+
+
+@section
+class MergeConfig:
+    method: Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "sce", "varm"] = opt(
+        "linear", "how `fusejax merge` combines the models' parameters (formulas in fusejax/merging.py)"
+    )
+    models: tuple[str, ...] = opt((), "Hugging Face folders merged (one architecture, same shapes and vocabulary)")
+    base: str | None = opt(None, "the base model of the task vectors (every method but linear); config and "
+                                 "tokenizer are copied from it (else from the first model)")
+    weights: tuple[float, ...] = opt((), "one weight per model (linear, task_arithmetic, ties, dare_*); empty: 1 each")
+    density: float = opt(1.0, "fraction of each task vector kept (ties, dare_*) or of elements (sce's top-k)",
+                         FRACTION)
+    scale: float = opt(1.0, "lambda: multiplier of the merged task vector (task_arithmetic, ties, dare_*)")
+    normalize: bool | None = opt(None, "divide by the sum of the weights; null: the method's default (mergekit's)")
+    seed: int = opt(0, "seed of DARE's random drops", SEED)
+    dtype: Literal["float32", "bfloat16"] = opt("float32", "dtype of the merged weights (computed in float32)")
+    path: str | None = opt(None, "output folder of the merged model; null: <output_dir>/merge")
 
 
 @section
@@ -243,6 +274,7 @@ class Config:
     train: TrainConfig = opt(TrainConfig, "continual training of the target on lambda*CLM + (1-lambda)*fusion")
     eval: EvalConfig = opt(EvalConfig, "held-out evaluation")
     export: ExportConfig = opt(ExportConfig, "export of the trained target model")
+    merge: MergeConfig = opt(MergeConfig, "`fusejax merge`: models of one architecture merged in parameter space")
 
 
 # ----------------------------------------------------------------------------------------------- loading

@@ -3,8 +3,9 @@
 One block is one row of :func:`fusejax.schema.row_layout`, right-padded to ``seq_len`` (blocks hold at most
 ``corpus.block_size`` target tokens plus EOS, so ``seq_len`` must be at least that). Blocks are not packed
 together: the aligned tables are per block and a block never attends to another.
-:class:`AlignedBatches` reads the aligned store (fusion rows); :class:`TokenBatches` tokenizes a corpus
-store (plain causal-LM rows, no tables).
+:class:`AlignedBatches` reads the aligned store (fusion rows), :class:`AlignedOnTheFly` builds the same rows
+from the top-k stores while training (``align.on_the_fly``); :class:`TokenBatches` tokenizes a corpus store
+(plain causal-LM rows, no tables).
 
 Data order (:func:`stream_rows`) is a pure function of ``(seed, position)``: the rows are read in
 epoch-wise permutations seeded by ``(seed, epoch)``, and a step reads the next ``batch_size`` positions of
@@ -17,18 +18,24 @@ This module never imports JAX.
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Protocol
 
 import numpy as np
 
+from fusejax.align import BlockAligner
 from fusejax.schema import (ALIGNED_KIND, CE_FIELDS, CORPUS_KIND, IGNORE_LABEL, SPLITS, empty_rows, open_checked,
                             row_layout, unpack_tables)
+from fusejax.store import StoreError
 from fusejax.tokenizer import encode_block
 
 
 class Batches(Protocol):
     """Random-access rows of training data: ``rows(indices) -> {field: np.ndarray [len(indices), ...]}`` with
-    the fields of :func:`fusejax.schema.row_layout`."""
+    the fields of :func:`fusejax.schema.row_layout`. Data may also have ``prefetch(indices)``, which starts
+    building rows that a later ``rows`` call reads (the trainer calls it with the next batch's rows)."""
 
     num_rows: int
 
@@ -67,32 +74,40 @@ class AlignedBatches:
     """Rows of one split of an aligned store (``kind == "aligned"``), skipping blocks flagged ``skip``.
 
     ``ce_level``: "sequence" (``source_ce [n,S]``) or "token" (``source_ce_token [n,T,S]``); ``ce_unit``:
-    "token" (mean CE per source token) or "byte" (CE per UTF-8 byte; sequence level only).
+    "token" (mean CE per source token) or "byte" (CE per UTF-8 byte; sequence level only). ``sources``: the
+    source names, in table order.
     """
 
     def __init__(self, path, *, seq_len: int, split: str = "train", ce_level: str = "sequence", ce_unit: str = "token"):
         self.store = open_checked(path, ALIGNED_KIND)
+        keep = [(np.asarray(shard.column("split")) == SPLITS.index(split)) & ~np.asarray(shard.column("skip"), bool)
+                for shard in self.store.shards]
+        self._select(path, np.concatenate(keep) if keep else np.zeros(0, bool), self.store.meta["sources"],
+                     int(self.store.meta["k"]), seq_len=seq_len, split=split, ce_level=ce_level, ce_unit=ce_unit)
+
+    def _select(self, where, keep: np.ndarray, sources, k: int, *, seq_len: int, split: str, ce_level: str,
+                ce_unit: str) -> None:
+        """Serve the blocks at the positions where ``keep [blocks]`` bool is set (error naming ``where`` if none)."""
         if ce_level == "token" and ce_unit == "byte":
             raise ValueError("train.ce_unit='byte' needs train.ce_level='sequence' (per-byte CE is per block)")
         self.seq_len, self.ce_level, self.ce_unit = seq_len, ce_level, ce_unit
-        keep = []
-        for shard in self.store.shards:
-            split_ok = np.asarray(shard.column("split")) == SPLITS.index(split)
-            keep.append(split_ok & ~np.asarray(shard.column("skip"), bool))
-        self.positions = np.flatnonzero(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
+        self.positions = np.flatnonzero(keep)
         self.num_rows = len(self.positions)
         if self.num_rows == 0:
-            raise ValueError(f"{path}: no {split!r} blocks without a skip flag")
-        self.num_sources = len(self.store.meta["sources"])
-        self.k = int(self.store.meta["k"])
-        self.layout = row_layout(seq_len, self.num_sources, self.k, ce_level)
+            raise ValueError(f"{where}: no {split!r} blocks without a skip flag")
+        self.sources = list(sources)
+        self.num_sources, self.k = len(self.sources), k
+        self.layout = row_layout(seq_len, self.num_sources, k, ce_level)
+
+    def _blocks(self, positions: np.ndarray) -> list[dict]:
+        """The aligned-store rows at block ``positions``."""
+        return [self.store.row(int(p)) for p in positions]
 
     def rows(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         T = self.seq_len
         out = empty_rows(len(indices), self.layout)
         ce = out[CE_FIELDS[self.ce_level]]
-        for b, i in enumerate(indices):
-            row = self.store.row(int(self.positions[i]))
+        for b, row in enumerate(self._blocks(self.positions[np.asarray(indices, np.int64)])):
             m = len(row["input_ids"])
             if m > T:
                 raise ValueError(f"block {row['id']} has {m} target tokens, more than train.seq_len={T}")
@@ -107,6 +122,75 @@ class AlignedBatches:
                 ce[b] = row["byte_ce"] if self.ce_unit == "byte" else row["seq_ce"]
         out.update(next_token_targets(out["input_ids"], out["attention_mask"]))
         return out
+
+
+class AlignedOnTheFly(AlignedBatches):
+    """The rows :class:`AlignedBatches` reads from the aligned store, aligned as they are read from the top-k
+    stores and vocabulary maps of the run configured by ``cfg`` (``align.on_the_fly``): equal arrays, and no
+    aligned store. Blocks are aligned by :class:`fusejax.align.BlockAligner` (a missing top-k store or vocab
+    map: one line naming it) in ``align.workers`` processes (None: one per host core; 0: in this process);
+    :meth:`prefetch` starts aligning the rows of a later :meth:`rows` call. ``seq_len``, ``ce_level`` and
+    ``ce_unit`` come from ``cfg.train``; call :meth:`close` to stop the workers.
+    """
+
+    def __init__(self, cfg, *, split: str = "train"):
+        self.cfg, self.aligner = cfg, BlockAligner(cfg, maps="require", verify=False)
+        corpus = self.aligner.corpus
+        codes = [np.asarray(shard.column("split")) for shard in corpus.shards]
+        keep = np.concatenate(codes) == SPLITS.index(split) if codes else np.zeros(0, bool)
+        for name, store in zip(self.aligner.names, self.aligner.stores):  # blocks with non-finite logits
+            missing = ~np.isin(corpus.ids, store.ids)
+            if missing.any():
+                raise StoreError(f"{store.path}: block {corpus.ids[missing][0]} of the corpus is missing "
+                                 f"(source {name!r})")
+            flags = [np.asarray(shard.column("nonfinite")) for shard in store.shards]
+            keep &= ~np.isin(corpus.ids, store.ids[np.concatenate(flags) > 0])
+        tc = cfg.train
+        self._select(corpus.path, keep, self.aligner.names, self.aligner.k, seq_len=tc.seq_len, split=split,
+                     ce_level=tc.ce_level, ce_unit=tc.ce_unit)
+        self.workers = cfg.align.workers
+        if self.workers is None:  # the cores this process may use (macOS has no affinity: all of them)
+            self.workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        self._pool: ProcessPoolExecutor | None = None
+        self._pending: dict[int, Future] = {}  # block position -> its row being aligned
+
+    def _submit(self, position: int) -> Future:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_start_worker, initargs=(self.cfg,))
+        return self._pool.submit(_aligned_row, position)
+
+    def prefetch(self, indices: np.ndarray) -> None:
+        """Start aligning the rows ``indices`` (a no-op without worker processes)."""
+        if self.workers:
+            for p in self.positions[np.asarray(indices, np.int64)].tolist():
+                if p not in self._pending:
+                    self._pending[p] = self._submit(p)
+
+    def _blocks(self, positions: np.ndarray) -> list[dict]:
+        if not self.workers:
+            return [self.aligner.row(p) for p in positions.tolist()]
+        futures = [self._pending.pop(p, None) or self._submit(p) for p in positions.tolist()]
+        return [f.result() for f in futures]
+
+    def close(self) -> None:
+        """Stop the worker processes (rows prefetched and not read are dropped)."""
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+        self._pending.clear()
+
+
+_ALIGNER = None  # a worker process's BlockAligner
+
+
+def _start_worker(cfg) -> None:
+    global _ALIGNER
+    _ALIGNER = BlockAligner(cfg, maps="require", verify=False)
+
+
+def _aligned_row(position: int) -> dict:
+    return _ALIGNER.row(position)
 
 
 def next_token_targets(input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:

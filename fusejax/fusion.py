@@ -49,11 +49,20 @@ the sources present there (λ = 1 where none is). This is the reference's rule (
 r·L_fusion``), which there ran with batch size 1 and sequence-level CE only; here it applies per example, or
 per token with token-level CE. ``lm_weight`` is ignored then.
 
-All loss math is float32; empty rows, -1 ids, -100 labels, -inf logits and fully masked batches give no NaN,
-neither in the loss nor in its gradient. The teacher side is held constant (``stop_gradient``).
+The student enters through its logits (:func:`fusion_loss`, dense ``[B,T,V]``) or through its hidden states
+and head (:func:`chunked_fusion_loss`, what the train step uses): the loss is ``sum coef·(logsumexp(z) −
+z[id])`` over the label and the table ids, linear in fixed coefficients, so the chunked form computes the
+logits of a chunk of positions, its loss and its gradients at once and keeps none of them
+(:func:`sparse_cross_entropy`). Both give the same loss, metrics and gradients.
+
+All loss math is float32 (tables of any dtype are upcast); empty rows, -1 ids, -100 labels, -inf logits and
+fully masked batches give no NaN, neither in the loss nor in its gradient. The teacher side is held constant
+(``stop_gradient``).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -97,19 +106,17 @@ def _masked_softmax(x: jax.Array, valid: jax.Array) -> jax.Array:
     return e / jnp.where(total > 0, total, 1.0)
 
 
-def _check_inputs(student_logits, labels, loss_mask, table_ids, table_logits, source_ce, fusion, loss_type,
-                  temperature, target_source) -> int:
-    """Static checks of shapes, dtypes and options; returns S."""
+def _check_inputs(shape, labels, loss_mask, table_ids, table_logits, source_ce, fusion, loss_type, temperature,
+                  target_source) -> int:
+    """Static checks of shapes, dtypes and options against the student's ``shape`` (B, T, ...); returns S."""
 
     def fail(msg):
         raise ValueError(f"fusion_loss: {msg}")
 
-    if student_logits.ndim != 3:
-        fail(f"student_logits must be [B,T,V], got shape {student_logits.shape}")
-    b, t, _ = student_logits.shape
+    b, t = shape[:2]
     for name, x in (("labels", labels), ("loss_mask", loss_mask)):
         if x.shape != (b, t):
-            fail(f"{name} must be [B,T]={(b, t)} like student_logits, got shape {x.shape}")
+            fail(f"{name} must be [B,T]={(b, t)} like the student, got shape {x.shape}")
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         fail(f"labels must be integer, got dtype {labels.dtype}")
     if table_ids.ndim != 4 or table_ids.shape[:2] != (b, t):
@@ -132,8 +139,44 @@ def _check_inputs(student_logits, labels, loss_mask, table_ids, table_logits, so
     return s
 
 
-def fusion_loss(
-    student_logits,
+def fusion_loss(student_logits, labels, loss_mask, table_ids, table_logits, source_ce, **options
+                ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """``λ·CLM + (1−λ)·L_fusion`` of one batch from the student's logits (shapes in the module docstring):
+    ``(loss, metrics)``. The options and metrics are :func:`fused_loss`'s."""
+    if student_logits.ndim != 3:
+        raise ValueError(f"fusion_loss: student_logits must be [B,T,V], got shape {student_logits.shape}")
+
+    def student(ids, coef):
+        z = student_logits.astype(jnp.float32)
+        lse = jax.nn.logsumexp(z, axis=-1)
+        picked = jnp.take_along_axis(z, ids, axis=-1)
+        return _weighted_ce(coef, lse, picked), jax.lax.stop_gradient(lse), jax.lax.stop_gradient(picked)
+
+    return fused_loss(student, student_logits.shape, labels, loss_mask, table_ids, table_logits, source_ce,
+                      **options)
+
+
+def chunked_fusion_loss(hidden, head_weight, head, labels, loss_mask, table_ids, table_logits, source_ce, *,
+                        chunk: int, **options) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """:func:`fusion_loss` of the logits ``head(head_weight, hidden)`` without ever holding them for more than
+    ``chunk`` positions of every row (see :func:`sparse_cross_entropy`); equal to it, gradients included.
+
+    hidden [B,T,D] (any float dtype), ``head(head_weight, hidden_chunk [B,C,D]) -> [B,C,V]`` float32 logits,
+    a pure function (e.g. :func:`fusejax.models.transformer.head_logits` with its config bound). ``chunk``
+    must divide T (a larger one is T). The options and metrics are :func:`fused_loss`'s.
+    """
+    if hidden.ndim != 3:
+        raise ValueError(f"fusion_loss: hidden must be [B,T,D], got shape {hidden.shape}")
+
+    def student(ids, coef):
+        return sparse_cross_entropy(head, head_weight, hidden, ids, coef, chunk)
+
+    return fused_loss(student, hidden.shape, labels, loss_mask, table_ids, table_logits, source_ce, **options)
+
+
+def fused_loss(
+    student,
+    shape,
     labels,
     loss_mask,
     table_ids,
@@ -149,6 +192,11 @@ def fusion_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """``λ·CLM + (1−λ)·L_fusion`` of one batch (shapes in the module docstring): ``(loss, metrics)``.
 
+    ``student(ids [B,T,M] int32, coef [B,T,M] float32) -> (sum(coef · (lse − z[ids])) where coef > 0,
+    lse [B,T], z[ids] [B,T,M])`` computes the student's side: ``z`` are its logits (``shape`` = (B, T, ...)),
+    ``lse`` their logsumexp over the vocabulary; only the first output is differentiated. Entry 0 of the M =
+    1 + S·k ids is the label, the rest the table entries; ``coef`` holds each entry's weight in the loss.
+
     ``lm_weight``: λ, a float or traced float32 scalar (see :func:`lm_weight_schedule`); ignored with
     ``soft_weighting``. Options other than ``lm_weight`` and ``temperature`` are static.
 
@@ -159,20 +207,14 @@ def fusion_loss(
     [S]`` (fraction of scored positions where the source's own row is non-empty), ``scored_tokens``,
     ``fused_tokens``.
     """
-    num_sources = _check_inputs(student_logits, labels, loss_mask, table_ids, table_logits, source_ce, fusion,
-                                loss_type, temperature, target_source)
+    num_sources = _check_inputs(shape, labels, loss_mask, table_ids, table_logits, source_ce, fusion, loss_type,
+                                temperature, target_source)
     b, t = labels.shape
     f32 = jnp.float32
     mask = jnp.asarray(loss_mask) != 0
 
-    # student log-probabilities, gathered: log q(v) = z_v - logsumexp(z) (no [B,T,V] log_softmax copy)
-    lse = jax.nn.logsumexp(student_logits.astype(f32), axis=-1)
-    safe_labels = jnp.where(mask, labels, 0)
-    label_logq = jnp.take_along_axis(student_logits, safe_labels[..., None], axis=-1)[..., 0].astype(f32) - lse
-    clm_tok = jnp.where(mask, -label_logq, 0.0)
-
     # teacher rows, empty rows filled from the target model's own row
-    ids = jnp.asarray(table_ids)
+    ids = jnp.asarray(table_ids).astype(jnp.int32)
     row_logits = jnp.asarray(table_logits).astype(f32)
     own_present = jnp.any(ids >= 0, axis=-1)  # [B,T,S]
     if target_source is not None:
@@ -200,22 +242,6 @@ def fusion_loss(
     else:
         weights = _masked_softmax(-ce, present)
 
-    # fused sparse teacher over the S*k table entries and the student's log-probabilities there
-    m = num_sources * ids.shape[-1]
-    teacher = jax.lax.stop_gradient((weights[..., None] * probs).reshape(b, t, m))
-    flat_ids = ids.reshape(b, t, m)
-    flat_valid = valid.reshape(b, t, m)
-    logq = jnp.take_along_axis(student_logits, jnp.where(flat_valid, flat_ids, 0), axis=-1).astype(f32)
-    logq = logq - lse[..., None]
-    used = teacher > 0
-    fusion_tok = -jnp.sum(jnp.where(used, teacher * logq, 0.0), axis=-1)
-    if loss_type == "kl":
-        # P(v) for each entry: the teacher mass of every entry carrying the same id
-        same = (flat_ids[..., :, None] == flat_ids[..., None, :]) & flat_valid[..., None, :]
-        mass = jnp.sum(jnp.where(same, teacher[..., None, :], 0.0), axis=-1)
-        fusion_tok = fusion_tok + jnp.sum(jnp.where(used, teacher * jnp.log(jnp.where(used, mass, 1.0)), 0.0), -1)
-    fusion_tok = jnp.where(fused, fusion_tok, 0.0)
-
     # λ per position
     if soft_weighting:
         present_reward = jnp.where(present, reward, 0.0)
@@ -232,7 +258,28 @@ def fusion_loss(
     n_fused = jnp.sum(fused.astype(f32))
     n_safe = jnp.maximum(n, 1.0)
     n_fused_safe = jnp.maximum(n_fused, 1.0)
-    loss = jnp.sum(lam * clm_tok) / n_safe + jnp.sum((1.0 - lam) * fusion_tok) / n_fused_safe
+
+    # the fused sparse teacher over the S*k table entries; the label and the entries' ids and loss weights
+    m = num_sources * ids.shape[-1]
+    teacher = jax.lax.stop_gradient((weights[..., None] * probs).reshape(b, t, m))
+    flat_ids = ids.reshape(b, t, m)
+    flat_valid = valid.reshape(b, t, m)
+    used = fused[..., None] & (teacher > 0)
+    all_ids = jnp.concatenate([jnp.where(mask, labels, 0)[..., None], jnp.where(flat_valid, flat_ids, 0)], -1)
+    coef = jnp.concatenate([jnp.where(mask, lam / n_safe, 0.0)[..., None],
+                            jnp.where(used, ((1.0 - lam) / n_fused_safe)[..., None] * teacher, 0.0)], -1)
+    loss, lse, picked = student(all_ids.astype(jnp.int32), jax.lax.stop_gradient(coef))
+
+    # per-position terms (values only) for the metrics; KL adds the teacher's entropy term, a constant
+    clm_tok = jnp.where(mask, lse - picked[..., 0], 0.0)
+    fusion_tok = jnp.sum(jnp.where(used, teacher * (lse[..., None] - picked[..., 1:]), 0.0), axis=-1)
+    if loss_type == "kl":
+        # P(v) for each entry: the teacher mass of every entry carrying the same id
+        same = (flat_ids[..., :, None] == flat_ids[..., None, :]) & flat_valid[..., None, :]
+        mass = jnp.sum(jnp.where(same, teacher[..., None, :], 0.0), axis=-1)
+        neg_entropy = jnp.sum(jnp.where(used, teacher * jnp.log(jnp.where(used, mass, 1.0)), 0.0), -1)
+        fusion_tok = fusion_tok + neg_entropy
+        loss = loss + jnp.sum((1.0 - lam) * neg_entropy) / n_fused_safe
     metrics = {
         "loss": loss,
         "clm_loss": jnp.sum(clm_tok) / n_safe,
@@ -245,3 +292,88 @@ def fusion_loss(
         "fused_tokens": n_fused,
     }
     return loss, metrics
+
+
+def _weighted_ce(coef, lse, picked):
+    """``sum(coef · (lse − picked))`` over the entries with coef > 0 (others may hold -inf or garbage)."""
+    return jnp.sum(jnp.where(coef > 0, coef * (lse[..., None] - picked), 0.0))
+
+
+def sparse_cross_entropy(head, weight, hidden, ids, coef, chunk: int):
+    """``(sum(coef · (lse − z[ids])), lse [B,T], z[ids] [B,T,M])`` of the logits ``z = head(weight, hidden)``,
+    never holding more than ``chunk`` positions of them (float32 ``[B,chunk,V]``), in the spirit of fused
+    linear cross-entropy (Liger) and Cut Cross-Entropy.
+
+    hidden [B,T,D]; ids [B,T,M] int; coef [B,T,M] float32, held constant (the loss is linear in it). Positions
+    are processed in a scan over T/chunk chunks. Under differentiation each chunk's gradients with respect to
+    ``weight`` and ``hidden`` are taken right there, in the forward pass (the cotangent of a loss is a scalar
+    factor), so the logits are computed once and never stored: 3 vocabulary-sized matmuls per step, as for
+    dense logits. ``lse`` and ``z[ids]`` are values only (stop_gradient): use them for metrics.
+    """
+    b, t = hidden.shape[:2]
+    chunk = min(chunk, t)
+    if t % chunk:
+        raise ValueError(f"sparse_cross_entropy: the chunk of {chunk} positions does not divide the {t} positions")
+    loss, lse, picked = _sparse_ce(head, chunk, weight, hidden, ids, coef.astype(jnp.float32))
+    return loss, jax.lax.stop_gradient(lse), jax.lax.stop_gradient(picked)
+
+
+def _chunks(x, chunk):
+    """[B,T,...] -> [T/chunk, B, chunk, ...] (chunks of positions first, for a scan)."""
+    return jnp.moveaxis(x.reshape(x.shape[0], -1, chunk, *x.shape[2:]), 1, 0)
+
+
+def _unchunk(x):
+    """The inverse of :func:`_chunks`."""
+    x = jnp.moveaxis(x, 0, 1)
+    return x.reshape(x.shape[0], -1, *x.shape[3:])
+
+
+def _chunk_ce(head, weight, hidden, ids, coef):
+    """:func:`sparse_cross_entropy` of one chunk: (loss, (lse, picked))."""
+    z = head(weight, hidden)
+    lse = jax.nn.logsumexp(z, axis=-1)
+    picked = jnp.take_along_axis(z, ids, axis=-1)
+    return _weighted_ce(coef, lse, picked), (lse, picked)
+
+
+def _scan_chunks(head, chunk, weight, hidden, ids, coef, with_grads: bool):
+    """The scan of :func:`sparse_cross_entropy`: ((loss, lse, picked), (d weight, d hidden) or None)."""
+    xs = (_chunks(hidden, chunk), _chunks(ids, chunk), _chunks(coef, chunk))
+    f32 = jnp.float32
+    if with_grads:
+        grad_fn = jax.value_and_grad(functools.partial(_chunk_ce, head), argnums=(0, 1), has_aux=True)
+
+        def body(carry, x):
+            (loss, stats), (d_weight, d_hidden) = grad_fn(weight, *x)
+            return (carry[0] + loss, carry[1] + d_weight.astype(f32)), (stats, d_hidden)
+
+        init = (jnp.zeros((), f32), jnp.zeros(weight.shape, f32))
+        (loss, d_weight), ((lse, picked), d_hidden) = jax.lax.scan(body, init, xs)
+        grads = (d_weight.astype(weight.dtype), _unchunk(d_hidden))
+    else:
+        def body(total, x):
+            loss, stats = _chunk_ce(head, weight, *x)
+            return total + loss, stats
+
+        loss, (lse, picked) = jax.lax.scan(body, jnp.zeros((), f32), xs)
+        grads = None
+    return (loss, _unchunk(lse), _unchunk(picked)), grads
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _sparse_ce(head, chunk, weight, hidden, ids, coef):
+    return _scan_chunks(head, chunk, weight, hidden, ids, coef, with_grads=False)[0]
+
+
+def _sparse_ce_fwd(head, chunk, weight, hidden, ids, coef):
+    return _scan_chunks(head, chunk, weight, hidden, ids, coef, with_grads=True)
+
+
+def _sparse_ce_bwd(head, chunk, grads, cotangents):
+    g = cotangents[0]  # lse and picked leave sparse_cross_entropy through stop_gradient: zero cotangents
+    d_weight, d_hidden = grads
+    return (g * d_weight).astype(d_weight.dtype), (g * d_hidden).astype(d_hidden.dtype), None, None
+
+
+_sparse_ce.defvjp(_sparse_ce_fwd, _sparse_ce_bwd)

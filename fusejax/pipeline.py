@@ -43,7 +43,8 @@ RECORD = "stage.json"
 # settings that change how a stage reports or checkpoints, not what it computes: left out of fingerprints,
 # so changing them resumes the stage instead of redoing it
 BOOKKEEPING = {"train": ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "peak_flops",
-                         "nonfinite")}
+                         "nonfinite"),
+               "align": ("workers",)}
 
 
 def _section(cfg: Config, dotted: str):

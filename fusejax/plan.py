@@ -55,13 +55,16 @@ def nbytes_per_device(x: jax.ShapeDtypeStruct) -> int:
 
 
 def plan_training(model_config: ModelConfig, tc: TrainConfig, mesh, *, rules=None, num_sources: int = 0,
-                  k: int = 10, target_source: int | None = None) -> dict:
+                  k: int = 10, target_source: int | None = None, loss_impl=None) -> dict:
     """Compile the train step for ``model_config`` (trained with the ``train`` section ``tc``, laid out by the
     sharding-rule overrides ``rules``) on ``mesh`` without allocating anything: the step of
     :func:`fusejax.step.compile_step`, on batches of :func:`fusejax.schema.row_layout` (no tables when
-    ``num_sources`` is 0). Returns per-device ``params_bytes``, ``opt_state_bytes``, ``batch_bytes``, the
-    compiled step's ``memory`` (see :func:`fusejax.step.compiled_memory`), ``num_params`` and ``shardings``:
-    ``[(name, global shape, per-device shape, PartitionSpec)]`` of every parameter."""
+    ``num_sources`` is 0; ``loss_impl``: see :func:`fusejax.step.make_loss_fn`). Returns per-device
+    ``params_bytes``, ``opt_state_bytes``, ``batch_bytes``, ``logits_bytes`` (one micro-batch's float32
+    ``[B,T,V]`` logits, which the chunked loss never holds) and ``logits_chunk_bytes`` (one chunk of
+    ``train.loss_chunk`` positions, what it holds instead, a few times over), the compiled step's ``memory``
+    (see :func:`fusejax.step.compiled_memory`), ``num_params`` and ``shardings``: ``[(name, global shape,
+    per-device shape, PartitionSpec)]`` of every parameter."""
     mc = training_model_config(model_config, tc)
     model = nnx.eval_shape(lambda: Transformer(mc, rngs=nnx.Rngs(0), rules=rules))
     param_dtype = jnp.dtype(tc.param_dtype)
@@ -77,11 +80,14 @@ def plan_training(model_config: ModelConfig, tc: TrainConfig, mesh, *, rules=Non
     layouts = batch_shardings(mesh, {n: (*micro, *shape) for n, (shape, _) in rows.items()}, dict(model.rules))
     batch = {n: jax.ShapeDtypeStruct((*micro, *shape), dtype, sharding=layouts[n])
              for n, (shape, dtype) in rows.items()}
+    logits_shape = (micro[1], tc.seq_len, mc.padded_vocab_size)
+    logits = jax.ShapeDtypeStruct(logits_shape, jnp.float32, sharding=NamedSharding(mesh, sharding.logical_to_spec(
+        ("batch", "length", "vocab"), rules=dict(model.rules), mesh=mesh, shape=logits_shape, name="logits")))
     with jax.set_mesh(mesh):
         opt_state = abstract_opt_state(tx, params)
     state = {"params": params, "opt_state": opt_state,
              "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))}
-    compiled = compile_step(nnx.graphdef(model), tx, opts, state, batch, mesh)
+    compiled = compile_step(nnx.graphdef(model), tx, opts, state, batch, mesh, loss_impl)
     shardings = []
     for path, x in jax.tree_util.tree_leaves_with_path(params):
         name = ".".join(str(getattr(p, "key", p)) for p in path)
@@ -91,6 +97,8 @@ def plan_training(model_config: ModelConfig, tc: TrainConfig, mesh, *, rules=Non
         "params_bytes": sum(nbytes_per_device(x) for x in jax.tree.leaves(params)),
         "opt_state_bytes": sum(nbytes_per_device(x) for x in jax.tree.leaves(opt_state)),
         "batch_bytes": sum(nbytes_per_device(x) for x in batch.values()),
+        "logits_bytes": nbytes_per_device(logits),
+        "logits_chunk_bytes": nbytes_per_device(logits) * min(tc.loss_chunk, tc.seq_len) // tc.seq_len,
         "memory": compiled_memory(compiled),
         "shardings": shardings,
     }
@@ -165,8 +173,11 @@ def format_report(plan: dict, *, model_config: ModelConfig, tc: TrainConfig, mes
         lines.append(f"note: compiled for {mesh.devices.size} CPU devices; parameter, optimizer and batch bytes are "
                      "exact, the step's temporaries are an estimate (XLA compiles TPU/GPU steps differently)")
     lines += ["", "memory per device"]
+    chunk = min(tc.loss_chunk, tc.seq_len)
     rows = [("parameters", plan["params_bytes"]), ("optimizer state (AdamW moments)", plan["opt_state_bytes"]),
-            ("batch", plan["batch_bytes"])]
+            ("batch", plan["batch_bytes"]),
+            (f"loss logits, one chunk of {chunk} positions (train.loss_chunk)", plan["logits_chunk_bytes"]),
+            ("  (the micro-batch's whole [B,T,V] logits, never held)", plan["logits_bytes"])]
     if mem:
         rows += [("step temporaries (activations, gradients, ...)", mem["temp_bytes"]),
                  ("peak (arguments + outputs + temporaries - donated)", mem["peak_bytes"])]
@@ -193,11 +204,20 @@ def format_report(plan: dict, *, model_config: ModelConfig, tc: TrainConfig, mes
     return "\n".join(lines)
 
 
+def host_line(cfg: Config) -> str:
+    """What the host does for ``align.on_the_fly`` (a line of the report)."""
+    workers = "one per host core" if cfg.align.workers is None else cfg.align.workers
+    return (f"host: align.on_the_fly: each step's {cfg.train.batch_size} rows are aligned from the top-k stores by "
+            f"worker processes (align.workers: {workers}) while the device trains; "
+            "benchmarks/bench_onfly.py measures the rows per second one core aligns")
+
+
 def run(cfg: Config) -> dict:
     """Stage ``plan``: print the per-device memory and parameter shardings of ``fusejax train``'s step for
     this config (target architecture from ``target.path``/config.json, mesh, ``train`` section, number of
-    sources, ``represent.k``) and warn when it does not fit ``mesh.device_memory_gib``. Returns the byte
-    counts of :func:`plan_training` (without the shardings) plus ``device_memory`` and ``fits`` (None: unknown)."""
+    sources, ``represent.k``; with ``align.on_the_fly`` also :func:`host_line`) and warn when it does not fit
+    ``mesh.device_memory_gib``. Returns the byte counts of :func:`plan_training` (without the shardings) plus
+    ``device_memory`` and ``fits`` (None: unknown)."""
     if cfg.target.path is None:
         raise PlanError("target.path is not set: name the Hugging Face folder of the model to plan for "
                         "(its config.json is enough)")
@@ -214,6 +234,8 @@ def run(cfg: Config) -> dict:
     if is_main_process():
         print(format_report(plan, model_config=model_config, tc=cfg.train, mesh=mesh, platform=devices[0].platform,
                             num_sources=num_sources, k=k, device_memory=device_memory))
+        if cfg.align.on_the_fly:
+            print(host_line(cfg))
     peak = plan["memory"].get("peak_bytes")
     summary = {key: value for key, value in plan.items() if key != "shardings"}
     return dict(summary, device_memory=device_memory,

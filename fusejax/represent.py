@@ -1,7 +1,8 @@
 """Source representations: top-k next-token logits and cross-entropy of a source model on the corpus.
 
-``extract_topk`` is the jitted core: one forward pass, then top-k and per-token cross-entropy on the device;
-the full ``[B, T, V]`` logits never leave it. The stage (``run``) streams corpus blocks through it.
+``extract_step`` is the jitted core: one forward pass to the hidden states, then, a chunk of positions at
+a time, the head, top-k and per-token cross-entropy on the device: no ``[B, T, V]`` logits are ever held
+whole. The stage (``run``) streams corpus blocks through it.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fusejax.config import Config
+from fusejax.models.transformer import head_logits
 
 
 _CHUNK = 64  # vocabulary entries per chunk in ``top_k``
+CHUNK = 64  # positions of each row whose logits ``extract_step`` holds at once (a few float32 copies)
 
 
 def top_k(logits: jax.Array, k: int):
@@ -41,35 +44,50 @@ def top_k(logits: jax.Array, k: int):
     return values, jnp.take_along_axis(best, where // _CHUNK, axis=-1) * _CHUNK + where % _CHUNK
 
 
-def topk_and_ce(logits: jax.Array, input_ids: jax.Array, attention_mask: jax.Array, k: int, vocab_size: int):
-    """Top-k and next-token cross-entropy from logits.
+def position_stats(logits: jax.Array, next_ids: jax.Array, k: int):
+    """Per position of logits [..., Vp] float32 (padded vocabulary ids hold -inf, so they count for nothing and
+    are never among the top k <= vocab_size; no sliced copy is made) and the next token next_ids [...] int:
+    (top-k logits [..., k] f32, their ids [..., k] i32, the next token's logit [...], the logsumexp [...],
+    NaN or +inf where any logit is NaN or +inf)."""
+    values, ids = top_k(logits, k)
+    target = jnp.take_along_axis(logits, next_ids[..., None], axis=-1)[..., 0]
+    return values, ids.astype(jnp.int32), target, jax.nn.logsumexp(logits, axis=-1)
 
-    logits [B,T,Vp] (ids >= vocab_size are vocabulary padding), input_ids [B,T] int, attention_mask [B,T]
-    (1 = token). Position t scores token t+1. Returns (topk_logits [B,T,k] f32, topk_ids [B,T,k] i32,
-    token_ce [B,T] f32 (0 where t+1 is padding or past the end), seq_ce [B] f32 (mean over scored
-    positions, 0 for a sequence with none), nonfinite [B] int32 (real positions whose logits hold a NaN
-    or +inf, read off the logsumexp at no extra cost)).
+
+@functools.partial(nnx.jit, static_argnames=("k", "chunk"))
+def extract_step(model, input_ids, attention_mask, k, chunk=CHUNK):
+    """The jitted core of :func:`extract_topk`: input_ids [B,T] int32, attention_mask [B,T] (1 = token).
+
+    The head is applied to ``chunk`` positions of every row at a time (:func:`position_stats` in a
+    ``lax.map``; T is padded up to a multiple of it), so no ``[B,T,V]`` float32 logits are held beyond one
+    chunk. Position t scores token t+1. Returns (topk_logits [B,T,k] f32, topk_ids [B,T,k] i32, token_ce
+    [B,T] f32 (0 where t+1 is padding or past the end), seq_ce [B] f32 (mean over scored positions, 0 for a
+    sequence with none), nonfinite [B] int32 (real positions whose logits hold a NaN or +inf, read off the
+    logsumexp at no extra cost)).
     """
-    logits = logits[..., :vocab_size].astype(jnp.float32)
     mask = attention_mask.astype(bool)
     scored = mask & jnp.pad(mask[:, 1:], ((0, 0), (0, 1)))
     next_ids = jnp.pad(input_ids[:, 1:], ((0, 0), (0, 1)))
-    topk_logits, topk_ids = top_k(logits, k)
-    target = jnp.take_along_axis(logits, next_ids[..., None], axis=-1)[..., 0]
-    lse = jax.nn.logsumexp(logits, axis=-1)  # NaN or +inf where any logit is NaN or +inf
+    t = input_ids.shape[1]
+    chunk = min(chunk, t)
+    pad = -t % chunk
+    hidden = jnp.pad(model.hidden_states(input_ids, attention_mask), ((0, 0), (0, pad), (0, 0)))
+    head, weight = functools.partial(head_logits, model.config), model.head_weight
+
+    def chunks(x):  # [B,T+pad,...] -> [chunks, B, chunk, ...]
+        return jnp.moveaxis(x.reshape(x.shape[0], -1, chunk, *x.shape[2:]), 1, 0)
+
+    def one(xs):
+        return position_stats(head(weight, xs[0]), xs[1], k)
+
+    stats = jax.lax.map(one, (chunks(hidden), chunks(jnp.pad(next_ids, ((0, 0), (0, pad))))))
+    topk_logits, topk_ids, target, lse = (jnp.moveaxis(x, 0, 1).reshape(x.shape[1], -1, *x.shape[3:])[:, :t]
+                                          for x in stats)
     token_ce = jnp.where(scored, lse - target, 0.0)
     n_scored = scored.sum(axis=-1)
     seq_ce = token_ce.sum(axis=-1) / jnp.maximum(n_scored, 1)
     nonfinite = jnp.sum(~jnp.isfinite(lse) & mask, axis=1).astype(jnp.int32)
-    return topk_logits, topk_ids.astype(jnp.int32), token_ce, seq_ce, nonfinite
-
-
-@functools.partial(nnx.jit, static_argnames="k")
-def extract_step(model, input_ids, attention_mask, k):
-    """The jitted core of :func:`extract_topk` on int32 arrays, plus per row the number of positions with
-    non-finite logits: ``(topk_logits, topk_ids, token_ce, seq_ce, nonfinite [B] int32)``."""
-    logits = model(input_ids, attention_mask)
-    return topk_and_ce(logits, input_ids, attention_mask, k, model.config.vocab_size)
+    return topk_logits, topk_ids, token_ce, seq_ce, nonfinite
 
 
 def extract_topk(model, input_ids, attention_mask, k: int = 10):

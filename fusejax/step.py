@@ -3,7 +3,9 @@ loss on the model's logits, the jitted step with explicit shardings and donated 
 
 ``step(state, batch) -> (state, metrics)``: state is ``{"params", "opt_state", "step"}``; the batch holds the
 fields of :data:`fusejax.schema.STEP_AXES` (see :func:`fusejax.schema.row_layout`) with a leading micro-batch
-axis of size ``grad_accum``. The loss is :func:`fusejax.fusion.fusion_loss`; rows without fusion tables
+axis of size ``grad_accum``. The loss is :func:`fusejax.fusion.chunked_fusion_loss` on the model's
+hidden states and head (:meth:`Transformer.hidden_states`, :func:`head_logits`), which holds float32 logits for
+``train.loss_chunk`` positions of each row at a time, never ``[B,T,V]``; rows without fusion tables
 (CLM-only training, ``train.lm_weight=1`` with schedule ``hard``) get one empty table entry per position,
 so the fusion term vanishes. Gradient accumulation averages the micro-batches' gradients; each micro-batch's
 loss is a mean over its own scored tokens, so the result equals the full-batch gradient when micro-batches
@@ -13,6 +15,7 @@ hold equal token counts.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import jax
@@ -24,8 +27,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from fusejax import sharding
 from fusejax.config import Config, TrainConfig
-from fusejax.fusion import fusion_loss, lm_weight_schedule
+from fusejax.fusion import chunked_fusion_loss, lm_weight_schedule
 from fusejax.models import ModelConfig
+from fusejax.models.transformer import head_logits
 from fusejax.schema import STEP_AXES
 
 INT32_MAX = 2**31 - 1
@@ -48,6 +52,7 @@ class StepOptions:
     temperature: float = 1.0
     target_source: int | None = None
     compute_dtype: str = "float32"
+    loss_chunk: int = 256
 
     @property
     def clm_only(self) -> bool:
@@ -58,7 +63,7 @@ class StepOptions:
     def from_config(cls, tc: TrainConfig, total_steps: int, target_source: int | None = None) -> StepOptions:
         return cls(total_steps=total_steps, grad_accum=tc.grad_accum, lm_weight=tc.lm_weight, schedule=tc.schedule,
                    fusion=tc.fusion, loss_type=tc.loss_type, temperature=tc.temperature,
-                   target_source=target_source, compute_dtype=tc.compute_dtype)
+                   target_source=target_source, compute_dtype=tc.compute_dtype, loss_chunk=tc.loss_chunk)
 
 
 def make_optimizer(tc: TrainConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -97,22 +102,25 @@ def _no_tables(mb):
                 source_ce=jnp.zeros((b, 1)))
 
 
-def make_loss_fn(graphdef, opts: StepOptions, loss_impl=fusion_loss):
-    """``loss_fn(params, micro_batch, lm_weight) -> (loss, metrics)`` of ``loss_impl`` (a function with
-    :func:`fusion_loss`'s signature) on the model's logits; floating params are cast to
-    ``opts.compute_dtype`` first (float32 master weights stay outside)."""
+def make_loss_fn(graphdef, opts: StepOptions, loss_impl=None):
+    """``loss_fn(params, micro_batch, lm_weight) -> (loss, metrics)``: :func:`chunked_fusion_loss` in chunks of
+    ``opts.loss_chunk`` positions, or ``loss_impl`` (a function with :func:`fusejax.fusion.fusion_loss`'s
+    signature) on the model's whole ``[B,T,V]`` logits (the dense references of the benchmarks). Floating
+    params are cast to ``opts.compute_dtype`` first (float32 master weights stay outside)."""
 
     def loss_fn(params, mb, lm_w):
         model = nnx.merge(graphdef, cast_floating(params, jnp.dtype(opts.compute_dtype)))
         if "table_ids" not in mb:
             mb = _no_tables(mb)
-        logits = model(mb["input_ids"], mb["attention_mask"])
         source_ce = mb["source_ce_token"] if "source_ce_token" in mb else mb["source_ce"]
-        return loss_impl(
-            logits, mb["labels"], mb["loss_mask"], mb["table_ids"], mb["table_logits"], source_ce,
-            fusion=opts.fusion, lm_weight=lm_w, loss_type=opts.loss_type, temperature=opts.temperature,
-            target_source=opts.target_source, soft_weighting=opts.schedule == "soft",
-        )
+        tables = (mb["labels"], mb["loss_mask"], mb["table_ids"], mb["table_logits"], source_ce)
+        options = dict(fusion=opts.fusion, lm_weight=lm_w, loss_type=opts.loss_type, temperature=opts.temperature,
+                       target_source=opts.target_source, soft_weighting=opts.schedule == "soft")
+        if loss_impl is not None:
+            return loss_impl(model(mb["input_ids"], mb["attention_mask"]), *tables, **options)
+        hidden = model.hidden_states(mb["input_ids"], mb["attention_mask"])
+        head = functools.partial(head_logits, model.config)
+        return chunked_fusion_loss(hidden, model.head_weight, head, *tables, chunk=opts.loss_chunk, **options)
 
     return loss_fn
 
@@ -124,12 +132,13 @@ def _lm_weight(opts: StepOptions, step):
     return lm_weight_schedule(opts.schedule, opts.lm_weight, step, opts.total_steps)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, opts: StepOptions, loss_impl=fusion_loss):
+def make_train_step(graphdef, tx: optax.GradientTransformation, opts: StepOptions, loss_impl=None):
     """``step(state, batch) -> (state, metrics)``; state = {"params", "opt_state", "step"}; batch fields have
-    a leading micro-batch axis of size ``opts.grad_accum``. Metrics are the micro-batch means of
-    :func:`fusion_loss`'s metrics (of the parameters before the update) plus ``grad_norm`` (before clipping)
-    and ``skipped`` (1.0 when the loss, the gradient norm or the update is not finite: then the parameters and
-    the optimizer state are returned unchanged, so no NaN or inf ever reaches them; the step counter advances)."""
+    a leading micro-batch axis of size ``opts.grad_accum``; ``loss_impl``: see :func:`make_loss_fn`. Metrics
+    are the micro-batch means of :func:`fusejax.fusion.fusion_loss`'s metrics (of the parameters before the
+    update) plus ``grad_norm`` (before clipping) and ``skipped`` (1.0 when the loss, the gradient norm or the
+    update is not finite: then the parameters and the optimizer state are returned unchanged, so no NaN or inf
+    ever reaches them; the step counter advances)."""
     grad_fn = jax.value_and_grad(make_loss_fn(graphdef, opts, loss_impl), has_aux=True)
 
     def step(state, batch):
@@ -244,7 +253,7 @@ def abstract_opt_state(tx: optax.GradientTransformation, params):
 
 
 def compile_step(graphdef, tx: optax.GradientTransformation, opts: StepOptions, state, batch, mesh,
-                 loss_impl=fusion_loss):
+                 loss_impl=None):
     """:func:`make_train_step` jitted with the shardings of the abstract ``state`` and ``batch``
     (ShapeDtypeStructs with shardings, see :func:`abstract`), state donated, and compiled ahead of time on
     ``mesh``. The trainer runs the result; ``fusejax plan`` reads its :func:`compiled_memory`."""

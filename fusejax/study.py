@@ -86,6 +86,9 @@ def train_and_eval(cfg: Config, store: Path, run_dir: Path, seed: int) -> dict:
     reused, layout = RunLayout.at(store), RunLayout.of(cfg)
     _link(reused.corpus, layout.corpus)
     _link(reused.aligned, layout.aligned)
+    if cfg.align.on_the_fly:  # training reads the top-k stores and vocab maps instead of an aligned store
+        _link(reused.represent, layout.represent)
+        _link(reused.vocab_maps, layout.vocab_maps)
     train.run(cfg)
     return evaluation.run(cfg)
 

@@ -9,7 +9,7 @@ Host-only (no JAX). A tokenizer folder is read in this order:
   (Unigram models, user-defined pieces and treat_whitespace_as_suffix are refused with a ValueError);
 * ``vocab.json`` + ``merges.txt``: a GPT-2 style byte-level BPE.
 
-bos/eos/unk/pad come from ``tokenizer_config.json`` (a key missing or null there is taken from
+bos/eos/unk/pad and the chat template come from ``tokenizer_config.json`` (a key missing or null there is taken from
 ``special_tokens_map.json``); for a SentencePiece folder without them, from the model's own pieces.
 ``added_tokens.json`` extends the vocabulary of the last two kinds.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
@@ -29,6 +30,7 @@ SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 # sentencepiece_model.proto enums
 _SPM_NORMAL, _SPM_UNKNOWN, _SPM_CONTROL, _SPM_USER_DEFINED = 1, 2, 3, 4
 _SPM_BPE = 2
+_TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+=* \d+\n")  # first line of a tiktoken BPE file: base64 token, rank
 
 
 def load_tokenizer(path_or_tokenizer: str | os.PathLike | PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
@@ -50,9 +52,7 @@ def load_tokenizer(path_or_tokenizer: str | os.PathLike | PreTrainedTokenizerBas
         key: _token_content(config.get(key), folder, key) or _token_content(special_map.get(key), folder, key)
         for key in SPECIAL_TOKEN_KEYS
     }
-    kwargs = {}
-    if "model_max_length" in config:
-        kwargs["model_max_length"] = config["model_max_length"]
+    kwargs = {key: config[key] for key in ("model_max_length", "chat_template") if key in config}
 
     json_file = folder / "tokenizer.json"
     if json_file.is_file():
@@ -142,7 +142,10 @@ def _sentencepiece_backend(path: Path) -> tuple[Tokenizer, dict[str, str | None]
     def parse(name):
         proto = sentencepiece_model_pb2.ModelProto()
         with open(name, "rb") as f:
-            proto.ParseFromString(f.read())
+            data = f.read()
+        if _TIKTOKEN_LINE.match(data):
+            raise ValueError("a tiktoken BPE file (Llama 3) needs the tokenizer.json beside it")
+        proto.ParseFromString(data)
         if not proto.pieces:
             raise ValueError("no pieces")
         return proto

@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from fusejax import checkpoint
 from fusejax.config import Config, TrainConfig, config_to_dict, save_resolved
 from fusejax.corpus import corpus_totals
-from fusejax.data import AlignedBatches, Batches, check_batch_size, stream_rows
+from fusejax.data import AlignedBatches, AlignedOnTheFly, Batches, check_batch_size, stream_rows
 from fusejax.distributed import is_main_process
 from fusejax.evaluation import evaluate, heldout_batches
 from fusejax.files import json_safe, write_json
@@ -167,11 +167,23 @@ class Trainer:
         """This process's rows of the batch at stream positions ``position .. position+batch_size``, split into
         micro-batches: ``{field: [grad_accum, len(local_rows), ...]}`` (only these rows are read)."""
         tc = self.tc
-        micro = tc.batch_size // tc.grad_accum
-        indices = stream_rows(self.seed, position, tc.batch_size, self.data.num_rows).reshape(tc.grad_accum, micro)
-        rows = self.data.rows(indices[:, self.local_rows].reshape(-1))
+        rows = self.data.rows(self._local_indices(position))
         return {k: v.reshape(tc.grad_accum, len(self.local_rows), *v.shape[1:]) for k, v in rows.items()
                 if k in STEP_AXES}
+
+    def _local_indices(self, position: int) -> np.ndarray:
+        """The data rows [grad_accum * len(local_rows)] int64 of this process in the batch at ``position``."""
+        tc = self.tc
+        micro = tc.batch_size // tc.grad_accum
+        indices = stream_rows(self.seed, position, tc.batch_size, self.data.num_rows).reshape(tc.grad_accum, micro)
+        return indices[:, self.local_rows].reshape(-1)
+
+    def _prefetch(self, position: int) -> None:
+        """Let data that can (``prefetch(indices)``, e.g. :class:`fusejax.data.AlignedOnTheFly`) start building
+        the rows of the batch at ``position`` in the background."""
+        prefetch = getattr(self.data, "prefetch", None)
+        if prefetch is not None:
+            prefetch(self._local_indices(position))
 
     def _batch(self, position: int) -> dict[str, jax.Array]:
         """The global batch at stream ``position`` (see :meth:`_host_batch`), assembled from every process's rows."""
@@ -291,6 +303,8 @@ class Trainer:
         try:
             for step in range(start, end):
                 batch = self._batch(self.data_position)
+                if step + 1 < end:
+                    self._prefetch(self.data_position + tc.batch_size)
                 self.state, metrics = self.compiled(self.state, batch)
                 self.data_position += tc.batch_size
                 pending.append((step, metrics))
@@ -390,7 +404,9 @@ def _tb_writer(folder: Path):
 
 
 def run(cfg: Config) -> dict:
-    """Stage ``train``: fused continual training of the target on ``<run.output_dir>/aligned``.
+    """Stage ``train``: fused continual training of the target on ``<run.output_dir>/aligned``, or with
+    ``align.on_the_fly`` on rows aligned while training from the top-k stores and vocabulary maps
+    (:class:`fusejax.data.AlignedOnTheFly`, in ``align.workers`` background processes; the same rows).
 
     Writes checkpoints and TensorBoard events under ``<run.output_dir>/train`` and resumes from the latest
     checkpoint there. Every ``train.eval_every`` steps it scores the held-out corpus blocks exactly as the
@@ -404,23 +420,30 @@ def run(cfg: Config) -> dict:
     if problems:  # before any store, model or mesh is touched (the trainer checks again for library callers)
         raise ValueError("; ".join(problems))
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    data = AlignedBatches(layout.aligned, split="train", seq_len=tc.seq_len, ce_level=tc.ce_level,
-                          ce_unit=tc.ce_unit)
-    names = list(data.store.meta["sources"])
+    if cfg.align.on_the_fly:
+        data = AlignedOnTheFly(cfg, split="train")
+    else:
+        data = AlignedBatches(layout.aligned, split="train", seq_len=tc.seq_len, ce_level=tc.ce_level,
+                              ce_unit=tc.ce_unit)
+    names = data.sources
     if names != [s.name for s in cfg.sources]:
         raise ValueError(f"{layout.aligned} was aligned for sources {names}, the config lists "
                          f"{[s.name for s in cfg.sources]}; rerun `fusejax align`")
     # no evaluation without held-out blocks (corpus.holdout_fraction = 0)
     evaluating = tc.eval_every and corpus_totals(layout.corpus)["heldout_blocks"] > 0
     eval_data = heldout_batches(cfg) if evaluating else None
-    model = build_target(tc, mesh, path=cfg.target.path, rules=cfg.mesh.rules, seed=cfg.run.seed)
-    trainer = Trainer(model, data, tc, layout.train, mesh=mesh, seed=cfg.run.seed, target_source=target_source(cfg),
-                      eval_data=eval_data, config=cfg, source_names=names, eval_batch_size=cfg.eval.batch_size,
-                      eval_max_batches=cfg.eval.max_batches)
     try:
-        history = trainer.fit()
+        model = build_target(tc, mesh, path=cfg.target.path, rules=cfg.mesh.rules, seed=cfg.run.seed)
+        trainer = Trainer(model, data, tc, layout.train, mesh=mesh, seed=cfg.run.seed,
+                          target_source=target_source(cfg), eval_data=eval_data, config=cfg, source_names=names,
+                          eval_batch_size=cfg.eval.batch_size, eval_max_batches=cfg.eval.max_batches)
+        try:
+            history = trainer.fit()
+        finally:
+            trainer.close()
     finally:
-        trainer.close()
+        if cfg.align.on_the_fly:
+            data.close()
     # a rerun of a finished run (or one killed after its last checkpoint) takes the final metrics from there
     summary = {"steps": trainer.step, "final": history[-1] if history else trainer.last_metrics,
                "skipped_steps": trainer.skipped_steps, "memory": trainer.memory}

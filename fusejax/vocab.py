@@ -3,7 +3,8 @@
 In: a tokenizer (a transformers tokenizer object, or a folder that fusejax.tokenizer.load_tokenizer loads) or
 a :class:`Vocab` of one. Out, per token id, what each ``mode`` compares:
 
-``mode="reference"`` (the FuseLLM reference code): the ``convert_ids_to_tokens`` string (:func:`token_strings`).
+``mode="reference"`` (the FuseLLM reference code): the ``convert_ids_to_tokens`` string, added tokens spelled by
+  their content (:func:`token_strings`).
   Each tokenizer has a word-start *marker* (``▁`` for SentencePiece-style vocabularies, ``Ġ`` for byte-level
   BPE), detected from the tokenizer itself (:func:`word_start_marker`).
 
@@ -99,8 +100,14 @@ class Vocab:
 
     @functools.cached_property
     def tokens(self) -> list[str]:
-        """The ``convert_ids_to_tokens`` string of every id ("" where it has none)."""
-        return [t if t is not None else "" for t in self.tok.convert_ids_to_tokens(list(range(self.size)))]
+        """The ``convert_ids_to_tokens`` string of every id ("" where it has none); added tokens are spelled by
+        their content (tokenizers 0.23 returns the *normalized* form of those marked ``normalized``, e.g.
+        OpenLLaMA's ``▁<unk>`` for ``<unk>``, where the reference saw the content)."""
+        tokens = [t if t is not None else "" for t in self.tok.convert_ids_to_tokens(list(range(self.size)))]
+        for i, added in getattr(self.tok, "added_tokens_decoder", {}).items():
+            if i < self.size:
+                tokens[i] = added.content
+        return tokens
 
     @functools.cached_property
     def vocab(self) -> dict[str, int]:

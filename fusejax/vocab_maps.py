@@ -1,4 +1,4 @@
-"""Vocabulary maps: every source token id -> one target token id (host side: numpy + rapidfuzz, never JAX).
+"""Vocabulary maps: every source token id -> one target token id (host side: numpy + numba, never JAX).
 
 In: a source and a target tokenizer (anything :meth:`fusejax.vocab.Vocab.of` takes). Out: int32 ``target_ids``
 and ``distances`` [|V_source|] (:func:`vocab_map`) and their rates (:func:`vocab_map_summary`); as the
@@ -12,7 +12,7 @@ The rules compare the strings of each ``mode`` (:mod:`fusejax.vocab`):
 ``mined`` (MinED): the ``exact`` token where there is one, else the target token at the smallest Levenshtein
   distance (``reference``: between the marker-replaced source string and the raw target string; ``default``:
   between the spelled bytes), lowest id on ties (with ``co_occurrence``: the tied target seen most often with
-  the source token).
+  the source token). The search is exact but skips most pairs: :func:`fusejax.align_kernels.nearest_tokens`.
 """
 
 from __future__ import annotations
@@ -20,10 +20,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+from fusejax import align_kernels as K
 from fusejax.config import Config, save_resolved
 from fusejax.dtw import align_tokens
 from fusejax.files import atomic_write, write_json
@@ -32,8 +35,6 @@ from fusejax.store import open_store
 from fusejax.vocab import BYTE_FALLBACK, Vocab, check_mode
 
 METHODS = ("mined", "exact")
-# rows of the MinED distance matrix computed at once (rows x |target vocab| int32)
-_MINED_CHUNK = 512
 
 
 def _write_npz(path: Path, **arrays) -> None:
@@ -48,7 +49,7 @@ def _map_strings(s: Vocab, t: Vocab, mode: str) -> tuple[list[str], list[str], d
     if mode == "reference":
         keys_s = [tok.replace(s.marker, t.marker) for tok in s.tokens]
         return keys_s, t.tokens, t.vocab
-    keys_s = [b.decode("latin-1") for b in s.texts]  # one character per byte, for rapidfuzz
+    keys_s = [b.decode("latin-1") for b in s.texts]  # one character per byte
     keys_t = [b.decode("latin-1") for b in t.texts]
     prefer = {}
     # several target tokens can spell the same bytes (byte-fallback "<0x41>" and "A"): prefer the token that
@@ -86,8 +87,9 @@ def _cache_path(cache_dir, s: Vocab, t: Vocab, method: str, mode: str, co_occurr
     return Path(cache_dir) / f"vocab_map-{digest}.npz"
 
 
-def _co_occurrence_table(co_occurrence, n_source: int, n_target: int) -> dict[int, dict[int, float]]:
-    """(source_ids, target_ids, counts) arrays -> {source id: {target id: summed count}}."""
+def _co_occurrence_table(co_occurrence, n_source: int, n_target: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(source_ids, target_ids, counts) arrays -> summed counts by source id: (ptr int64 [n_source + 1], target
+    ids, float64 counts), source ``r``'s entries at ``ptr[r]:ptr[r + 1]``, target ids ascending."""
     try:
         src, tgt, cnt = (np.asarray(a).ravel() for a in co_occurrence)
     except (TypeError, ValueError) as e:
@@ -96,11 +98,35 @@ def _co_occurrence_table(co_occurrence, n_source: int, n_target: int) -> dict[in
         raise ValueError(f"co_occurrence: arrays of different lengths {src.shape}, {tgt.shape}, {cnt.shape}")
     if src.size and (src.min() < 0 or src.max() >= n_source or tgt.min() < 0 or tgt.max() >= n_target):
         raise ValueError(f"co_occurrence: ids outside the vocabularies ({n_source} source, {n_target} target)")
-    table: dict[int, dict[int, float]] = {}
-    for a, b, c in zip(src.tolist(), tgt.tolist(), cnt.tolist()):
-        row = table.setdefault(a, {})
-        row[b] = row.get(b, 0.0) + c
-    return table
+    pairs, which = np.unique(np.stack([src, tgt]).astype(np.int64).reshape(2, -1), axis=1, return_inverse=True)
+    counts = np.bincount(which.ravel(), weights=cnt.astype(np.float64), minlength=pairs.shape[1]).astype(np.float64)
+    return np.searchsorted(pairs[0], np.arange(n_source + 1)), pairs[1], counts
+
+
+def _mined(keys_s: list[str], rows: np.ndarray, keys_t: list[str], co_occurrence, workers: int):
+    """(target ids, distances) int32 [len(rows)]: the MinED choice for source keys ``rows`` among all of
+    ``keys_t`` (align_kernels.nearest_tokens), on ``workers`` threads (-1: every core)."""
+
+    def codes(keys):
+        flat = np.frombuffer("".join(keys).encode("utf-32-le"), np.uint32)
+        offsets = np.zeros(len(keys) + 1, np.int64)
+        np.cumsum([len(k) for k in keys], out=offsets[1:])
+        return flat, offsets
+
+    (flat_s, offs_s), (flat_t, offs_t) = codes(keys_s), codes(keys_t)
+    alphabet, dense = np.unique(np.concatenate([flat_s, flat_t]), return_inverse=True)  # codes 0 .. |alphabet|-1
+    codes_s, codes_t = np.split(dense.astype(np.int32), [flat_s.size])
+    co = co_occurrence or (np.zeros(len(keys_s) + 1, np.int64), np.zeros(0, np.int64), np.zeros(0))
+    threads = max(1, min((os.cpu_count() or 1) if workers < 0 else workers, rows.size))
+
+    def part(k):  # every threads-th row from k: long and short tokens spread evenly
+        return K.nearest_tokens(codes_s, offs_s, rows[k::threads], codes_t, offs_t, alphabet.size, *co)
+
+    ids, dist = np.empty(rows.size, np.int32), np.empty(rows.size, np.int32)
+    with ThreadPoolExecutor(threads) as pool:
+        for k, (part_ids, part_dist) in enumerate(pool.map(part, range(threads))):
+            ids[k::threads], dist[k::threads] = part_ids, part_dist
+    return ids, dist
 
 
 def vocab_map(
@@ -117,7 +143,7 @@ def vocab_map(
     Returns (target_ids, distances): int32 arrays of length len(source vocab); -1 where unmapped (``exact``).
     ``co_occurrence=(source_ids, target_ids, counts)`` (e.g. counted over aligned 1-to-1 pairs) breaks the
     ``mined`` ties. ``cache_dir``: when given, the map is stored there keyed by both tokenizers' fingerprints
-    and reused. ``workers``: rapidfuzz threads (-1: every core).
+    and reused. ``workers``: threads of the MinED search (-1: every core).
     """
     check_mode(mode)
     if method not in METHODS:
@@ -132,24 +158,9 @@ def vocab_map(
     target_ids = exact_ids(s, t, mode)
     distances = np.where(target_ids >= 0, 0, -1).astype(np.int32)
     if method == "mined" and t.size:
-        from rapidfuzz.distance import Levenshtein
-        from rapidfuzz.process import cdist
-
         keys_s, keys_t, _ = _map_strings(s, t, mode)
         todo = np.flatnonzero(target_ids < 0)
-        for start in range(0, todo.size, _MINED_CHUNK):
-            rows = todo[start : start + _MINED_CHUNK]
-            d = cdist([keys_s[r] for r in rows], keys_t, scorer=Levenshtein.distance, dtype=np.int32, workers=workers)
-            best = d.argmin(axis=1)  # first minimum = lowest target id
-            best_d = d[np.arange(rows.size), best]
-            if table is not None:
-                for k, r in enumerate(rows.tolist()):
-                    counts = table.get(r)
-                    if counts:
-                        tied = np.flatnonzero(d[k] == best_d[k])
-                        best[k] = max(tied.tolist(), key=lambda c: (counts.get(c, 0.0), -c))
-            target_ids[rows] = best
-            distances[rows] = best_d
+        target_ids[todo], distances[todo] = _mined(keys_s, todo, keys_t, table, workers)
     if path is not None:
         _write_npz(path, target_ids=target_ids, distances=distances)
     return target_ids, distances

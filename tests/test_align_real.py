@@ -1,11 +1,12 @@
-"""fusejax.vocab and fusejax.align with the real tokenizers (Llama-2, GPT-NeoX-20B, OpenLLaMA v1, GPT-2) on
-real corpora."""
+"""fusejax.vocab, vocab_maps and align with the real tokenizers (Llama-2, Llama 3, DeepSeek-V4, GPT-NeoX-20B,
+OpenLLaMA v1, GPT-2) on real corpora."""
 
 import numpy as np
 import pytest
+from rapidfuzz.distance import Levenshtein
 
-from fusejax import align, dtw, vocab
-from tests.test_align import naive_partners
+from fusejax import align, dtw, vocab, vocab_maps
+from tests.test_align import naive_dtw_partner, naive_partners
 
 PAIRS = [("gpt-neox-20b", "llama2"), ("gpt2", "openllama-v1"), ("llama2", "gpt2")]
 
@@ -34,6 +35,17 @@ def test_markers_and_texts(real):
     neox = toks["gpt-neox-20b"]
     assert vocab.token_texts(neox, [neox.convert_tokens_to_ids("  ")]) == [b"  "]  # literal added spaces
     assert vocab.token_texts(neox, [neox.eos_token_id]) == vocab.token_texts(toks["llama2"], [2]) == [b"\xffeos"]
+
+
+def test_added_tokens_spelled_by_content(real):
+    """OpenLLaMA v1 marks <unk> and <s> `normalized`: tokenizers 0.23's id_to_token says "▁<unk>"; the
+    reference saw "<unk>", so its exact map finds Llama-2's <unk> and <s>."""
+    toks, _ = real
+    s, t = toks["openllama-v1"], toks["llama2"]
+    assert s.backend_tokenizer.id_to_token(0) == "▁<unk>"  # the quirk this guards against
+    assert vocab.token_strings(s, [0, 1, 2, 32000]) == ["<unk>", "<s>", "</s>", "[PAD]"]
+    exact, _ = vocab_maps.vocab_map(s, t, method="exact", mode="reference")
+    assert exact[:3].tolist() == [0, 1, 2]
 
 
 @pytest.mark.parametrize("source,target", PAIRS)
@@ -66,3 +78,63 @@ def test_newlines_match_only_in_default_mode(real):
     # matched newline positions carry the source's top-1 (here the source token itself: "Ċ" -> "<0x0A>")
     assert (default[matched, 0] == ids_t[matched]).all() and (default[matched, 1:] == -1).all()
     assert stats.empty <= 1
+
+
+# ------------------------------------------- 128k+ vocabularies: every pair of the five spellings, MinED on a sample
+
+SPELLINGS = ["llama2", "llama3", "deepseek-v4", "gpt-neox-20b", "gpt2"]  # ▁ + <0x..>, Ġ (three), added specials
+
+
+@pytest.fixture(scope="module")
+def five(real, shared_data):
+    from fusejax.tokenizer import load_tokenizer
+
+    toks = {n: real[0][n] if n in real[0] else load_tokenizer(shared_data / "tokenizers" / n) for n in SPELLINGS}
+    return {n: vocab.Vocab(t) for n, t in toks.items()}, real[1]
+
+
+@pytest.mark.parametrize("source,target,mode", [
+    ("deepseek-v4", "llama3", "default"), ("llama3", "deepseek-v4", "reference"), ("llama2", "llama3", "reference")])
+def test_mined_equals_brute_force_on_a_sample(five, source, target, mode):
+    """The MinED search (lengths outward, bag bounds) against every target token, on 150 sampled source tokens
+    without an exact match; random co-occurrence counts on some ties must pick the most frequent tied token."""
+    from rapidfuzz.process import cdist
+
+    s, t = five[0][source], five[0][target]
+    keys_s, keys_t, _ = vocab_maps._map_strings(s, t, mode)
+    rng = np.random.default_rng(0)
+    rows = np.sort(rng.choice(np.flatnonzero(vocab_maps.exact_ids(s, t, mode) < 0), 150, replace=False))
+    d = cdist([keys_s[r] for r in rows], keys_t, scorer=Levenshtein.distance, dtype=np.int32, workers=1)
+    best = d.min(axis=1)
+    tied = [np.flatnonzero(row == b) for row, b in zip(d, best)]
+    co = [(r, j, c) for r, ties in zip(rows, tied) if len(ties) > 1
+          for j, c in zip(rng.choice(ties, 2), rng.integers(1, 4, 2))] + [(rows[0], int(d[0].argmax()), 99)]
+    src, tgt, cnt = (np.array(x) for x in zip(*co))
+    table = vocab_maps._co_occurrence_table((src, tgt, cnt), s.size, t.size)
+    ids, dist = vocab_maps._mined(keys_s, rows, keys_t, table, workers=2)
+    counts = {}
+    for a, b, c in co:
+        counts[a, b] = counts.get((a, b), 0) + c
+    want = [max(ties, key=lambda j: (counts.get((r, j), 0), -j)) for r, ties in zip(rows, tied)]
+    assert len(co) > 10  # ties do occur
+    np.testing.assert_array_equal(dist, best)
+    np.testing.assert_array_equal(ids, want)
+
+
+@pytest.mark.parametrize("source,target", [(a, b) for i, a in enumerate(SPELLINGS) for b in SPELLINGS[i + 1:]])
+@pytest.mark.parametrize("mode", ["reference", "default"])
+def test_align_every_pair_of_spellings(five, source, target, mode):
+    """DTW alignment between every pair of the five spellings equals the naive DP; in default mode the
+    spelled bytes of both sequences are the text, EOS included."""
+    vocabs, text = five
+    s, t = vocabs[source], vocabs[target]
+    ids_t = np.array(t.tok(text[:500], add_special_tokens=False)["input_ids"] + [t.tok.eos_token_id])
+    ids_s = np.array(s.tok(text[:500], add_special_tokens=False)["input_ids"] + [s.tok.eos_token_id])
+    if mode == "default":
+        spelled = [b"".join(vocab.token_texts(v, ids)).removeprefix(b" ") for v, ids in ((s, ids_s), (t, ids_t))]
+        assert spelled[0] == spelled[1] == text[:500].encode() + b"\xffeos"
+    if mode == "reference":
+        a, b = ([v.tokens[i].replace(v.marker, "") for i in ids] for v, ids in ((s, ids_s), (t, ids_t)))
+    else:
+        a, b = ([v.texts[i].decode("latin-1") for i in ids] for v, ids in ((s, ids_s), (t, ids_t)))
+    np.testing.assert_array_equal(dtw.align_tokens(s, ids_s, t, ids_t, mode=mode), naive_dtw_partner(a, b))

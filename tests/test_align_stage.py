@@ -1,4 +1,5 @@
-"""The `vocab-map` and `align` stages on a tiny corpus and fake top-k stores of three sources (no model)."""
+"""The `vocab-map` and `align` stages on a tiny corpus and fake top-k stores of three sources, and alignment on
+the fly (`align.on_the_fly`): the same training rows and, with a tiny target model, the same training losses."""
 
 import json
 import shutil
@@ -10,12 +11,16 @@ import pytest
 from pydoc_data.topics import topics
 
 from fusejax import align, dtw, vocab_maps
+from fusejax import train as train_stage
 from fusejax.config import load_config
 from fusejax.corpus import prepare_corpus
+from fusejax.data import AlignedBatches, AlignedOnTheFly
 from fusejax.schema import format_meta, topk_fields, unpack_tables
-from fusejax.store import StoreWriter, open_store
+from fusejax.store import StoreError, StoreWriter, open_store
 from fusejax.tokenizer import load_tokenizer, tokenizer_fingerprint
+from fusejax.train import Trainer
 from tests.test_align import _byte_level_tok, _sentencepiece_tok
+from tiny import read_events, save_tiny_model
 
 K = 4
 NAMES = ["bytes400", "spm300", "bytes300"]
@@ -226,3 +231,90 @@ def test_old_format_or_mixed_dtype_topk_store_is_refused_before_writing(run_dir,
     for fragment in fragments:
         assert fragment in str(err.value)
     assert not (tmp_path / "run" / "aligned").exists()
+
+
+# ------------------------------------------------------------------------------------- alignment on the fly
+
+
+def _copy_run(root, tmp_path, *ignore):
+    """The run folder without the aligned store (and ``ignore``), at ``tmp_path/run``."""
+    shutil.copytree(root / "run", tmp_path / "run", ignore=shutil.ignore_patterns("aligned*", *ignore))
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize("workers,ce_level", [(0, "token"), (2, "sequence")])
+def test_on_the_fly_rows_equal_the_aligned_store(run_dir, aligned, workers, ce_level):
+    """Every training row built on the fly (in this process, or prefetched by 2 worker processes) equals the
+    row read from the aligned store: ids, tables, CE, masks; the skipped block is left out of both."""
+    root, skip_block = run_dir
+    stored = AlignedBatches(root / "run" / "aligned", seq_len=72, ce_level=ce_level)
+    cfg = _config(root, "align.on_the_fly=true", f"align.workers={workers}", "train.seq_len=72",
+                  f"train.ce_level={ce_level}")
+    fly = AlignedOnTheFly(cfg)
+    try:
+        np.testing.assert_array_equal(fly.positions, stored.positions)
+        assert fly.sources == stored.sources == NAMES and fly.num_rows == stored.num_rows
+        indices = np.arange(stored.num_rows)[::-1]
+        fly.prefetch(indices[:3])
+        got, want = fly.rows(indices), stored.rows(indices)
+        assert set(got) == set(want)
+        for field in want:
+            assert got[field].dtype == want[field].dtype
+            np.testing.assert_array_equal(got[field], want[field], err_msg=field)
+    finally:
+        fly.close()
+
+
+def test_on_the_fly_align_stage_writes_no_store_and_train_needs_its_inputs(run_dir, aligned, tmp_path):
+    """`fusejax align` with align.on_the_fly checks the inputs (and builds the vocab maps) but writes no
+    aligned store; the train data refuses a missing vocab map or top-k store in one line naming it."""
+    root, _ = run_dir
+    out = _copy_run(root, tmp_path, "vocab_maps")
+    cfg = _config(root, f"run.output_dir={out}", "align.on_the_fly=true", "align.workers=0")
+    with pytest.raises(StoreError) as err:
+        AlignedOnTheFly(cfg)
+    assert str(out / "vocab_maps" / f"{NAMES[0]}.npz") in str(err.value) and "\n" not in str(err.value)
+    assert "fusejax vocab-map" in str(err.value)
+    summary = align.run(cfg)
+    assert summary == {"on_the_fly": True, "sources": NAMES, "corpus_blocks": len(open_store(out / "corpus"))}
+    assert not (out / "aligned").exists() and not (out / "aligned_summary.json").exists()
+    assert all((out / "vocab_maps" / f"{n}.npz").is_file() for n in NAMES)
+    shutil.rmtree(out / "represent" / NAMES[2])
+    with pytest.raises(StoreError) as err:
+        AlignedOnTheFly(cfg)
+    assert str(out / "represent" / NAMES[2]) in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def target_model(run_dir):
+    """A tiny random Llama with the target tokenizer."""
+    root, _ = run_dir
+    tok = load_tokenizer(root / "tok" / "target")
+    save_tiny_model(root / "target", "llama", len(tok), 0, eos_token_id=tok.eos_token_id)
+    tok.save_pretrained(root / "target")
+    return root / "target"
+
+
+@pytest.mark.usefixtures("jax_compile_cache")
+def test_on_the_fly_training_equals_the_stored_path_and_resumes_exactly(
+        run_dir, aligned, target_model, tmp_path, monkeypatch):
+    """3 steps of `fusejax train` on the aligned store, and on the fly: 2 steps in 2 worker processes, then
+    resumed in the training process: the same losses and metrics at every step, bit for bit."""
+    root, _ = run_dir
+    train = ["train.steps=3", "train.batch_size=8", "train.seq_len=72", "train.lr=1e-3", "train.log_every=1",
+             "train.checkpoint_every=0", "train.eval_every=0", f"target.path={target_model}"]
+    stored = _config(root, f"run.output_dir={_copy_run(root, tmp_path / 'stored')}", *train)
+    shutil.copytree(root / "run" / "aligned", tmp_path / "stored" / "run" / "aligned")
+    fly = [f"run.output_dir={_copy_run(root, tmp_path / 'fly')}", "align.on_the_fly=true", *train]
+    train_stage.run(stored)
+    real_fit = Trainer.fit
+    monkeypatch.setattr(Trainer, "fit", lambda self, **kw: real_fit(self, stop_after=2))
+    assert train_stage.run(_config(root, *fly, "align.workers=2"))["steps"] == 2
+    monkeypatch.setattr(Trainer, "fit", real_fit)
+    assert train_stage.run(_config(root, *fly, "align.workers=0"))["steps"] == 3
+    want = read_events(tmp_path / "stored" / "run" / "train" / "tb")
+    got = read_events(tmp_path / "fly" / "run" / "train" / "tb")
+    assert [s for s, _ in want["loss"]] == [s for s, _ in got["loss"]] == [1, 2, 3]
+    assert set(got) == set(want) and "fusion_loss" in want
+    for tag in set(want) - {"tokens_per_s"}:
+        assert got[tag] == want[tag], tag

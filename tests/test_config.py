@@ -320,6 +320,9 @@ def test_cross_field_checks(tmp_path):
         load_config(write(tmp_path / "noname.yaml", "sources: [{path: p}]\n"))
     with pytest.raises(ConfigError, match="'train.grad_accum'.*must divide train.batch_size=8, got 3"):
         load_config(overrides=["train.grad_accum=3"])
+    with pytest.raises(ConfigError, match="'train.loss_chunk'.*must divide train.seq_len=2048, got 300"):
+        load_config(overrides=["train.loss_chunk=300"])
+    assert load_config(overrides=["train.seq_len=100", "train.loss_chunk=300"]).train.loss_chunk == 300  # one chunk
     with pytest.raises(ConfigError, match="'mesh.rules.vocab'.*mesh axes are data, fsdp, tensor, got 'model'"):
         load_config(overrides=["mesh.rules.vocab=model"])
     with pytest.raises(ConfigError, match="unknown key 'mesh.rules.vocb'.*did you mean 'mesh.rules.vocab'"):

@@ -7,7 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fusejax.fusion import fusion_loss, lm_weight_schedule
+from fusejax.fusion import chunked_fusion_loss, fusion_loss, lm_weight_schedule
+from fusejax.models import ModelConfig
+from fusejax.models.transformer import head_logits
+from fusejax.sharding import make_mesh
 
 V_REAL, V_PAD = 37, 48  # real vocabulary; padded vocabulary (ids >= V_REAL hold -inf logits)
 
@@ -258,6 +261,74 @@ def test_lm_weight_schedule():
         lm_weight_schedule("linear", 0.9, 0, 10)
     with pytest.raises(ValueError, match="total_steps"):
         lm_weight_schedule("hard_and_decay", 0.9, 0, 0)
+
+
+# ----------------------------------------------------------------------------------------- chunked loss
+HEAD = ModelConfig(arch="llama", vocab_size=V_REAL, hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2)
+
+
+def hidden_batch(seed, *, tied, dtype=jnp.float32, **sizes):
+    """:func:`make_batch` tables with hidden states [B,T,8] and a head weight instead of logits."""
+    _, *rest = make_batch(seed, **sizes)
+    rng = np.random.default_rng(seed + 100)
+    cfg = HEAD.replace(tie_embeddings=tied)
+    b, t = rest[0].shape
+    hidden = jnp.asarray(rng.normal(size=(b, t, cfg.hidden_size)), dtype)
+    shape = (cfg.padded_vocab_size, cfg.hidden_size) if tied else (cfg.hidden_size, cfg.padded_vocab_size)
+    weight = jnp.asarray(rng.normal(size=shape), dtype)
+    return functools.partial(head_logits, cfg), weight, hidden, rest
+
+
+@functools.cache
+def chunked_and_dense(chunk, **opts):
+    """value_and_grad wrt (weight, hidden) of the chunked loss and of fusion_loss on the dense logits."""
+    def chunked(weight, hidden, head, *rest):
+        return chunked_fusion_loss(hidden, weight, head, *rest, chunk=chunk, **opts)
+
+    def dense(weight, hidden, head, *rest):
+        return fusion_loss(head(weight, hidden), *rest, **opts)
+
+    return [jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True), static_argnums=2) for f in (chunked, dense)]
+
+
+def assert_chunked_equals_dense(head, weight, hidden, rest, chunk, **opts):
+    chunked, dense = chunked_and_dense(chunk, **opts)
+    (loss, metrics), grads = chunked(weight, hidden, head, *rest)
+    (ref_loss, ref_metrics), ref_grads = dense(weight, hidden, head, *rest)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    for key, value in ref_metrics.items():
+        np.testing.assert_allclose(metrics[key], value, rtol=1e-5, atol=1e-5, err_msg=key)
+    for g, ref in zip(grads, ref_grads):
+        assert g.dtype == ref.dtype and np.all(np.isfinite(g))
+        np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk, tied, opts", [
+    (2, False, dict(fusion="min_ce")),
+    (3, True, dict(fusion="avg_ce", loss_type="kl", temperature=2.0)),
+    (1, False, dict(fusion="avg_ce_norm", target_source=1, soft_weighting=True)),
+    (64, False, dict(fusion="avg_ce", loss_type="kl")),  # larger than T: one chunk
+])
+def test_chunked_loss_equals_dense_loss_and_gradients(chunk, tied, opts):
+    head, weight, hidden, rest = hidden_batch(11, tied=tied, token_level=True)
+    assert_chunked_equals_dense(head, weight, hidden, rest, chunk, **opts)
+
+
+def test_chunked_loss_on_a_tensor_sharded_vocabulary():
+    """Hidden states split over the batch (fsdp=2), the head's vocabulary over tensor=4, on 8 CPU devices."""
+    mesh = make_mesh(data=1, fsdp=2, tensor=4)
+    head, weight, hidden, rest = hidden_batch(12, tied=False, bsz=4, seq=8)
+    with jax.set_mesh(mesh):
+        weight = jax.device_put(weight, jax.sharding.NamedSharding(mesh, jax.P(None, "tensor")))
+        hidden = jax.device_put(hidden, jax.sharding.NamedSharding(mesh, jax.P("fsdp")))
+        assert weight.addressable_shards[0].data.shape == (8, HEAD.padded_vocab_size // 4)
+        assert_chunked_equals_dense(head, weight, hidden, rest, 2, fusion="avg_ce")
+
+
+def test_chunked_loss_rejects_a_chunk_that_does_not_divide():
+    head, weight, hidden, rest = hidden_batch(13, tied=False)
+    with pytest.raises(ValueError, match="chunk of 4 positions does not divide the 6"):
+        chunked_fusion_loss(hidden, weight, head, *rest, chunk=4)
 
 
 @pytest.mark.parametrize(

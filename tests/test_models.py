@@ -12,13 +12,12 @@ import numpy as np
 import pytest
 import transformers
 from flax import nnx
-from tiny import assert_close_at_tokens, hf_logits, padded_batch, random_hf_model
 
-from fusejax.models import ModelConfig, Transformer, load_pretrained, save_pretrained
+from fusejax.models import ModelConfig, Transformer, load_pretrained
+from tiny import (PARITY_VOCAB, assert_close_at_tokens, check_export_parity, check_load_parity, hf_logits,
+                  parity_batch, save_random_hf_model)
 
-VOCAB = 300  # not a multiple of 128: the embedding is padded to 384
-LENGTHS = (10, 7, 4, 1)  # right padding
-
+VOCAB = PARITY_VOCAB
 COMMON = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 LLAMA = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              max_position_embeddings=64, **COMMON)
@@ -42,42 +41,23 @@ CASES = {
 }
 
 
-def _batch():
-    return padded_batch(VOCAB, LENGTHS)
-
-
 @pytest.fixture(scope="module", params=list(CASES))
 def case(request, tmp_path_factory):
     """(name, HF model folder, reference logits) for one random tiny HF model whose every weight is perturbed."""
     name = request.param
-    model = random_hf_model(*CASES[name])
     folder = tmp_path_factory.mktemp(name)
-    model.save_pretrained(folder)
-    ids, mask = _batch()
-    return name, folder, hf_logits(model, ids, mask)
+    model = save_random_hf_model(folder, *CASES[name])
+    return name, folder, hf_logits(model, *parity_batch())
 
 
 def test_logits_match_transformers(case):
     name, folder, ref = case
-    ids, mask = _batch()
-    model = load_pretrained(folder)
-    logits = model(jnp.asarray(ids), jnp.asarray(mask))
-    assert logits.dtype == jnp.float32 and logits.shape == (*ids.shape, 384)
-    assert_close_at_tokens(logits, ref, mask)
-    assert np.all(np.isneginf(np.asarray(logits)[..., VOCAB:])), "padded vocab ids must have -inf logits"
-    assert np.isfinite(np.asarray(logits)[..., :VOCAB]).all()
+    check_load_parity(folder, ref)
 
 
 def test_save_then_transformers_loads(case, tmp_path):
     name, folder, ref = case
-    ids, mask = _batch()
-    save_pretrained(load_pretrained(folder), tmp_path)
-    hf, info = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path, attn_implementation="eager", output_loading_info=True
-    )
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
-    assert type(hf).__name__ == CASES[name][1].__name__
-    assert_close_at_tokens(hf_logits(hf.eval(), ids, mask), ref, mask)
+    check_export_parity(folder, ref, tmp_path, CASES[name][1])
 
 
 @pytest.mark.parametrize("name,edit", [
@@ -88,13 +68,12 @@ def test_save_then_transformers_loads(case, tmp_path):
 def test_v4_config_layout_loads(name, edit, tmp_path_factory):
     """A config.json hand-edited to the transformers v4 layout gives the same model."""
     folder = tmp_path_factory.mktemp(f"v4_{name}")
-    model = random_hf_model(*CASES[name], seed=1)
-    model.save_pretrained(folder)
+    model = save_random_hf_model(folder, *CASES[name], seed=1)
     config = json.loads((folder / "config.json").read_text())
     edit(config)
     assert "rope_parameters" not in config
     (folder / "config.json").write_text(json.dumps(config))
-    ids, mask = _batch()
+    ids, mask = parity_batch()
     logits = load_pretrained(folder)(jnp.asarray(ids), jnp.asarray(mask))
     assert_close_at_tokens(logits, hf_logits(model, ids, mask), mask)
 

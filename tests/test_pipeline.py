@@ -75,6 +75,9 @@ def test_bookkeeping_settings_do_not_change_fingerprints(setup):
     cfg, *_ = setup
     busier = replace(replace(cfg, "train.log_every", 1), "train.checkpoint_every", 7)
     assert pipeline.fingerprints(busier) == pipeline.fingerprints(cfg)
+    assert pipeline.fingerprints(replace(cfg, "align.workers", 3)) == pipeline.fingerprints(cfg)
+    fly, stored = pipeline.fingerprints(replace(cfg, "align.on_the_fly", True)), pipeline.fingerprints(cfg)
+    assert fly["vocab-map"] == stored["vocab-map"] and fly["align"] != stored["align"]  # no aligned store then
     assert pipeline.fingerprints(replace(cfg, "train.lr", 2e-5))["train"] != pipeline.fingerprints(cfg)["train"]
 
 

@@ -56,7 +56,7 @@ def test_sizes_no_step_holds_refused_before_compiling(tmp_path, capsys):
 
 
 def test_tiny_plan_equals_a_hand_computation(tmp_path, capsys):
-    result = run(tiny_config(tmp_path, "mesh.device_memory_gib=64"))
+    result = run(tiny_config(tmp_path, "mesh.device_memory_gib=64", "train.loss_chunk=4"))
     report = capsys.readouterr().out
     # float32 elements per device on data=2, fsdp=2, tensor=2 (vocab 200 padded to 256; embed -> fsdp, vocab,
     # heads, kv_heads, mlp -> tensor; norms and the data axis replicated; L=2, D=32, H=4, K=2, E=8, F=64)
@@ -80,6 +80,9 @@ def test_tiny_plan_equals_a_hand_computation(tmp_path, capsys):
     tables = 2 * (2 * 1 * 16 * 2 * 3) * 4
     source_ce = (2 * 1 * 2) * 4
     assert result["batch_bytes"] == text + tables + source_ce
+    # float32 logits of one micro-batch's row per device (vocab 256 over tensor=2): whole, and 4 of 16 positions
+    assert (result["logits_bytes"], result["logits_chunk_bytes"]) == (1 * 16 * 128 * 4, 1 * 4 * 128 * 4)
+    assert "one chunk of 4 positions (train.loss_chunk)" in report
     # XLA's view of the compiled step: its arguments are the state (+ the step counter) and the batch
     memory = result["memory"]
     assert memory["argument_bytes"] == params + result["opt_state_bytes"] + 4 + result["batch_bytes"]
@@ -103,9 +106,11 @@ def test_warns_when_the_step_does_not_fit(tmp_path, capsys):
 
 
 def test_unknown_device_memory_and_missing_target(tmp_path, capsys):
-    result = run(tiny_config(tmp_path))
+    result = run(tiny_config(tmp_path, "align.on_the_fly=true", "align.workers=3"))
     assert result["fits"] is None and result["device_memory"] is None
-    assert "set mesh.device_memory_gib" in capsys.readouterr().out
+    report = capsys.readouterr().out
+    assert "set mesh.device_memory_gib" in report
+    assert report.splitlines()[-1].startswith("host: align.on_the_fly:") and "(align.workers: 3)" in report
     with pytest.raises(PlanError, match="target.path is not set"):
         run(load_config())
 

@@ -2,6 +2,7 @@
 
 import pydoc_data.topics
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -30,8 +31,9 @@ def _tiny_model(folder, arch: str, vocab: int, seed: int):
     return load_pretrained(folder)
 
 
-@pytest.mark.parametrize("vocab", [300, 3001])  # 3001: two-stage top-k, and a padded vocabulary in ours
-def test_extract_topk_matches_transformers(tmp_path, vocab):
+# 3001: two-stage top-k, and a padded vocabulary in ours; chunks of 5 positions: 12 padded to 15, three chunks
+@pytest.mark.parametrize("vocab, chunk", [(300, represent.CHUNK), (3001, 5)])
+def test_extract_topk_matches_transformers(tmp_path, vocab, chunk):
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -42,7 +44,8 @@ def test_extract_topk_matches_transformers(tmp_path, vocab):
     mask = (np.arange(12)[None] < lengths[:, None]).astype(np.int32)
     ids = np.where(mask == 1, rng.integers(0, vocab, (4, 12)), 0).astype(np.int32)
     k = 7
-    tk_logits, tk_ids, token_ce, seq_ce = map(np.asarray, extract_topk(load_pretrained(tmp_path), ids, mask, k))
+    out = represent.extract_step(load_pretrained(tmp_path), jnp.asarray(ids), jnp.asarray(mask), k, chunk=chunk)
+    tk_logits, tk_ids, token_ce, seq_ce = map(np.asarray, out[:4])
 
     with torch.no_grad():
         logits = hf(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long()).logits

@@ -1,5 +1,6 @@
 """Every stage through the `fusejax` command on tiny models: prepare -> represent -> vocab-map -> align ->
-train -> export, with three sources of different architectures and tokenizers (the target is one of them)."""
+train -> export, with three sources of different families and tokenizers (the target is one of them), saved by
+transformers; the export loads in transformers with our logits."""
 
 import json
 
@@ -14,9 +15,29 @@ from fusejax.cli import main
 from fusejax.models import load_pretrained
 from fusejax.schema import unpack_tables
 from fusejax.store import open_store
-from tiny import bpe_tokenizer, read_events, save_tiny_model
+from tiny import bpe_tokenizer, read_events
 
 TEXTS = [t for _, t in sorted(pydoc_data.topics.topics.items()) if len(t) > 600][:5]
+
+
+# tiny random models of three of today's families, as transformers builds and saves them: a Llama-3.x-style
+# target (llama3 RoPE scaling, tied embeddings) that is also a source, a Gemma-2 source (soft-capping, sliding
+# and global layers, (1 + w) norms) and a Phi-3 source (fused qkv / gate_up tensors, partial rotary, LongRoPE)
+SIZE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=256)
+FAMILIES = [
+    ("target", "metaspace", 320, transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(
+        tie_word_embeddings=True, rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                   "original_max_position_embeddings": 64})),
+    ("gemma2", "bytelevel", 400, transformers.Gemma2Config, transformers.Gemma2ForCausalLM, dict(
+        head_dim=8, query_pre_attn_scalar=8, sliding_window=16, attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0)),
+    ("phi3", "metaspace", 300, transformers.Phi3Config, transformers.Phi3ForCausalLM, dict(
+        original_max_position_embeddings=64, rope_parameters={
+            "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+            "short_factor": [1.0, 1.5], "long_factor": [2.0, 4.0]})),
+]
 
 
 @pytest.mark.slow
@@ -25,13 +46,13 @@ def test_all_stages_through_the_cli(tmp_path, capsys):
     for i, text in enumerate(TEXTS):
         (tmp_path / "docs" / f"{i:02d}.txt").write_text(text)
     sources = []
-    for seed, (name, arch, kind, vocab) in enumerate([("target", "llama", "metaspace", 320),
-                                                      ("neox", "gpt_neox", "bytelevel", 400),
-                                                      ("mpt", "mpt", "bytelevel", 300)]):
+    for seed, (name, kind, vocab, config_class, model_class, options) in enumerate(FAMILIES):
         folder = tmp_path / name
         tok = bpe_tokenizer(kind, vocab, TEXTS)
-        save_tiny_model(folder, arch, len(tok), seed, eos_token_id=tok.eos_token_id,
-                        intermediate_size=64 if arch == "llama" else 128)
+        torch.manual_seed(seed)
+        config = config_class(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                              pad_token_id=None, **SIZE, **options)
+        model_class(config).save_pretrained(folder)
         tok.save_pretrained(folder)
         sources.append({"name": name, "path": str(folder)})
     out = tmp_path / "run"
@@ -52,14 +73,14 @@ def test_all_stages_through_the_cli(tmp_path, capsys):
 
     aligned = open_store(out / "aligned")
     corpus = open_store(out / "corpus")
-    assert len(aligned) == len(corpus) > 0 and aligned.meta["sources"] == ["target", "neox", "mpt"]
+    assert len(aligned) == len(corpus) > 0 and aligned.meta["sources"] == ["target", "gemma2", "phi3"]
     row = aligned.row(0)
     assert unpack_tables(row["table_counts"], row["table_ids"], row["table_logits"], 4)[0].shape == (
         len(row["input_ids"]), 3, 4)
     # the target's own row (source 0, same tokenizer) aligns 1-to-1 with itself everywhere
     summary = json.loads((out / "aligned_summary.json").read_text())
     assert summary["sources"]["target"]["one_to_one_rate"] == 1.0
-    assert 0 < summary["sources"]["neox"]["one_to_one_rate"] < 1
+    assert 0 < summary["sources"]["gemma2"]["one_to_one_rate"] < 1
 
     train = json.loads((out / "train" / "summary.json").read_text())
     assert train["steps"] == 3 and np.isfinite(train["final"]["loss"]) and train["final"]["fusion_loss"] > 0

@@ -134,3 +134,22 @@ def test_average_weights_is_the_parameter_mean():
     got = nnx.state(study.average_weights([a, b]), nnx.Param)
     for e, g in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
         np.testing.assert_allclose(np.asarray(g), e, rtol=1e-6)
+
+
+@pytest.mark.parametrize("on_the_fly", [False, True])
+def test_train_and_eval_links_what_training_reads(tmp_path, monkeypatch, on_the_fly):
+    """A variant trains on the shared store's aligned store, or on the fly on its top-k stores and vocab maps."""
+    from fusejax import evaluation, train
+    from fusejax.config import load_config
+    from fusejax.schema import RunLayout
+
+    store = RunLayout.at(tmp_path / "store")
+    for folder in (store.corpus, store.represent, store.vocab_maps, store.aligned):
+        folder.mkdir(parents=True)
+    seen = []
+    monkeypatch.setattr(train, "run", lambda cfg: seen.append(
+        {name: getattr(RunLayout.of(cfg), name).is_dir() for name in ("corpus", "aligned", "represent", "vocab_maps")}))
+    monkeypatch.setattr(evaluation, "run", lambda cfg: {})
+    cfg = load_config(overrides=[f"align.on_the_fly={str(on_the_fly).lower()}"])
+    study.train_and_eval(cfg, store.root, tmp_path / "variant", seed=1)
+    assert seen == [{"corpus": True, "aligned": True, "represent": on_the_fly, "vocab_maps": on_the_fly}]

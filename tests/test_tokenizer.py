@@ -424,3 +424,69 @@ def test_real_fingerprints(shared_data):
     fps = [tokenizer_fingerprint(load_tokenizer(f)) for f in folders]
     assert len(set(fps)) == len(fps)
     assert tokenizer_fingerprint(load_tokenizer(folders[0])) == fps[0]
+
+
+# ---------------------------------------------------------------- 128k+ vocabularies: Llama 3 and DeepSeek-V4
+
+# Meta's pre-tokenizer pattern for Llama 3 (meta-llama/llama3, llama/tokenizer.py)
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Fuse <|eot_id|> two models?"}]
+
+
+@pytest.fixture(scope="module")
+def large(shared_data):
+    """{name: (load_tokenizer's tokenizer, raw tokenizers.Tokenizer)} and every 4th 3001-character chunk of each
+    shared corpus (the whole corpora agree too; a quarter keeps the test fast)."""
+    folders = {name: shared_data / "tokenizers" / name for name in ("llama3", "deepseek-v4")}
+    toks = {name: (load_tokenizer(f), Tokenizer.from_file(str(f / "tokenizer.json"))) for name, f in folders.items()}
+    chunks = [c for path in sorted((shared_data / "corpora").glob("*.txt"))
+              for c in corpus_chunks(path.read_text(encoding="utf-8"), 3001)[::4]]
+    return toks, chunks
+
+
+@pytest.mark.parametrize("name,size,specials", [
+    ("llama3", 128256, ("<|begin_of_text|>", "<|eot_id|>", None, None)),
+    ("deepseek-v4", 129280, ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", None, "<｜end▁of▁sentence｜>")),
+])
+def test_large_vocab_equals_tokenizer_json(large, name, size, specials):
+    (tok, raw), chunks = large[0][name], large[1]
+    assert len(tok) == size and (tok.bos_token, tok.eos_token, tok.unk_token, tok.pad_token) == specials
+    texts = TRICKY + chunks + [tok.bos_token + "Hi" + tok.eos_token]
+    got = tok(texts, add_special_tokens=False)["input_ids"]
+    expected = [e.ids for e in raw.encode_batch(texts, add_special_tokens=False)]
+    bad = [i for i, (a, b) in enumerate(zip(got, expected, strict=True)) if a != b]
+    assert not bad, f"{len(bad)} of {len(texts)} texts differ, first {texts[bad[0]][:80]!r}"
+    assert tok.encode("Hello world") == raw.encode("Hello world").ids  # neither adds a BOS
+
+
+def test_llama3_equals_tiktoken_and_chat_template(large, shared_data):
+    """Meta's tiktoken files and pattern give the same ids; the chat template of tokenizer_config.json is kept."""
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+
+    (tok, _), chunks = large[0]["llama3"], large[1]
+    ranks = load_tiktoken_bpe(str(shared_data / "tokenizers" / "llama3" / "tokenizer.model"))
+    specials = {t.content: i for i, t in tok.added_tokens_decoder.items()}
+    assert len(ranks) == 128000 and len(specials) == 256
+    assert (specials["<|begin_of_text|>"], specials["<|eot_id|>"], specials["<|start_header_id|>"]) == (
+        128000, 128009, 128006)
+    enc = tiktoken.Encoding("llama3", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+    chat = tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    assert chat == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+                    "<|start_header_id|>user<|end_header_id|>\n\nFuse <|eot_id|> two models?<|eot_id|>"
+                    "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    texts = TRICKY + chunks + [chat]
+    got = tok(texts, add_special_tokens=False)["input_ids"]
+    expected = enc.encode_batch(texts, allowed_special="all")
+    bad = [i for i, (a, b) in enumerate(zip(got, expected, strict=True)) if a != b]
+    assert not bad, f"{len(bad)} of {len(texts)} texts differ, first {texts[bad[0]][:80]!r}"
+    assert got[-1][:3] == [128000, 128006, 9125]  # <|begin_of_text|><|start_header_id|>system
+
+
+def test_tiktoken_model_alone_refused(shared_data, tmp_path):
+    (tmp_path / "tokenizer.model").write_bytes((shared_data / "tokenizers" / "llama3" / "tokenizer.model").read_bytes())
+    with pytest.raises(ValueError, match=r"tokenizer\.model: a tiktoken BPE file .* needs the tokenizer\.json"):
+        load_tokenizer(tmp_path)

@@ -34,7 +34,8 @@ T = 16
 SEED = 3
 # clip_norm below the typical gradient norm (~0.8) so that clipping is exercised; large weight decay to see it
 TC = TrainConfig(steps=4, batch_size=8, seq_len=T, lr=1e-2, b1=0.8, b2=0.9, weight_decay=0.5, clip_norm=0.3,
-                 lm_weight=0.7, log_every=2, checkpoint_every=1, keep_checkpoints=2, peak_flops=1e9, eval_every=2)
+                 lm_weight=0.7, log_every=2, checkpoint_every=1, keep_checkpoints=2, peak_flops=1e9, eval_every=2,
+                 loss_chunk=T // 2)  # two chunks: the reference below takes the dense logits
 
 
 pytestmark = pytest.mark.usefixtures("jax_compile_cache")  # trainers with identical programs compile once

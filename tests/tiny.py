@@ -1,16 +1,21 @@
-"""Tiny tokenizers and models that tests build themselves (no download), parity helpers against transformers
-(PyTorch) and a TensorBoard event reader: shared by several test modules."""
+"""Tiny tokenizers and models that tests build themselves (no download), logit parity checks against
+transformers (PyTorch), and a TensorBoard event reader: shared by several test modules."""
 
 import os
 import struct
 
+import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
 from flax import nnx
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from fusejax.models import ModelConfig, Transformer, save_pretrained
+from fusejax.models import ModelConfig, Transformer, load_pretrained, save_pretrained
+
+PARITY_TOL = 1e-4  # max |logit difference| against transformers in float32
+PARITY_VOCAB = 300  # not a multiple of 128: the embedding is padded to 384
+PARITY_LENGTHS = (10, 7, 4, 1)  # right padding
 
 # per-architecture options of a tiny ModelConfig (Llama-style needs none)
 ARCH_OPTIONS = {
@@ -46,40 +51,6 @@ def save_tiny_model(folder, arch: str, vocab: int, seed: int, *, eos_token_id: i
     save_pretrained(Transformer(cfg, rngs=nnx.Rngs(seed)), folder)
 
 
-def random_hf_model(config_cls, model_cls, kwargs: dict, seed: int = 0):
-    """A random tiny transformers model in eval mode (eager attention) whose every weight is perturbed: norms
-    start at 1 and biases at 0, so that their mapping is tested."""
-    torch.manual_seed(seed)
-    model = model_cls(config_cls(**kwargs, attn_implementation="eager")).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
-
-
-def padded_batch(vocab: int, lengths: tuple[int, ...], seed: int = 0):
-    """(ids, mask) [len(lengths), max(lengths)] int32: random ids in [3, vocab), right-padded with id 0."""
-    T = max(lengths)
-    ids = np.random.default_rng(seed).integers(3, vocab, size=(len(lengths), T)).astype(np.int32)
-    mask = (np.arange(T)[None, :] < np.asarray(lengths)[:, None]).astype(np.int32)
-    return np.where(mask == 1, ids, 0), mask
-
-
-def hf_logits(model, ids, mask) -> np.ndarray:
-    """A transformers model's float32 logits [B, T, V] on a numpy batch."""
-    with torch.no_grad():
-        out = model(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long())
-    return out.logits.float().numpy()
-
-
-def assert_close_at_tokens(ours, ref, mask, tol: float = 1e-4):
-    """max |ours - ref| <= tol over the real tokens (mask 1), on the reference's vocabulary columns."""
-    ours, ref = np.asarray(ours), np.asarray(ref)
-    sel = mask.astype(bool)
-    diff = np.abs(ours[..., :ref.shape[-1]][sel] - ref[sel]).max()
-    assert diff <= tol, f"max abs logit difference {diff} > {tol}"
-
-
 def read_events(folder):
     """{tag: [(step, value)]} from the TensorBoard event files in ``folder`` (TFRecord framing)."""
     from tensorboardX.proto import event_pb2
@@ -95,3 +66,61 @@ def read_events(folder):
             for value in event.summary.value:
                 out.setdefault(value.tag, []).append((event.step, value.simple_value))
     return out
+
+
+def parity_batch(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """ids, attention mask [len(PARITY_LENGTHS), max(PARITY_LENGTHS)] int32, right-padded with id 0."""
+    T = max(PARITY_LENGTHS)
+    ids = np.random.default_rng(seed).integers(3, PARITY_VOCAB, size=(len(PARITY_LENGTHS), T)).astype(np.int32)
+    mask = (np.arange(T)[None, :] < np.asarray(PARITY_LENGTHS)[:, None]).astype(np.int32)
+    return np.where(mask == 1, ids, 0), mask
+
+
+def hf_logits(model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """A transformers model's float32 logits [B, T, V] without gradients."""
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long())
+    return out.logits.float().numpy()
+
+
+def assert_close_at_tokens(ours, ref, mask):
+    """Logits agree within PARITY_TOL at real (unpadded) tokens, over the reference's (unpadded) vocabulary."""
+    ours, ref = np.asarray(ours), np.asarray(ref)
+    sel = mask.astype(bool)
+    diff = np.abs(ours[..., :ref.shape[-1]][sel] - ref[sel]).max()
+    assert diff <= PARITY_TOL, f"max abs logit difference {diff} > {PARITY_TOL}"
+
+
+def save_random_hf_model(folder, config_cls, model_cls, kwargs: dict, seed: int = 0):
+    """A random transformers model (eager attention, eval mode) with every weight perturbed (norms start at 1
+    or 0 and biases at 0: perturbed so that their mapping is tested), saved to ``folder``; returned."""
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**kwargs, attn_implementation="eager")).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    return model
+
+
+def check_load_parity(folder, ref: np.ndarray) -> None:
+    """fusejax loads ``folder`` and gives the reference logits on :func:`parity_batch`; padded vocab is -inf."""
+    ids, mask = parity_batch()
+    model = load_pretrained(folder)
+    logits = model(jnp.asarray(ids), jnp.asarray(mask))
+    assert logits.dtype == jnp.float32 and logits.shape == (*ids.shape, model.config.padded_vocab_size)
+    assert_close_at_tokens(logits, ref, mask)
+    assert np.all(np.isneginf(np.asarray(logits)[..., PARITY_VOCAB:])), "padded vocab ids must have -inf logits"
+    assert np.isfinite(np.asarray(logits)[..., :PARITY_VOCAB]).all()
+
+
+def check_export_parity(folder, ref: np.ndarray, out, model_cls) -> None:
+    """fusejax loads ``folder`` and saves it to ``out``; transformers loads that as ``model_cls`` with no
+    missing, unexpected or mismatched tensors and gives the reference logits."""
+    ids, mask = parity_batch()
+    save_pretrained(load_pretrained(folder), out)
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager",
+                                                                 output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert type(hf) is model_cls
+    assert_close_at_tokens(hf_logits(hf.eval(), ids, mask), ref, mask)

@@ -1,5 +1,5 @@
-"""`ModelConfig`: one frozen dataclass describing every supported decoder (Llama 2/3 and Mistral, Qwen2/2.5,
-Qwen3, Phi-3/4, GPT-NeoX, MPT, GPT-2).
+"""`ModelConfig`: one frozen dataclass describing every supported decoder (Llama 2/3, Mistral and Mixtral,
+Qwen2/2.5, Qwen3, Phi-3/4, Gemma 2, Gemma 3 text, GPT-NeoX, MPT, GPT-2).
 
 Architectures differ by fields, not subclasses. :meth:`ModelConfig.from_hf` reads a Hugging Face
 ``config.json`` dict (transformers v4 and v5 layouts) and :meth:`ModelConfig.to_hf` writes one that
@@ -9,10 +9,20 @@ do not implement raise :class:`ModelConfigError` naming the file and field.
 The Llama-style model types share the ``llama`` arch and differ only in these fields:
   ``llama``    ``rope_scaling`` (Llama 3.1: ``llama3``; also ``linear``, ``dynamic``, ``yarn``), tied embeddings
   ``mistral``  ``sliding_window`` on every layer
+  ``mixtral``  Mistral's layers (no default window) with a top-k routed mixture of gated-MLP experts
+               (``num_experts``, ``experts_per_token``; per-expert tensors in hf_io)
   ``qwen2``    biases on q, k and v only (``attention_out_bias=False``); ``sliding_window`` on the layers from
                ``max_window_layers`` on when ``use_sliding_window`` (``layer_types``)
   ``qwen3``    per-head RMSNorm of queries and keys (``qk_norm``), explicit ``head_dim`` (default 128)
   ``phi3``     partial rotary, ``longrope`` scaling; fused ``qkv_proj``/``gate_up_proj`` tensors (in hf_io)
+The Gemma model types share the ``gemma`` arch: ``(1 + w)`` RMSNorm (``norm="rms_plus_one"``, also over queries
+and keys with ``qk_norm``) before and after attention and MLP (``post_norms``), embeddings times
+sqrt(hidden_size), ``softmax_scale`` from ``query_pre_attn_scalar``, sliding and global layers (``layer_types``):
+  ``gemma2``       every other layer sliding; soft-capped attention scores and logits (``attn_logit_softcap``,
+                   ``final_logit_softcap``)
+  ``gemma3_text``  ``qk_norm``; by default 5 sliding layers to 1 global; sliding layers rotate with their own
+                   unscaled base (``rope_local_theta``), global ones with ``rope_theta`` and ``rope_scaling``
+                   (``linear`` in Gemma 3's configs); no attention soft-capping
 MPT: transformers' ``MptForCausalLM`` builds a 4x MLP whatever ``expansion_ratio`` says, and saves that
 ``expansion_ratio`` unchanged; :func:`fusejax.models.hf_io.read_config` follows the tensors (see there).
 
@@ -30,7 +40,8 @@ scores of a batch of ``B`` sequences of ``T`` tokens):
   ``xla``       ``jax.nn.dot_product_attention`` with its default implementation, which in JAX 0.10 is XLA's own
                 einsum/softmax on every backend (it too materialises ``[B, H, T, T]``); cuDNN flash attention
                 would need ``implementation="cudnn"`` (half precision, padding as sequence lengths), not wired
-  ``auto``      ``chunked`` when ``T > attention_chunk``, else ``xla``
+  ``auto``      ``chunked`` when ``T > attention_chunk``, else ``xla`` (``explicit`` with ``attn_logit_softcap``,
+                which ``jax.nn.dot_product_attention`` cannot apply; ``xla`` is refused with it)
 """
 
 from __future__ import annotations
@@ -42,21 +53,35 @@ from typing import Any
 
 from fusejax.models.rope import ROPE_KEYS, USES_ORIGINAL_MAX, RopeScaling
 
-ARCHS = ("llama", "gpt_neox", "mpt", "gpt2")
+ARCHS = ("llama", "gemma", "gpt_neox", "mpt", "gpt2")
 # Hugging Face model_type -> our arch
-HF_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "phi3": "llama",
-                  "gpt_neox": "gpt_neox", "mpt": "mpt", "gpt2": "gpt2"}
+HF_MODEL_TYPES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "mixtral": "llama",
+    "qwen2": "llama",
+    "qwen3": "llama",
+    "phi3": "llama",
+    "gemma2": "gemma",
+    "gemma3_text": "gemma",
+    "gpt_neox": "gpt_neox",
+    "mpt": "mpt",
+    "gpt2": "gpt2",
+}
 HF_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
+    "mixtral": "MixtralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
     "gpt_neox": "GPTNeoXForCausalLM",
     "mpt": "MptForCausalLM",
     "gpt2": "GPT2LMHeadModel",
 }
-NORMS = ("rms", "layer")
+NORMS = ("rms", "rms_plus_one", "layer")  # rms_plus_one: RMSNorm scaled by (1 + w), in float32 (Gemma)
 POSITIONS = ("rope", "alibi", "learned")
 MLPS = ("gated", "plain")  # gated: act(x W_gate) * (x W_up) (SwiGLU); plain: act(x W_up)
 # Hugging Face activation names we implement (see transformer.ACTIVATIONS)
@@ -90,17 +115,24 @@ class ModelConfig:
     position: str = "rope"
     rope_theta: float = 10000.0
     rotary_dim: int | None = None  # None: head_dim (full rotary); fewer dims rotate only the first ones
-    rope_scaling: RopeScaling | None = None  # None: plain RoPE (see fusejax.models.rope)
+    rope_scaling: RopeScaling | None = None  # None: plain RoPE (fusejax.models.rope); not on rope_local_theta layers
     parallel_residual: bool = False  # x + attn(ln1(x)) + mlp(ln2(x)) (GPT-NeoX) instead of sequential
     mlp: str = "gated"
     activation: str = "silu"
     attention_bias: bool = False  # biases on q, k, v and output projections
     attention_out_bias: bool | None = None  # bias on the output projection; None: attention_bias (Qwen2: False)
-    qk_norm: bool = False  # the model's norm (no bias) over head_dim of each query and key head, before RoPE (Qwen3)
+    qk_norm: bool = False  # the model's norm (no bias) over head_dim of each query and key head, before RoPE
     mlp_bias: bool = False
     tie_embeddings: bool = False
     sliding_window: int | None = None  # a query sees keys with q - k < sliding_window (Mistral)
-    layer_types: tuple[str, ...] | None = None  # per layer, one of LAYER_TYPES; None: sliding_window on every layer
+    layer_types: tuple[str, ...] | None = None  # per layer, one of LAYER_TYPES; None: all sliding iff a window
+    rope_local_theta: float | None = None  # unscaled RoPE base of sliding layers (Gemma 3); None: as other layers
+    post_norms: bool = False  # norm the attention and MLP outputs too before adding them (Gemma 2/3)
+    scale_embeddings: bool = False  # embeddings times sqrt(hidden_size), in the compute dtype (Gemma)
+    attn_logit_softcap: float | None = None  # attention scores -> cap * tanh(scores / cap) (Gemma 2)
+    final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
+    num_experts: int | None = None  # sparse mixture-of-experts MLP with this many experts (Mixtral); None: dense
+    experts_per_token: int = 2  # experts each token is routed to (top-k of the router's softmax)
     alibi_bias_max: int = 8
     softmax_scale: float | None = None  # None: head_dim ** -0.5
     vocab_multiple: int = 128  # embedding rows padded to a multiple of this (sharding over "vocab")
@@ -151,15 +183,18 @@ class ModelConfig:
                 raise ModelConfigError(f"ModelConfig.{field}={value!r}: expected a positive integer")
         if self.rotary_dim is None:
             object.__setattr__(self, "rotary_dim", self.head_dim)
-        if isinstance(self.eos_token_id, list):
-            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        for field in ("eos_token_id", "layer_types"):  # lists from JSON (parsers, checkpoint metadata)
+            if isinstance(getattr(self, field), list):
+                object.__setattr__(self, field, tuple(getattr(self, field)))
+        if isinstance(self.rope_scaling, dict):  # checkpoint metadata
+            object.__setattr__(self, "rope_scaling", RopeScaling(
+                **{k: tuple(v) if isinstance(v, list) else v for k, v in self.rope_scaling.items()}))
         if self.attention_out_bias is None:
             object.__setattr__(self, "attention_out_bias", self.attention_bias)
-        if self.layer_types is not None:
-            object.__setattr__(self, "layer_types", tuple(self.layer_types))
-            if len(self.layer_types) != self.num_layers or not set(self.layer_types) <= set(LAYER_TYPES):
-                raise ModelConfigError(f"ModelConfig.layer_types={list(self.layer_types)}: expected num_layers="
-                                       f"{self.num_layers} entries, each one of {LAYER_TYPES}")
+        if self.layer_types is not None and (len(self.layer_types) != self.num_layers
+                                             or not set(self.layer_types) <= set(LAYER_TYPES)):
+            raise ModelConfigError(f"ModelConfig.layer_types={list(self.layer_types)}: expected num_layers="
+                                   f"{self.num_layers} entries, each one of {LAYER_TYPES}")
         if self.num_heads % self.num_kv_heads:
             raise ModelConfigError(
                 f"ModelConfig: num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
@@ -170,6 +205,16 @@ class ModelConfig:
             )
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ModelConfigError(f"ModelConfig.sliding_window={self.sliding_window!r}: expected None or >= 1")
+        if self.attention_impl == "xla" and self.attn_logit_softcap is not None:
+            raise ModelConfigError(f"ModelConfig.attention_impl='xla': jax.nn.dot_product_attention cannot "
+                                   f"soft-cap scores (attn_logit_softcap={self.attn_logit_softcap}); use auto, "
+                                   "chunked or explicit")
+        if self.num_experts is not None and not 1 <= self.experts_per_token <= self.num_experts:
+            raise ModelConfigError(
+                f"ModelConfig.experts_per_token={self.experts_per_token!r}: expected 1..num_experts={self.num_experts}"
+            )
+        if self.num_experts is not None and (self.mlp != "gated" or self.mlp_bias):
+            raise ModelConfigError("ModelConfig: experts (num_experts) are gated MLPs without biases")
         self._check_rope_scaling()
 
     def _check_rope_scaling(self):
@@ -191,18 +236,16 @@ class ModelConfig:
             raise ModelConfigError(f"ModelConfig.rotary_dim={self.rotary_dim}: dynamic RoPE needs more than 2")
 
     @property
-    def sliding_layers(self) -> tuple[bool, ...]:
-        """Per layer: whether ``sliding_window`` limits its attention (never when sliding_window is None)."""
-        if self.sliding_window is None:
-            return (False,) * self.num_layers
-        if self.layer_types is None:
-            return (True,) * self.num_layers
-        return tuple(t == "sliding_attention" for t in self.layer_types)
-
-    @property
     def padded_vocab_size(self) -> int:
         """``vocab_size`` rounded up to a multiple of ``vocab_multiple`` (rows of the embedding table)."""
         return math.ceil(self.vocab_size / self.vocab_multiple) * self.vocab_multiple
+
+    @property
+    def sliding_layers(self) -> tuple[bool, ...]:
+        """Per layer: whether it attends through ``sliding_window`` (and uses ``rope_local_theta``)."""
+        if self.layer_types is None:
+            return (self.sliding_window is not None,) * self.num_layers
+        return tuple(t == "sliding_attention" for t in self.layer_types)
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -272,6 +315,10 @@ class _Reader:
             raise ModelConfigError(f"{self.source}: field {key!r}={value!r}: expected {what}")
         return value
 
+    def nullable(self, key: str, default: Any, types: type | tuple[type, ...]) -> Any:
+        """``config[key]`` where an explicit null turns the option off and an absent field means ``default``."""
+        return self.get(key, None, types) if key in self.config else default
+
     def unsupported(self, key: str, value: Any, why: str = "") -> ModelConfigError:
         return ModelConfigError(f"{self.source}: field {key!r}={value!r} is not supported by fusejax{why}")
 
@@ -285,22 +332,29 @@ class _Reader:
 def _rope(r: _Reader, head_dim: int, default_partial: float, v4_theta: str, v4_partial: str,
           aliases: Mapping[str, str] | None = None, original_max: int | None = None) -> dict[str, Any]:
     """rope_theta, rotary_dim and rope_scaling from v5 ``rope_parameters`` or v4 fields (``rope_theta``,
-    ``rope_scaling``...). ``aliases``: old rope_type names of this family; ``original_max``: the family's own
-    ``original_max_position_embeddings``, which takes priority over the one in the rope parameters."""
+    ``rope_scaling``...). ``aliases``, ``original_max``: see :func:`_rope_scaling`."""
     params = dict(r.get("rope_parameters", {}, dict))
     scaling = r.get("rope_scaling", None, dict)
     if scaling is not None:  # v4 layout: rope_scaling holds only the scaling part
         params = {**scaling, **params}
     field = "rope_scaling" if scaling is not None and r.config.get("rope_parameters") is None else "rope_parameters"
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    rope_type = (aliases or {}).get(rope_type, rope_type)
     theta = r.get("rope_theta", None, float, within=params)
     theta = r.get(v4_theta, 10000.0, float) if theta is None else theta
     partial = r.get("partial_rotary_factor", None, float, within=params)
     partial = r.get(v4_partial, default_partial, float) if partial is None else partial
-    fields = {"position": "rope", "rope_theta": theta, "rotary_dim": int(head_dim * partial)}
+    return {"position": "rope", "rope_theta": theta, "rotary_dim": int(head_dim * partial),
+            "rope_scaling": _rope_scaling(r, params, field, aliases, original_max)}
+
+
+def _rope_scaling(r: _Reader, params: dict[str, Any], field: str, aliases: Mapping[str, str] | None = None,
+                  original_max: int | None = None) -> RopeScaling | None:
+    """The scaling part of the RoPE parameters ``params`` read from ``field``; None for rope_type ``default``.
+    ``aliases``: old rope_type names of this family; ``original_max``: the family's own
+    ``original_max_position_embeddings``, which takes priority over the one in the rope parameters."""
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    rope_type = (aliases or {}).get(rope_type, rope_type)
     if rope_type == "default":
-        return fields
+        return None
     if rope_type not in ROPE_KEYS:
         raise r.unsupported(field, params, f" (rope_type {rope_type!r}; implemented: default, {', '.join(ROPE_KEYS)})")
     required, optional = ROPE_KEYS[rope_type]
@@ -319,8 +373,7 @@ def _rope(r: _Reader, head_dim: int, default_partial: float, v4_theta: str, v4_p
     if rope_type in USES_ORIGINAL_MAX:  # as transformers' standardize_rope_params: a top-level value wins
         original_max = original_max or r.get("original_max_position_embeddings", None, int)
         values["original_max_position_embeddings"] = original_max or values["original_max_position_embeddings"]
-    fields["rope_scaling"] = RopeScaling(rope_type, **values)
-    return fields
+    return RopeScaling(rope_type, **values)
 
 
 def _llama(r: _Reader, *, head_dim: int | None = None, norm_eps: float = 1e-6, **rope) -> dict[str, Any]:
@@ -353,8 +406,16 @@ def _llama_family(r: _Reader) -> dict[str, Any]:
 
 def _mistral(r: _Reader) -> dict[str, Any]:
     """No bias options; its own default window is 4096 when the field is absent."""
-    window = r.get("sliding_window", None, int) if "sliding_window" in r.config else 4096
-    return dict(_llama(r), sliding_window=window)
+    return dict(_llama(r), sliding_window=r.nullable("sliding_window", 4096, int))
+
+
+def _mixtral(r: _Reader) -> dict[str, Any]:
+    """Mistral's layers (no bias options; no window when the field is absent) with a mixture of experts."""
+    jitter = r.get("router_jitter_noise", 0.0, float)
+    if jitter:
+        raise r.unsupported("router_jitter_noise", jitter, " (only 0.0)")
+    return dict(_llama(r, norm_eps=1e-5), sliding_window=r.get("sliding_window", None, int),
+                num_experts=r.get("num_local_experts", 8, int), experts_per_token=r.get("num_experts_per_tok", 2, int))
 
 
 def _qwen_window(r: _Reader) -> dict[str, Any]:
@@ -389,6 +450,74 @@ def _phi3(r: _Reader) -> dict[str, Any]:
     if scaling is not None and scaling.rope_type != "longrope":
         raise r.unsupported("rope_parameters", scaling.rope_type, " (phi3: only 'default' or 'longrope')")
     return dict(fields, sliding_window=r.get("sliding_window", None, int))
+
+
+def _gemma(r: _Reader, *, max_positions: int, pattern: int) -> dict[str, Any]:
+    """The fields Gemma 2 and Gemma 3 text share; absent fields take transformers' defaults (``max_positions``:
+    the family's max_position_embeddings; ``pattern``: without ``layer_types``, every pattern-th layer is global)."""
+    if r.config.get("use_bidirectional_attention"):
+        raise r.unsupported("use_bidirectional_attention", r.config["use_bidirectional_attention"], " (only false)")
+    layers = r.get("num_hidden_layers", types=int)
+    layer_types = r.get("layer_types", None, list)
+    if layer_types is None:
+        layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+    if not set(layer_types) <= set(LAYER_TYPES):
+        raise r.unsupported("layer_types", layer_types, f" (each one of {LAYER_TYPES})")
+    return dict(
+        arch="gemma",
+        vocab_size=r.get("vocab_size", types=int),
+        hidden_size=r.get("hidden_size", types=int),
+        intermediate_size=r.get("intermediate_size", types=int),
+        num_layers=layers,
+        num_heads=r.get("num_attention_heads", types=int),
+        num_kv_heads=r.get("num_key_value_heads", 4, int),
+        head_dim=r.get("head_dim", 256, int),
+        max_position_embeddings=r.get("max_position_embeddings", max_positions, int),
+        norm="rms_plus_one",
+        norm_eps=r.get("rms_norm_eps", 1e-6, float),
+        softmax_scale=r.get("query_pre_attn_scalar", 256, float) ** -0.5,
+        mlp="gated",
+        activation=r.activation("hidden_activation", "gelu_pytorch_tanh"),
+        attention_bias=r.get("attention_bias", False, bool),
+        tie_embeddings=r.get("tie_word_embeddings", True, bool),
+        sliding_window=r.nullable("sliding_window", 4096, int),
+        layer_types=layer_types,
+        post_norms=True,
+        scale_embeddings=True,
+    )
+
+
+def _gemma2(r: _Reader) -> dict[str, Any]:
+    """One RoPE for all layers; soft-capped attention scores and logits."""
+    fields = _gemma(r, max_positions=8192, pattern=2)
+    return dict(fields, **_rope(r, fields["head_dim"], 1.0, "rope_theta", "partial_rotary_factor"),
+                attn_logit_softcap=r.nullable("attn_logit_softcapping", 50.0, float),
+                final_logit_softcap=r.nullable("final_logit_softcapping", 30.0, float))
+
+
+def _gemma3_text(r: _Reader) -> dict[str, Any]:
+    """q/k norms; global layers rotate with ``rope_theta`` and ``rope_scaling``, sliding layers with their own
+    unscaled base, from v5 ``rope_parameters`` per layer type or the v4 fields (``rope_theta``,
+    ``rope_scaling``, ``rope_local_base_freq``); transformers' Gemma 3 attention ignores attn_logit_softcapping."""
+    params = r.get("rope_parameters", {}, dict)
+    full = dict(r.get("full_attention", {}, dict, within=params))
+    scaling = r.get("rope_scaling", None, dict)  # v4 layout: the global layers' scaling
+    if scaling is not None:
+        full = {**scaling, **full}
+    field = "rope_parameters.full_attention" if scaling is None or "full_attention" in params else "rope_scaling"
+    local = r.get("sliding_attention", {}, dict, within=params)
+    if local.get("rope_type", local.get("type", "default")) != "default":
+        raise r.unsupported("rope_parameters.sliding_attention", local, " (only rope_type 'default')")
+    theta, local_theta = r.get("rope_theta", None, float, within=full), r.get("rope_theta", None, float, within=local)
+    return dict(
+        _gemma(r, max_positions=131072, pattern=r.get("sliding_window_pattern", 6, int)),
+        position="rope",
+        rope_theta=r.get("rope_theta", 1_000_000.0, float) if theta is None else theta,
+        rope_scaling=_rope_scaling(r, full, field),
+        rope_local_theta=r.get("rope_local_base_freq", 10_000.0, float) if local_theta is None else local_theta,
+        qk_norm=True,
+        final_logit_softcap=r.nullable("final_logit_softcapping", None, float),
+    )
 
 
 def _gpt_neox(r: _Reader) -> dict[str, Any]:
@@ -482,8 +611,9 @@ def _gpt2(r: _Reader) -> dict[str, Any]:
     )
 
 
-_PARSERS = {"llama": _llama_family, "mistral": _mistral, "qwen2": _qwen2, "qwen3": _qwen3, "phi3": _phi3,
-            "gpt_neox": _gpt_neox, "mpt": _mpt, "gpt2": _gpt2}
+_PARSERS = {"llama": _llama_family, "mistral": _mistral, "mixtral": _mixtral, "qwen2": _qwen2, "qwen3": _qwen3,
+            "phi3": _phi3, "gemma2": _gemma2, "gemma3_text": _gemma3_text, "gpt_neox": _gpt_neox, "mpt": _mpt,
+            "gpt2": _gpt2}
 
 
 def _rope_parameters(c: ModelConfig) -> dict[str, Any]:
@@ -503,8 +633,15 @@ def _require(c: ModelConfig, **implied) -> None:
                                    f"{value!r} (transformers has no option for it)")
 
 
-def _write_decoder(c: ModelConfig) -> dict[str, Any]:
-    """The config.json fields every Llama-style family shares."""
+# what the Llama-style transformers classes fix: no Gemma options and no experts (Mixtral's writer overrides that)
+_LLAMA_STYLE = dict(norm="rms", post_norms=False, scale_embeddings=False, softmax_scale=None, attn_logit_softcap=None,
+                    final_logit_softcap=None, rope_local_theta=None, num_experts=None)
+
+
+def _write_decoder(c: ModelConfig, **implied) -> dict[str, Any]:
+    """The config.json fields every Llama-style family shares, for a config with the ``implied`` values (where
+    they do not say: those of ``_LLAMA_STYLE``)."""
+    _require(c, **{**_LLAMA_STYLE, **implied})
     return dict(
         hidden_size=c.hidden_size,
         intermediate_size=c.intermediate_size,
@@ -520,13 +657,23 @@ def _write_decoder(c: ModelConfig) -> dict[str, Any]:
 
 
 def _write_llama(c: ModelConfig) -> dict[str, Any]:
-    _require(c, qk_norm=False, attention_out_bias=c.attention_bias, sliding_window=None)
-    return dict(_write_decoder(c), attention_bias=c.attention_bias, mlp_bias=c.mlp_bias)
+    out = _write_decoder(c, qk_norm=False, attention_out_bias=c.attention_bias, sliding_window=None)
+    return dict(out, attention_bias=c.attention_bias, mlp_bias=c.mlp_bias)
 
 
 def _write_mistral(c: ModelConfig) -> dict[str, Any]:
-    _require(c, qk_norm=False, attention_bias=False, attention_out_bias=False, mlp_bias=False, layer_types=None)
-    return dict(_write_decoder(c), sliding_window=c.sliding_window)
+    out = _write_decoder(c, qk_norm=False, attention_bias=False, attention_out_bias=False, mlp_bias=False,
+                         layer_types=None)
+    return dict(out, sliding_window=c.sliding_window)
+
+
+def _write_mixtral(c: ModelConfig) -> dict[str, Any]:
+    if c.num_experts is None:
+        raise ModelConfigError("ModelConfig.num_experts=None: model_type 'mixtral' needs experts")
+    out = _write_decoder(c, qk_norm=False, attention_bias=False, attention_out_bias=False, layer_types=None,
+                         num_experts=c.num_experts)
+    return dict(out, sliding_window=c.sliding_window, num_local_experts=c.num_experts,
+                num_experts_per_tok=c.experts_per_token)
 
 
 def _write_qwen_window(c: ModelConfig) -> dict[str, Any]:
@@ -537,27 +684,67 @@ def _write_qwen_window(c: ModelConfig) -> dict[str, Any]:
 
 
 def _write_qwen2(c: ModelConfig) -> dict[str, Any]:
-    _require(c, qk_norm=False, attention_bias=True, attention_out_bias=False, mlp_bias=False)
-    return dict(_write_decoder(c), **_write_qwen_window(c))
+    out = _write_decoder(c, qk_norm=False, attention_bias=True, attention_out_bias=False, mlp_bias=False)
+    return dict(out, **_write_qwen_window(c))
 
 
 def _write_qwen3(c: ModelConfig) -> dict[str, Any]:
-    _require(c, qk_norm=True, attention_out_bias=c.attention_bias, mlp_bias=False)
-    return dict(_write_decoder(c), attention_bias=c.attention_bias, **_write_qwen_window(c))
+    out = _write_decoder(c, qk_norm=True, attention_out_bias=c.attention_bias, mlp_bias=False)
+    return dict(out, attention_bias=c.attention_bias, **_write_qwen_window(c))
 
 
 def _write_phi3(c: ModelConfig) -> dict[str, Any]:
     """Phi3Config takes head_dim as hidden_size // num_heads and original_max_position_embeddings at top level."""
-    _require(c, qk_norm=False, attention_bias=False, attention_out_bias=False, mlp_bias=False, layer_types=None,
-             head_dim=c.hidden_size // c.num_heads)
+    out = _write_decoder(c, qk_norm=False, attention_bias=False, attention_out_bias=False, mlp_bias=False,
+                         layer_types=None, head_dim=c.hidden_size // c.num_heads)
     if c.rope_scaling is not None and c.rope_scaling.rope_type != "longrope":
         raise ModelConfigError(f"ModelConfig.rope_scaling={c.rope_scaling}: model_type 'phi3' has only 'longrope'")
-    out = dict(_write_decoder(c), sliding_window=c.sliding_window)
+    out["sliding_window"] = c.sliding_window
     del out["head_dim"]
     if c.rope_scaling is not None:
         out["original_max_position_embeddings"] = (c.rope_scaling.original_max_position_embeddings
                                                    or c.max_position_embeddings)
     return out
+
+
+def _write_gemma(c: ModelConfig, **implied) -> dict[str, Any]:
+    """The config.json fields Gemma 2 and Gemma 3 text share, for a config with what both classes fix and the
+    ``implied`` values."""
+    _require(c, norm="rms_plus_one", post_norms=True, scale_embeddings=True, mlp="gated", mlp_bias=False,
+             num_experts=None, position="rope", rotary_dim=c.head_dim, attention_out_bias=c.attention_bias, **implied)
+    scalar = c.head_dim if c.softmax_scale is None else round(c.softmax_scale**-2, 6)
+    return dict(
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads,
+        head_dim=c.head_dim,
+        max_position_embeddings=c.max_position_embeddings,
+        rms_norm_eps=c.norm_eps,
+        hidden_activation=c.activation,
+        attention_bias=c.attention_bias,
+        query_pre_attn_scalar=int(scalar) if scalar == int(scalar) else scalar,
+        sliding_window=c.sliding_window,
+        layer_types=["sliding_attention" if s else "full_attention" for s in c.sliding_layers],
+        final_logit_softcapping=c.final_logit_softcap,
+    )
+
+
+def _write_gemma2(c: ModelConfig) -> dict[str, Any]:
+    out = _write_gemma(c, qk_norm=False, rope_local_theta=None)
+    return dict(out, rope_parameters=_rope_parameters(c), attn_logit_softcapping=c.attn_logit_softcap)
+
+
+def _write_gemma3_text(c: ModelConfig) -> dict[str, Any]:
+    """RoPE parameters per layer type: the sliding layers' are unscaled."""
+    out = _write_gemma(c, qk_norm=True, attn_logit_softcap=None)
+    if c.rope_local_theta is None and c.rope_scaling is not None:
+        raise ModelConfigError(f"ModelConfig.rope_local_theta=None with rope_scaling={c.rope_scaling}: model_type "
+                               "'gemma3_text' needs the sliding layers' own (unscaled) RoPE base")
+    local = c.rope_theta if c.rope_local_theta is None else c.rope_local_theta
+    return dict(out, rope_parameters={"full_attention": _rope_parameters(c),
+                                      "sliding_attention": {"rope_type": "default", "rope_theta": local}})
 
 
 def _write_gpt_neox(c: ModelConfig) -> dict[str, Any]:
@@ -604,5 +791,6 @@ def _write_gpt2(c: ModelConfig) -> dict[str, Any]:
     )
 
 
-_WRITERS = {"llama": _write_llama, "mistral": _write_mistral, "qwen2": _write_qwen2, "qwen3": _write_qwen3,
-            "phi3": _write_phi3, "gpt_neox": _write_gpt_neox, "mpt": _write_mpt, "gpt2": _write_gpt2}
+_WRITERS = {"llama": _write_llama, "mistral": _write_mistral, "mixtral": _write_mixtral, "qwen2": _write_qwen2,
+            "qwen3": _write_qwen3, "phi3": _write_phi3, "gemma2": _write_gemma2, "gemma3_text": _write_gemma3_text,
+            "gpt_neox": _write_gpt_neox, "mpt": _write_mpt, "gpt2": _write_gpt2}

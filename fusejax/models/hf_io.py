@@ -5,9 +5,10 @@ Loading builds the abstract model with ``nnx.eval_shape``, computes each paramet
 never gathered on one device. Pickle checkpoints (``*.bin``, ``*.pt``, ...) are refused, never unpickled.
 
 Each architecture's weight map is a list of :class:`_Map` rows: one Hugging Face tensor (per layer when its
-name contains ``{i}``) and the parameter(s) of ours it holds. Fused HF tensors (GPT-NeoX ``query_key_value``,
-MPT ``Wqkv``, GPT-2 ``c_attn``, Phi-3 ``qkv_proj`` and ``gate_up_proj``) hold several of ours, split along one
-axis after an optional transpose, and are fused again on save.
+name contains ``{i}``, per expert of a mixture of experts when it contains ``{e}``) and the parameter(s) of ours
+it holds. Fused HF tensors (GPT-NeoX ``query_key_value``, MPT ``Wqkv``, GPT-2 ``c_attn``, Phi-3 ``qkv_proj`` and
+``gate_up_proj``) hold several of ours, split along one axis after an optional transpose, and are fused again on
+save.
 
 Transformers quirk: ``MptForCausalLM`` always builds a 4x MLP and ignores ``expansion_ratio``, yet saves the
 value it was given, so its folders may say ``expansion_ratio: 2`` over 4x tensors (MosaicML's own code honours
@@ -71,7 +72,8 @@ class CheckpointError(ValueError):
 class _Map:
     """One HF tensor <-> our parameter(s).
 
-    ``hf``: names, the first written on save, all tried on load; ``{i}`` marks a per-layer tensor.
+    ``hf``: names, the first written on save, all tried on load; ``{i}`` marks a per-layer tensor, ``{e}`` a
+    per-expert one (see :func:`_indices`).
     ``ours``: our parameter paths (``layers.wq``); per-layer params carry a leading ``layers`` axis.
     ``hf_shape``: the HF tensor's shape (per layer). ``shape``: the shape after the optional transpose, from
     which ``split_axis`` (when several of ours) picks each of ours, or which it cuts in pieces of ``sections``
@@ -140,22 +142,34 @@ def _vector(hf: str | tuple[str, ...], ours: str, n: int):
     return _bias(hf, ours, (n,))
 
 
+def _indices(row: _Map, c: ModelConfig) -> tuple[list[dict[str, int]], tuple[int, ...]]:
+    """The ``{i}`` (layer) and ``{e}`` (expert) values of a row's HF tensors, in order, and the leading shape
+    ``([L][, X])`` of ours that they stack into."""
+    lead = (c.num_layers,) * row.per_layer + (c.num_experts,) * ("{e}" in row.hf[0])
+    return [dict(zip("ie", index)) for index in np.ndindex(*lead)], lead
+
+
 def _weight_map(c: ModelConfig) -> list[_Map]:
     """The HF <-> fusejax weight map of one model."""
     D, H, K, E, F, V = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size, c.vocab_size
     qkv, qkv_b = ("layers.wq", "layers.wk", "layers.wv"), ("layers.bq", "layers.bk", "layers.bv")
-    names = _HF_NAMES[c.arch]
+    names = _HF_NAMES[c.arch] if c.num_experts is None else {**_HF_NAMES[c.arch], **_MIXTRAL_NAMES}
     p = names["layer"]
     rows: list[_Map] = []
-    for hf, ours in ((p + names["norm1"], "layers.attn_norm"), (p + names["norm2"], "layers.mlp_norm"),
-                     (names["final_norm"], "final_norm")):
+    norms = [(p + names["norm1"], "layers.attn_norm"), (p + names["norm2"], "layers.mlp_norm"),
+             (names["final_norm"], "final_norm")]
+    if c.post_norms:
+        norms += [(p + names["post_norm1"], "layers.attn_out_norm"), (p + names["post_norm2"], "layers.mlp_out_norm")]
+    for hf, ours in norms:
         rows.append(_vector(f"{hf}.weight", f"{ours}_scale", D))
         if c.norm_bias:
             rows.append(_vector(f"{hf}.bias", f"{ours}_bias", D))
+    if c.qk_norm:
+        rows += [_vector(f"{p}self_attn.{x}_norm.weight", f"layers.{x}_norm_scale", E) for x in "qk"]
     conv1d = c.arch == "gpt2"
     if c.model_type == "phi3":  # fused q|k|v along the heads: [(H + K + K) * E, D]
         rows.append(_linear(f"{p}self_attn.qkv_proj.weight", qkv, D, (H + 2 * K, E), split_axis=0, sections=(H, K, K)))
-    elif c.arch == "llama":
+    elif "qkv" not in names:
         for name, ours, heads in (("q", "wq", H), ("k", "wk", K), ("v", "wv", K)):
             rows.append(_linear(f"{p}self_attn.{name}_proj.weight", f"layers.{ours}", D, (heads, E)))
             if c.attention_bias:
@@ -169,13 +183,14 @@ def _weight_map(c: ModelConfig) -> list[_Map]:
     rows.append(_Map((p + names["o"] + ".weight",), ("layers.wo",), wo_shape, (H, E, D), transpose=not conv1d))
     if c.attention_out_bias:
         rows.append(_vector(p + names["o"] + ".bias", "layers.bo", D))
-    if c.qk_norm:
-        rows += [_vector(f"{p}self_attn.{x}_norm.weight", f"layers.{x}_norm_scale", E) for x in "qk"]
     mlp_in = (("gate", "_gate", D, F),) if c.mlp == "gated" else ()
     mlp_in += (("up", "_up", D, F),)
     if c.model_type == "phi3":  # fused gate|up: [2F, D]
         rows.append(_linear(f"{p}mlp.gate_up_proj.weight", ("layers.w_gate", "layers.w_up"), D, (2, F), split_axis=0))
         mlp_in = ()
+    if c.num_experts is not None:  # the router, then one gated MLP per expert
+        rows.append(_linear(p + names["router"] + ".weight", "layers.router", D, (c.num_experts,)))
+        p += names["expert"]
     for key, ours, d_in, d_out in (*mlp_in, ("down", "_down", F, D)):
         rows.append(_linear(f"{p}{names[key]}.weight", f"layers.w{ours}", d_in, (d_out,), conv1d=conv1d))
         if c.mlp_bias:
@@ -195,11 +210,19 @@ def _weight_map(c: ModelConfig) -> list[_Map]:
 
 
 # Hugging Face tensor names per architecture ("layer" is the per-layer prefix)
+_MIXTRAL_NAMES = dict(router="block_sparse_moe.gate", expert="block_sparse_moe.experts.{e}.", gate="w1", up="w3",
+                      down="w2")
 _HF_NAMES = {
     "llama": dict(
         layer="model.layers.{i}.", norm1="input_layernorm", norm2="post_attention_layernorm",
         final_norm="model.norm", o="self_attn.o_proj", gate="mlp.gate_proj", up="mlp.up_proj",
         down="mlp.down_proj", embed="model.embed_tokens.weight", lm_head=("lm_head.weight",),
+    ),
+    "gemma": dict(
+        layer="model.layers.{i}.", norm1="input_layernorm", post_norm1="post_attention_layernorm",
+        norm2="pre_feedforward_layernorm", post_norm2="post_feedforward_layernorm", final_norm="model.norm",
+        o="self_attn.o_proj", gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj",
+        embed="model.embed_tokens.weight", lm_head=("lm_head.weight",),
     ),
     "gpt_neox": dict(
         layer="gpt_neox.layers.{i}.", norm1="input_layernorm", norm2="post_attention_layernorm",
@@ -425,8 +448,8 @@ def load_pretrained(
     param_dtype = np.dtype(jax.numpy.dtype(config.param_dtype))
     used: set[str] = set()
 
-    def read(row: _Map, j: int, layer: int | None) -> np.ndarray:
-        names = tuple(n.format(i=layer) for n in row.hf)
+    def read(row: _Map, j: int, index: dict[str, int]) -> np.ndarray:
+        names = tuple(n.format(**index) for n in row.hf)
         used.update(names)
         tensor = checkpoint.read(names, row.hf_shape, config_source)
         return row.split(tensor, config.padded_vocab_size)[j].astype(param_dtype)
@@ -434,10 +457,9 @@ def load_pretrained(
     flat = []
     for key, var in nnx.to_flat_state(state):
         row, j = rows[".".join(map(str, key))]
-        if row.per_layer:
-            host = np.stack([read(row, j, i) for i in range(config.num_layers)])
-        else:
-            host = read(row, j, None)
+        indices, lead = _indices(row, config)
+        host = np.stack([read(row, j, index) for index in indices])
+        host = host.reshape(*lead, *host.shape[1:])
         sharding = shardings[key].get_value()
         array = jax.make_array_from_callback(host.shape, sharding, lambda index, host=host: host[index])
         flat.append((key, var.replace(array)))
@@ -474,10 +496,10 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, *, max_shard_by
     folder = Path(path)
     params = {".".join(map(str, k)): v for k, v in nnx.to_flat_state(nnx.state(model))}
     dtype = np.dtype(jax.numpy.dtype(c.param_dtype))
-    tensors = []  # (hf name, hf shape, row, layer), row by row so each row's params are gathered once
+    tensors = []  # (hf name, hf shape, row, (layer[, expert])), row by row so each row's params are gathered once
     for row in _weight_map(c):
-        for layer in range(c.num_layers) if row.per_layer else (None,):
-            tensors.append((row.hf[0].format(i=layer), row.hf_shape, row, layer))
+        for index in _indices(row, c)[0]:
+            tensors.append((row.hf[0].format(**index), row.hf_shape, row, tuple(index.values())))
     shards, size = [[]], 0
     for t in tensors:
         nbytes = math.prod(t[1]) * dtype.itemsize
@@ -489,12 +511,11 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, *, max_shard_by
 
     cache: dict[str, np.ndarray] = {}  # the current row's parameters on the host
 
-    def produce(row: _Map, layer: int | None) -> np.ndarray:
+    def produce(row: _Map, index: tuple[int, ...]) -> np.ndarray:
         if not all(name in cache for name in row.ours):
             cache.clear()
             cache.update({name: _to_host(params[name].get_value()) for name in row.ours})
-        parts = [cache[name] if layer is None else cache[name][layer] for name in row.ours]
-        return row.join(parts).astype(dtype)
+        return row.join([cache[name][index] for name in row.ours]).astype(dtype)
 
     writer = jax.process_index() == 0
     if writer:
@@ -503,7 +524,7 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, *, max_shard_by
         f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))
     ]
     for name, shard in zip(names, shards):
-        entries = [(hf, shape, functools.partial(produce, row, layer)) for hf, shape, row, layer in shard]
+        entries = [(hf, shape, functools.partial(produce, row, index)) for hf, shape, row, index in shard]
         _write_safetensors(folder / name, entries, dtype, writer)
     if not writer:
         return

@@ -1,18 +1,20 @@
-"""One generic decoder-only Transformer in Flax NNX covering Llama/Mistral, Qwen2/3, Phi-3, GPT-NeoX/Pythia, MPT
-and GPT-2.
+"""One generic decoder-only Transformer in Flax NNX covering Llama/Mistral/Mixtral, Qwen2/3, Phi-3, Gemma 2/3,
+GPT-NeoX/Pythia, MPT and GPT-2.
 
 Per-layer parameters are stacked along a leading ``layers`` axis (module :class:`Layers`) and applied with
-``jax.lax.scan``, under ``jax.checkpoint`` when ``config.remat`` is not ``"none"``; what differs between layers
-(whether the sliding window applies) is scanned alongside them as a per-layer array. Every ``nnx.Param`` carries
-``logical_axes`` metadata (names from :mod:`fusejax.sharding`); activations are constrained by logical names
-under the model's own ``rules`` (given at construction), the same rules that place its parameters.
+``jax.lax.scan``, under ``jax.checkpoint`` when ``config.remat`` is not ``"none"``. Layers that differ (sliding
+window or global attention, local or global RoPE) scan a per-layer flag alongside their parameters. Every
+``nnx.Param`` carries ``logical_axes`` metadata (names from :mod:`fusejax.sharding`); activations are constrained
+by logical names under the model's own ``rules`` (given at construction), the same rules that place its parameters.
 
-Weight layouts (``L`` layers, ``D`` hidden, ``H``/``K`` query/kv heads, ``E`` head_dim, ``F`` mlp, ``V`` padded vocab):
+Weight layouts (``L`` layers, ``D`` hidden, ``H``/``K`` query/kv heads, ``E`` head_dim, ``F`` mlp, ``V`` padded vocab,
+``X`` experts):
   embed [V, D]; pos_embed [P, D] (learned positions); lm_head [D, V] (absent when tied)
   layers.wq [L, D, H, E]; wk, wv [L, D, K, E]; wo [L, H, E, D]; bq [L, H, E]; bk, bv [L, K, E]; bo [L, D]
-  layers.q_norm_scale, k_norm_scale [L, E] (qk_norm)
   layers.w_gate, w_up [L, D, F]; w_down [L, F, D]; b_gate, b_up [L, F]; b_down [L, D]
-  layers.{attn,mlp}_norm_{scale,bias} [L, D]; final_norm_{scale,bias} [D]
+  mixture of experts: layers.router [L, D, X]; w_gate, w_up [L, X, D, F]; w_down [L, X, F, D]
+  layers.{attn,mlp}_norm_{scale,bias} [L, D]; post-norms layers.{attn,mlp}_out_norm_{scale,bias} [L, D]
+  layers.{q,k}_norm_scale [L, E]; final_norm_{scale,bias} [D]
 """
 
 from __future__ import annotations
@@ -65,10 +67,13 @@ class Layers(nnx.Module):
         L, D, H, K, E, F = c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
         dt = jnp.dtype(c.param_dtype)
         p = functools.partial(_param, rngs, dtype=dt)
-        for norm in ("attn_norm", "mlp_norm"):
-            setattr(self, f"{norm}_scale", p((L, D), ("layers", "norm"), init="ones"))
+        for norm in ("attn_norm", "mlp_norm", *(("attn_out_norm", "mlp_out_norm") if c.post_norms else ())):
+            setattr(self, f"{norm}_scale", p((L, D), ("layers", "norm"), init=_norm_init(c)))
             if c.norm_bias:
                 setattr(self, f"{norm}_bias", p((L, D), ("layers", "norm"), init="zeros"))
+        if c.qk_norm:
+            self.q_norm_scale = p((L, E), ("layers", "norm"), init=_norm_init(c))
+            self.k_norm_scale = p((L, E), ("layers", "norm"), init=_norm_init(c))
         self.wq = p((L, D, H, E), ("layers", "embed", "heads", "head_dim"))
         self.wk = p((L, D, K, E), ("layers", "embed", "kv_heads", "head_dim"))
         self.wv = p((L, D, K, E), ("layers", "embed", "kv_heads", "head_dim"))
@@ -79,13 +84,14 @@ class Layers(nnx.Module):
             self.bv = p((L, K, E), ("layers", "kv_heads", "head_dim"), init="zeros")
         if c.attention_out_bias:
             self.bo = p((L, D), ("layers", "embed"), init="zeros")
-        if c.qk_norm:
-            self.q_norm_scale = p((L, E), ("layers", "head_dim"), init="ones")
-            self.k_norm_scale = p((L, E), ("layers", "head_dim"), init="ones")
         mlp_in = ("w_gate", "w_up") if c.mlp == "gated" else ("w_up",)
+        X = () if c.num_experts is None else (c.num_experts,)  # experts: one MLP each
+        x_axis = () if c.num_experts is None else ("experts",)
+        if c.num_experts is not None:
+            self.router = p((L, D, c.num_experts), ("layers", "embed", None))
         for name in mlp_in:
-            setattr(self, name, p((L, D, F), ("layers", "embed", "mlp")))
-        self.w_down = p((L, F, D), ("layers", "mlp", "embed"))
+            setattr(self, name, p((L, *X, D, F), ("layers", *x_axis, "embed", "mlp")))
+        self.w_down = p((L, *X, F, D), ("layers", *x_axis, "mlp", "embed"))
         if c.mlp_bias:
             for name in mlp_in:
                 setattr(self, "b" + name[1:], p((L, F), ("layers", "mlp"), init="zeros"))
@@ -115,13 +121,19 @@ class Transformer(nnx.Module):
         if c.position == "learned":
             self.pos_embed = _param(rngs, (c.max_position_embeddings, D), (None, "embed"), dt)
         self.layers = Layers(c, rngs)
-        self.final_norm_scale = _param(None, (D,), ("norm",), dt, init="ones")
+        self.final_norm_scale = _param(None, (D,), ("norm",), dt, init=_norm_init(c))
         if c.norm_bias:
             self.final_norm_bias = _param(None, (D,), ("norm",), dt, init="zeros")
         if not c.tie_embeddings:
             self.lm_head = _param(rngs, (D, V), ("embed", "vocab"), dt)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        """Logits [B,T,Vp] float32: :meth:`logits` of :meth:`hidden_states`."""
+        logits = self.logits(self.hidden_states(input_ids, attention_mask))
+        return constrain(logits, ("batch", "length", "vocab"), dict(self.rules))
+
+    def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        """The decoder's output after the final norm: input_ids [B,T] int32 -> [B,T,D] in ``config.dtype``."""
         c = self.config
         B, T = input_ids.shape
         if c.position == "learned" and T > c.max_position_embeddings:
@@ -129,34 +141,67 @@ class Transformer(nnx.Module):
         dt = jnp.dtype(c.dtype)
         rules = dict(self.rules)
         key_valid = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
+        # (global, sliding layers): RoPE tables (HF default positions 0..T-1; right padding keeps them correct);
+        # the same object when they agree
+        ropes = (None, None)
+        if c.position == "rope":
+            rope = rope_tables(T, c.rotary_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings)
+            local = rope
+            if c.rope_local_theta is not None:
+                local = rope_tables(T, c.rotary_dim, c.rope_local_theta, None, c.max_position_embeddings)
+            ropes = (rope, local)
+        slopes = jnp.asarray(alibi_slopes(c.num_heads, c.alibi_bias_max)) if c.position == "alibi" else None
 
         x = jnp.take(self.embed[...], input_ids, axis=0).astype(dt)
+        if c.scale_embeddings:
+            x = x * jnp.asarray(c.hidden_size**0.5, dt)
         if c.position == "learned":
             x = x + self.pos_embed[...][:T].astype(dt)
         x = constrain(x, ("batch", "length", "embed"), rules)
-        # HF default positions 0..T-1; right padding keeps them correct
-        rope = None
-        if c.position == "rope":
-            rope = rope_tables(T, c.rotary_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings)
-        slopes = jnp.asarray(alibi_slopes(c.num_heads, c.alibi_bias_max)) if c.position == "alibi" else None
 
         def body(h, xs):
             p, sliding = xs
-            return _layer(c, rules, p, h, Visibility(key_valid, sliding), rope, slopes), None
+
+            def pick(both):  # this layer's RoPE tables; a select only where layers differ in them
+                if both[0] is both[1] or len(set(c.sliding_layers)) == 1:
+                    return both[c.sliding_layers[0]]
+                return jax.tree.map(lambda a, b: jnp.where(sliding, b, a), *both)
+
+            return _layer(c, rules, p, h, Visibility(key_valid, sliding), pick(ropes), slopes), None
 
         policy = REMAT_POLICIES[c.remat]
         if c.remat != "none":
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
         x, _ = jax.lax.scan(body, x, (self.layers.arrays(), jnp.asarray(c.sliding_layers)))
+        return _norm(c, x, self.final_norm_scale[...], self.final_norm_bias[...] if c.norm_bias else None)
 
-        x = _norm(c, x, self.final_norm_scale[...], self.final_norm_bias[...] if c.norm_bias else None)
-        if c.tie_embeddings:
-            logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(dt), preferred_element_type=jnp.float32)
-        else:
-            logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(dt), preferred_element_type=jnp.float32)
-        if c.padded_vocab_size > c.vocab_size:  # XLA does not drop an all-true mask, and it costs a pass
-            logits = jnp.where(jnp.arange(c.padded_vocab_size) < c.vocab_size, logits, -jnp.inf)
-        return constrain(logits, ("batch", "length", "vocab"), rules)
+    @property
+    def head_weight(self) -> jax.Array:
+        """The unembedding :func:`head_logits` reads: ``embed`` [Vp, D] when tied, else ``lm_head`` [D, Vp]."""
+        return self.embed[...] if self.config.tie_embeddings else self.lm_head[...]
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """The LM head on hidden states [..., D] (any leading axes, e.g. one chunk of positions): [..., Vp] float32."""
+        return head_logits(self.config, self.head_weight, hidden)
+
+
+def head_logits(c: ModelConfig, weight: jax.Array, hidden: jax.Array) -> jax.Array:
+    """Logits [..., Vp] float32 of hidden [..., D] and the unembedding ``weight`` (:attr:`Transformer.head_weight`),
+    projected in ``hidden``'s dtype with float32 accumulation, soft-capped (``final_logit_softcap``); padded
+    vocabulary ids are -inf. A pure function of its arrays, so that a chunked loss can apply it (and
+    differentiate it) one chunk at a time."""
+    equation = "...d,vd->...v" if c.tie_embeddings else "...d,dv->...v"
+    logits = jnp.einsum(equation, hidden, weight.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    logits = softcap(logits, c.final_logit_softcap)
+    if c.padded_vocab_size > c.vocab_size:  # XLA does not drop an all-true mask, and it costs a pass
+        logits = jnp.where(jnp.arange(c.padded_vocab_size) < c.vocab_size, logits, -jnp.inf)
+    return logits
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """Soft-capping (Gemma 2): ``cap * tanh(x / cap)`` elementwise, or x itself when ``cap`` is None. Applied
+    to attention scores and in :func:`head_logits` (so per chunk where a loss computes logits in chunks)."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
 
 
 def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -184,14 +229,21 @@ def _alibi_bias(slopes: jax.Array, q_pos: jax.Array, k_pos: jax.Array) -> jax.Ar
     return slopes[:, None, None] * dist[None]
 
 
+def _norm_init(c: ModelConfig) -> str:
+    """Initial norm scales: ones, or zeros where the norm multiplies by ``1 + scale``."""
+    return "zeros" if c.norm == "rms_plus_one" else "ones"
+
+
 def _norm(c: ModelConfig, x: jax.Array, scale: jax.Array, bias: jax.Array | None) -> jax.Array:
-    """RMSNorm or LayerNorm over the last axis, computed in float32, returned in x's dtype."""
+    """RMSNorm, (1 + w) RMSNorm or LayerNorm over the last axis, computed in float32, returned in x's dtype."""
     xf = x.astype(jnp.float32)
     if c.norm == "layer":
         xf = xf - xf.mean(-1, keepdims=True)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + c.norm_eps)
     if c.norm == "rms":  # HF Llama casts back to the input dtype before the scale
         return scale.astype(x.dtype) * y.astype(x.dtype)
+    if c.norm == "rms_plus_one":  # HF Gemma scales in float32, then casts
+        return (y * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
     y = y * scale.astype(jnp.float32)
     if bias is not None:
         y = y + bias.astype(jnp.float32)
@@ -216,10 +268,13 @@ class Visibility(NamedTuple):
 
 def attention_impl(c: ModelConfig, T: int) -> str:
     """The attention path ``_attention`` takes for sequences of ``T`` tokens: ``config.attention_impl``, or for
-    ``auto`` chunked when ``T > attention_chunk`` and ``xla`` otherwise (see :mod:`fusejax.models.config`)."""
+    ``auto`` chunked when ``T > attention_chunk``, else ``xla``, or ``explicit`` for soft-capped scores (Gemma 2),
+    which ``jax.nn.dot_product_attention`` cannot compute (see :mod:`fusejax.models.config`)."""
     if c.attention_impl != "auto":
         return c.attention_impl
-    return "chunked" if T > c.attention_chunk else "xla"
+    if T > c.attention_chunk:
+        return "chunked"
+    return "xla" if c.attn_logit_softcap is None else "explicit"
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -250,7 +305,8 @@ def _softmax_attention(c: ModelConfig, q, k, v, q_pos, vis: Visibility, slopes) 
     """Attention of queries q [B, Tq, K, G, E] at positions ``q_pos`` [Tq] over keys and values k, v
     [B, T, K, E] -> [B, Tq, K, G, E] in q's dtype, through the explicit scores [B, K, G, Tq, T] float32."""
     scale = c.head_dim**-0.5 if c.softmax_scale is None else c.softmax_scale
-    scores = jnp.einsum("btkge,bske->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = softcap(jnp.einsum("btkge,bske->bkgts", q, k, preferred_element_type=jnp.float32) * scale,
+                     c.attn_logit_softcap)
     probs = jax.nn.softmax(_bias_and_mask(c, scores, slopes, q_pos, vis), axis=-1).astype(q.dtype)
     return jnp.einsum("bkgts,bske->btkge", probs, v)
 
@@ -340,13 +396,33 @@ def _mlp(c: ModelConfig, rules: dict, p: dict, h: jax.Array) -> jax.Array:
     return out + p["b_down"].astype(dt) if c.mlp_bias else out
 
 
+def _moe(c: ModelConfig, rules: dict, p: dict, h: jax.Array) -> jax.Array:
+    """Sparse mixture of experts (Mixtral) on h [B, T, D] -> [B, T, D]: each token's ``experts_per_token``
+    experts with the highest router softmax (float32), their outputs weighted by those probabilities
+    renormalised to sum to 1. Dispatch is dense: every expert (an :func:`_mlp`) runs on every token and the
+    others get weight 0, exact in value and gradient, at num_experts / experts_per_token times the MLP FLOPs."""
+    dt, X = h.dtype, c.num_experts
+    probs = jax.nn.softmax(jnp.einsum("btd,dx->btx", h, p["router"].astype(dt)).astype(jnp.float32), axis=-1)
+    top, chosen = jax.lax.top_k(probs, c.experts_per_token)  # [B, T, k]
+    weights = jnp.einsum("btk,btkx->btx", top / top.sum(-1, keepdims=True), jax.nn.one_hot(chosen, X))
+    experts = {name: p[name] for name in ("w_gate", "w_up", "w_down")}
+    out = jax.vmap(lambda e: _mlp(c, rules, e, h))(experts)  # [X, B, T, D]
+    return jnp.einsum("xbtd,btx->btd", out, weights.astype(dt))
+
+
 def _layer(c: ModelConfig, rules: dict, p: dict, x: jax.Array, vis: Visibility, rope, slopes) -> jax.Array:
-    """One pre-norm decoder layer on x [B, T, D] with this layer's parameters ``p`` (sliced by scan)."""
-    attn_in = _norm(c, x, p["attn_norm_scale"], p.get("attn_norm_bias"))
-    attn = _attention(c, rules, p, attn_in, vis, rope, slopes)
+    """One pre-norm decoder layer on x [B, T, D] with this layer's parameters ``p`` (sliced by scan); with
+    ``post_norms`` the attention and MLP outputs are normed too before they are added."""
+
+    def block(name, f, h):
+        out = f(_norm(c, h, p[f"{name}_norm_scale"], p.get(f"{name}_norm_bias")))
+        return _norm(c, out, p[f"{name}_out_norm_scale"], p.get(f"{name}_out_norm_bias")) if c.post_norms else out
+
+    attn = functools.partial(_attention, c, rules, p, vis=vis, rope=rope, slopes=slopes)
+    mlp = functools.partial(_mlp if c.num_experts is None else _moe, c, rules, p)
     if c.parallel_residual:
-        x = x + attn + _mlp(c, rules, p, _norm(c, x, p["mlp_norm_scale"], p.get("mlp_norm_bias")))
+        x = x + block("attn", attn, x) + block("mlp", mlp, x)
     else:
-        x = x + attn
-        x = x + _mlp(c, rules, p, _norm(c, x, p["mlp_norm_scale"], p.get("mlp_norm_bias")))
+        x = x + block("attn", attn, x)
+        x = x + block("mlp", mlp, x)
     return constrain(x, ("batch", "length", "embed"), rules)
