@@ -10,7 +10,6 @@ import pytest
 import test_families
 import test_models
 from flax import nnx
-from tiny import padded_batch
 
 from fusejax.models import ModelConfig, Transformer
 from fusejax.models.transformer import attention_impl
@@ -29,6 +28,13 @@ CASES = {
 IMPLS = ("explicit", "xla", "chunked")
 
 
+def _batch(vocab: int):
+    """ids, mask [len(LENGTHS), max(LENGTHS)] int32: random ids in [3, vocab), right-padded with id 0."""
+    T = max(LENGTHS)
+    mask = (np.arange(T)[None, :] < np.asarray(LENGTHS)[:, None]).astype(np.int32)
+    return np.random.default_rng(0).integers(3, vocab, (len(LENGTHS), T)).astype(np.int32) * mask, mask
+
+
 @pytest.fixture(scope="module", params=list(CASES))
 def paths(request):
     """(name, {impl: ((loss, logits [B, T, vocab]), gradients)}) of one family's tiny model with random N(0, 0.3)
@@ -40,7 +46,7 @@ def paths(request):
     params = jax.tree_util.tree_map_with_path(
         lambda path, x: jnp.asarray(rng.normal("norm" in jax.tree_util.keystr(path), 0.3, x.shape), x.dtype),
         nnx.state(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))))
-    ids, mask = map(jnp.asarray, padded_batch(config.vocab_size, LENGTHS))
+    ids, mask = map(jnp.asarray, _batch(config.vocab_size))
 
     def loss_fn(params, graphdef):
         logits = nnx.merge(graphdef, params)(ids, mask)[..., :config.vocab_size]
