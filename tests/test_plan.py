@@ -154,13 +154,16 @@ def test_7b_llama_on_a_v4_8_slice_without_the_hardware(tmp_path):
 TODAYS_TARGETS = {
     "llama-3.1-8b": ("llama", "h100x8", 8_030_261_248, 4096 + 2 * 32 * 4096),
     "qwen2.5-7b": ("qwen2", "v4-8", 7_615_616_512, 3584 + 2 * 28 * 3584 + 28 * (28 + 2 * 4) * 128),
+    # tied 256k embedding; four norms per layer (pre- and post-norms around attention and MLP)
+    "gemma-2-9b": ("gemma2", "h100x8", 9_241_705_984, 3584 + 4 * 42 * 3584),
 }
 
 
 @pytest.mark.parametrize("name", list(TODAYS_TARGETS))
 def test_todays_targets_on_mesh_presets(shared_data, tmp_path, capsys, name):
     """`fusejax plan` of the paper's step (configs/example.yaml) for a 7-9B target (GQA, Llama 3.1 RoPE scaling,
-    a 128k-152k vocabulary, Qwen2 q/k/v biases) on a mesh preset, as docs/scale-out.md shows it."""
+    a 128k-256k vocabulary, Qwen2 q/k/v biases, Gemma 2's soft-capping and sliding layers) on a mesh preset, as
+    docs/scale-out.md shows it."""
     model_type, preset, num_params, unsplit = TODAYS_TARGETS[name]
     config = tmp_path / "run.yaml"
     config.write_text(f"base: [{REPO / 'configs/example.yaml'}, {REPO / 'configs/mesh' / preset}.yaml]\n"
