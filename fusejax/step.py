@@ -154,12 +154,20 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, opts: StepOption
             rest = jax.tree.map(lambda x: x[1:], batch)
             acc, _ = jax.lax.scan(lambda a, mb: (jax.tree.map(jnp.add, a, micro(mb)), None), acc, rest)
         grads, metrics = jax.tree.map(lambda x: x / opts.grad_accum, acc)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
         grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
-        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (params, opt_state),
-                                         (state["params"], state["opt_state"]))
+        # the update is computed twice: once only tested (each leaf reduced to "all finite" in the same pass), then
+        # again inside the cond that applies it, in place of the donated state; a select between the old and the
+        # new trees (or one update shared by the test and the cond) holds the new parameters, moments and updates
+        # beside the old ones: up to twice the parameters' bytes more temporaries where the update is the peak
+        updates = tx.update(grads, state["opt_state"], state["params"])[0]
+        finite = functools.reduce(jnp.logical_and, [jnp.isfinite(x).all() for x in (
+            metrics["loss"], grad_norm, *jax.tree.leaves(updates))])
+
+        def apply(params, opt_state):
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        params, opt_state = jax.lax.cond(finite, apply, lambda *old: old, state["params"], state["opt_state"])
         metrics = dict(metrics, grad_norm=grad_norm, skipped=(~finite).astype(jnp.float32))
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 

@@ -22,7 +22,8 @@ from fusejax.export import export
 from fusejax.fusion import fusion_loss
 from fusejax.models import ModelConfig, Transformer
 from fusejax.sharding import make_mesh
-from fusejax.step import make_optimizer
+from fusejax.schema import STEP_AXES
+from fusejax.step import StepOptions, make_optimizer, make_train_step
 from fusejax.store import StoreLockedError
 from fusejax.testing import SyntheticTables
 from fusejax.train import Interrupted, NonFiniteError, Trainer, build_target
@@ -302,6 +303,22 @@ def test_non_finite_steps_are_skipped_counted_and_never_exported(tmp_path):
     with pytest.raises(ValueError, match=r"non-finite \(NaN/inf\) weights in \['layers.wq'\]"):
         export(tmp_path, tmp_path / "export")
     assert not (tmp_path / "export").exists()
+
+
+def test_a_skipped_step_returns_params_and_adamw_state_bit_identical():
+    model, params0 = fresh_params(4)
+    tx, _ = make_optimizer(TC, TC.steps)
+    step = jax.jit(make_train_step(nnx.graphdef(model), tx, StepOptions.from_config(TC, TC.steps)))
+    rows = SyntheticTables(TC.batch_size, T, MODEL.vocab_size, seed=2).rows(np.arange(TC.batch_size))
+    batch = {k: v[None] for k, v in rows.items() if k in STEP_AXES}
+    state, metrics = step({"params": params0, "opt_state": tx.init(params0), "step": np.int32(0)}, batch)
+    assert metrics["skipped"] == 0  # a real step first: moments and counts away from their initial values
+    state = jax.tree.map(np.array, state)  # writable copies
+    state["params"]["layers"]["wq"][0, 0, 0, 0] = np.inf
+    out, metrics = step(state, batch)
+    assert metrics["skipped"] == 1 and out["step"] == 2
+    jax.tree.map(np.testing.assert_array_equal, as_numpy(out["params"]), state["params"])
+    jax.tree.map(np.testing.assert_array_equal, as_numpy(out["opt_state"]), state["opt_state"])
 
 
 def test_checkpoint_restores_onto_another_mesh(straight, tmp_path):
