@@ -79,12 +79,14 @@ def main():
     p.add_argument("--loss-chunk", type=int, default=TrainConfig.loss_chunk)
     p.add_argument("--remat", default="none", choices=("none", "full", "dots"))
     p.add_argument("--no-dense-teacher", action="store_true", help="leave out the dense-teacher step (large V)")
+    p.add_argument("--attention", default=TrainConfig.attention_impl, choices=("auto", "xla", "chunked", "explicit"),
+                   help="train.attention_impl of every step but the one before issues 12-13 (explicit attention)")
     a = p.parse_args()
     print("machine:", machine())
     mc = ModelConfig(arch="llama", vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=4 * a.hidden,
                      num_layers=a.layers, num_heads=max(1, a.hidden // 64))
     tc = TrainConfig(steps=1000, batch_size=a.batch, seq_len=a.seq, compute_dtype=a.dtype, loss_chunk=a.loss_chunk,
-                     remat=a.remat)
+                     remat=a.remat, attention_impl=a.attention)
     print(f"model: llama hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}; batch {a.batch} x {a.seq} tokens; "
           f"S={a.sources}, k={a.k}; compute {a.dtype}; remat {a.remat}; loss chunk {min(a.loss_chunk, a.seq)} "
           "positions")
@@ -93,6 +95,8 @@ def main():
         "clm": (dataclasses.replace(tc, lm_weight=1.0), 0, None),
         "fusion (chunked)": (tc, a.sources, None),
         "fusion (whole logits)": (tc, a.sources, fusion_loss),
+        # the fused step before issues 12-13: whole logits and explicit [B, H, T, T] attention scores
+        "fusion (before)": (dataclasses.replace(tc, attention_impl="explicit"), a.sources, fusion_loss),
     }
     if not a.no_dense_teacher:
         variants["fusion (dense teacher)"] = (tc, a.sources, dense_fusion_loss)
@@ -137,9 +141,11 @@ def main():
     for name, (t, peak, temp, loss) in results.items():
         print(f"{name:24s} {t * 1e3:9.1f} {t / clm_t:6.2f} {peak / 2**20:13.1f} {peak / clm_m:6.2f} "
               f"{temp / 2**20:9.1f} {temp / clm_temp:6.2f} {loss:9.5f}")
-    chunked, whole = results["fusion (chunked)"], results["fusion (whole logits)"]
-    print(f"chunked vs whole-logits fusion step: temporaries x{chunked[2] / whole[2]:.3f}, "
-          f"peak x{chunked[1] / whole[1]:.3f}, speed x{whole[0] / chunked[0]:.3f} (whole ms / chunked ms)")
+    chunked = results["fusion (chunked)"]
+    for name in ("fusion (whole logits)", "fusion (before)"):
+        other = results[name]
+        print(f"chunked vs {name} step: temporaries x{chunked[2] / other[2]:.3f}, peak x{chunked[1] / other[1]:.3f}, "
+              f"speed x{other[0] / chunked[0]:.3f} (its ms / chunked ms)")
     if a.steps:
         losses = [r[3] for name, r in results.items() if name != "clm"]
         print(f"first-step losses of the fusion steps: max |diff| = {max(losses) - min(losses):.2e}")

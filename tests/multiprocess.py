@@ -23,6 +23,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 _LAUNCHER_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "PMIX_", "TPU_", "MEGASCALE_", "FUSEJAX_", "JAX_COORDINATOR")
 
 
+def xla_flags(devices: int | None) -> str:
+    """This test run's XLA_FLAGS (see conftest.py) for a child process with ``devices`` fake CPU devices
+    (None: one, XLA's default)."""
+    count = "--xla_force_host_platform_device_count"
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(count)]
+    return " ".join(flags + ([] if devices is None else [f"{count}={devices}"]))
+
+
 def free_port() -> int:
     """A TCP port on localhost that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -37,7 +45,7 @@ def run_processes(
     env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_PREFIXES)}
     env.update(
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
+        XLA_FLAGS=xla_flags(devices_per_process),
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])),
         FUSEJAX_COORDINATOR=f"localhost:{free_port()}",
         FUSEJAX_NUM_PROCESSES=str(num_processes),

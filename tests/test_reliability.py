@@ -30,6 +30,7 @@ import fusejax.files
 from fusejax import cli
 from fusejax.store import open_store
 
+from multiprocess import xla_flags  # tests/multiprocess.py
 from test_represent import TEXTS, _hf_tokenizer, _tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,8 +114,8 @@ print(json.dumps(events))
 
 
 def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device: cheaper to start
-    return {**env, "JAX_PLATFORMS": "cpu", "TQDM_DISABLE": "1", **extra}
+    # one CPU device: cheaper to start
+    return {**os.environ, "XLA_FLAGS": xla_flags(None), "JAX_PLATFORMS": "cpu", "TQDM_DISABLE": "1", **extra}
 
 
 def _drive(config, *stages, kill_at=":0", sig="KILL", cache: Path | None = None) -> subprocess.CompletedProcess:
