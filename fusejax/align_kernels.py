@@ -106,7 +106,8 @@ def char_sets(codes, offs, seq):
         once = np.uint64(0)
         twice = np.uint64(0)
         for q in range(offs[seq[p]], offs[seq[p] + 1]):
-            bit = np.uint64(1) << np.uint64((np.uint32(codes[q]) * np.uint32(2654435761)) >> np.uint32(26) & np.uint32(63))
+            slot = (np.uint32(codes[q]) * np.uint32(2654435761)) >> np.uint32(26) & np.uint32(63)
+            bit = np.uint64(1) << np.uint64(slot)
             twice |= once & bit
             once |= bit
         present[p], repeated[p] = once, twice
