@@ -638,10 +638,8 @@ _LLAMA_STYLE = dict(norm="rms", post_norms=False, scale_embeddings=False, softma
                     final_logit_softcap=None, rope_local_theta=None, num_experts=None)
 
 
-def _write_decoder(c: ModelConfig, **implied) -> dict[str, Any]:
-    """The config.json fields every Llama-style family shares, for a config with the ``implied`` values (where
-    they do not say: those of ``_LLAMA_STYLE``)."""
-    _require(c, **{**_LLAMA_STYLE, **implied})
+def _write_sizes(c: ModelConfig) -> dict[str, Any]:
+    """The size fields every Llama- and Gemma-style config.json names alike."""
     return dict(
         hidden_size=c.hidden_size,
         intermediate_size=c.intermediate_size,
@@ -651,9 +649,19 @@ def _write_decoder(c: ModelConfig, **implied) -> dict[str, Any]:
         head_dim=c.head_dim,
         max_position_embeddings=c.max_position_embeddings,
         rms_norm_eps=c.norm_eps,
-        rope_parameters=_rope_parameters(c),
-        hidden_act=c.activation,
     )
+
+
+def _write_layer_types(c: ModelConfig) -> list[str]:
+    """Hugging Face ``layer_types``: per layer, sliding or full attention."""
+    return ["sliding_attention" if s else "full_attention" for s in c.sliding_layers]
+
+
+def _write_decoder(c: ModelConfig, **implied) -> dict[str, Any]:
+    """The config.json fields every Llama-style family shares, for a config with the ``implied`` values (where
+    they do not say: those of ``_LLAMA_STYLE``)."""
+    _require(c, **{**_LLAMA_STYLE, **implied})
+    return dict(_write_sizes(c), rope_parameters=_rope_parameters(c), hidden_act=c.activation)
 
 
 def _write_llama(c: ModelConfig) -> dict[str, Any]:
@@ -680,7 +688,7 @@ def _write_qwen_window(c: ModelConfig) -> dict[str, Any]:
     sliding = c.sliding_layers
     return dict(use_sliding_window=c.sliding_window is not None, sliding_window=c.sliding_window,
                 max_window_layers=sliding.index(True) if any(sliding) else c.num_layers,
-                layer_types=["sliding_attention" if s else "full_attention" for s in sliding])
+                layer_types=_write_layer_types(c))
 
 
 def _write_qwen2(c: ModelConfig) -> dict[str, Any]:
@@ -714,19 +722,12 @@ def _write_gemma(c: ModelConfig, **implied) -> dict[str, Any]:
              num_experts=None, position="rope", rotary_dim=c.head_dim, attention_out_bias=c.attention_bias, **implied)
     scalar = c.head_dim if c.softmax_scale is None else round(c.softmax_scale**-2, 6)
     return dict(
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_layers,
-        num_attention_heads=c.num_heads,
-        num_key_value_heads=c.num_kv_heads,
-        head_dim=c.head_dim,
-        max_position_embeddings=c.max_position_embeddings,
-        rms_norm_eps=c.norm_eps,
+        _write_sizes(c),
         hidden_activation=c.activation,
         attention_bias=c.attention_bias,
         query_pre_attn_scalar=int(scalar) if scalar == int(scalar) else scalar,
         sliding_window=c.sliding_window,
-        layer_types=["sliding_attention" if s else "full_attention" for s in c.sliding_layers],
+        layer_types=_write_layer_types(c),
         final_logit_softcapping=c.final_logit_softcap,
     )
 
