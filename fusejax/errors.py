@@ -47,13 +47,19 @@ def debug() -> bool:
     return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
-def _raised_in_fusejax(exc: BaseException) -> bool:
+def _raising_file(exc: BaseException) -> Path | None:
+    """The source file of the innermost traceback frame of ``exc`` (where it was raised); None without one."""
     tb = exc.__traceback__
     if tb is None:
-        return False
+        return None
     while tb.tb_next is not None:
         tb = tb.tb_next
-    return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE)
+    return Path(tb.tb_frame.f_code.co_filename).resolve()
+
+
+def _raised_in_fusejax(exc: BaseException) -> bool:
+    file = _raising_file(exc)
+    return file is not None and file.is_relative_to(_PACKAGE)
 
 
 def _is_declared(exc: BaseException) -> bool:
@@ -79,12 +85,8 @@ def _has_no_traceback(record: logging.LogRecord) -> bool:
 
 def _closed_loop_callback(exc: BaseException) -> bool:
     """``RuntimeError: Event loop is closed`` raised by asyncio's own check (a callback into a finished loop)."""
-    if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed" and exc.__traceback__):
-        return False
-    tb = exc.__traceback__
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    return Path(tb.tb_frame.f_code.co_filename).resolve() == Path(asyncio.base_events.__file__).resolve()
+    return (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+            and _raising_file(exc) == Path(asyncio.base_events.__file__).resolve())
 
 
 def quiet_background_errors() -> None:
