@@ -41,7 +41,7 @@ import numpy as np
 
 from fusejax.config import Config
 from fusejax.files import TEMP_PREFIX, atomic_write
-from fusejax.models.hf_io import CONFIG_NAME, INDEX_NAME, _Checkpoint, _write_safetensors
+from fusejax.models.hf_io import CONFIG_NAME, INDEX_NAME, CheckpointFiles, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def merge(models: list[str | os.PathLike], out: str | os.PathLike, *, method: st
     models, out = [Path(p) for p in models], Path(out)
     _check_settings(models, base, out, method, weights, density, dtype)
     folders = ([Path(base)] if base is not None else []) + models
-    checkpoints = [_Checkpoint(f) for f in folders]
+    checkpoints = [CheckpointFiles(f) for f in folders]
     _check_same(folders, checkpoints)
     ref, first = checkpoints[0], folders[0]
     files: dict[Path, list[str]] = {}
@@ -142,7 +142,7 @@ def merge(models: list[str | os.PathLike], out: str | os.PathLike, *, method: st
     try:
         for file, names in files.items():
             entries = [(n, ref.shape(n), lambda n=n: produce(n)) for n in names]
-            _write_safetensors(tmp / file.name, entries, DTYPES[dtype], writer=True)
+            write_safetensors(tmp / file.name, entries, DTYPES[dtype], writer=True)
         if ref.source.name == INDEX_NAME:
             index = json.loads(ref.source.read_text())
             index["metadata"] = {"total_size": sum(int(np.prod(ref.shape(n))) for n in ref.where)
@@ -202,7 +202,7 @@ def _check_settings(models: list[Path], base, out: Path, method: str, weights, d
         raise ValueError(f"merge.weights {list(weights)} sum to 0: a linear merge divides by their sum")
 
 
-def _check_same(folders: list[Path], checkpoints: list[_Checkpoint]) -> None:
+def _check_same(folders: list[Path], checkpoints: list[CheckpointFiles]) -> None:
     """Refuse models that differ from the first in a :data:`SAME_CONFIG` field, a tensor name or shape."""
     configs = []
     for folder in folders:

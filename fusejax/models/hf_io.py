@@ -268,7 +268,7 @@ class _SafetensorsFile:
         return self.data[start:end].view(dtype).reshape(info["shape"])
 
 
-class _Checkpoint:
+class CheckpointFiles:
     """The safetensors file(s) of a checkpoint folder: ``model.safetensors`` or an index with sharded files."""
 
     def __init__(self, folder: Path):
@@ -396,7 +396,7 @@ def _mpt_mlp_from_tensors(folder: Path, config: ModelConfig) -> ModelConfig:
     module docstring: transformers saves ``expansion_ratio`` unchanged over its 4x MLP)."""
     if not ((folder / INDEX_NAME).is_file() or (folder / WEIGHTS_NAME).is_file()):
         return config  # a config.json alone (fusejax plan): take its word
-    shape = _Checkpoint(folder).shape(f"{_HF_NAMES['mpt']['layer'].format(i=0)}{_HF_NAMES['mpt']['up']}.weight")
+    shape = CheckpointFiles(folder).shape(f"{_HF_NAMES['mpt']['layer'].format(i=0)}{_HF_NAMES['mpt']['up']}.weight")
     if shape is None or len(shape) != 2 or shape[0] == config.intermediate_size:
         return config  # absent or malformed: load_pretrained names it
     return config.replace(intermediate_size=shape[0])
@@ -440,7 +440,7 @@ def load_pretrained(
     folder = Path(path)
     config = read_config(folder, param_dtype=dtype, dtype=compute_dtype or dtype, remat=remat)
     config_source = folder / CONFIG_NAME
-    checkpoint = _Checkpoint(folder)
+    checkpoint = CheckpointFiles(folder)
     abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0), rules=rules))
     graphdef, state = nnx.split(abstract)
     shardings = dict(nnx.to_flat_state(model_shardings(abstract, mesh)))
@@ -525,7 +525,7 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, *, max_shard_by
     ]
     for name, shard in zip(names, shards):
         entries = [(hf, shape, functools.partial(produce, row, index)) for hf, shape, row, index in shard]
-        _write_safetensors(folder / name, entries, dtype, writer)
+        write_safetensors(folder / name, entries, dtype, writer)
     if not writer:
         return
     if len(shards) > 1:
@@ -543,7 +543,7 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, *, max_shard_by
             stale.unlink()
 
 
-def _write_safetensors(path: Path, entries, dtype: np.dtype, writer: bool) -> None:
+def write_safetensors(path: Path, entries, dtype: np.dtype, writer: bool) -> None:
     """Write ``entries`` [(name, shape, produce() -> array)] as one safetensors file via temp + rename.
 
     Every process runs ``produce`` (gathering sharded arrays is collective); only the ``writer`` writes.
