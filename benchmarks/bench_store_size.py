@@ -14,9 +14,10 @@ upper bound on a real model's fill). The sources' tables are aligned by ``fuseja
   ``per_step_indices`` [T][k] int64 (the target's own top-k), ``metric_ce`` (float32) and for each aligned
   source i ``per_step_aligned_logits_i`` / ``per_step_aligned_indices_i`` ([T][filled entries], float16 /
   int64) and ``metric_ce_aligned_i``;
-* as fusejax's aligned store (``fusejax.schema.aligned_fields``: uint16 ids, bfloat16 logits, no empty
-  entries, float32 per-position CE), and in the previous layout (format version 1: int32 ids, float32 logits,
-  every table padded to k);
+* as fusejax's aligned store (``fusejax.schema.aligned_fields``, format version 3: uint16 ids, bfloat16
+  logits, no empty entries, float32 per-position CE, and nothing of the target's own top-k, which training
+  reads from the target's top-k store), and in the previous layouts (version 2: the same with a copy of the
+  target's own top-k; version 1: int32 ids, float32 logits, every table padded to k);
 * as fusejax's top-k stores of the three models (one per source, on its own tokens; per target position).
 
 Prints bytes per target position of each, its ratio to the version-1 aligned store, and the size for the
@@ -144,16 +145,23 @@ def main():
             "v1", v1_aligned_fields(S, k), ALIGNED_KIND, {}, lambda w, i, r: w.add(
                 i, input_ids=r[0], table_ids=r[1], table_logits=r[2], token_ce=r[3], **common))
         sizes["fusejax aligned store, version 2"] = write(
-            "v2", aligned_fields(S, k, target.size, "bfloat16"), ALIGNED_KIND, format_meta(ALIGNED_KIND),
+            "v2", aligned_fields(S, k, target.size, "bfloat16"), ALIGNED_KIND, {"format_version": 2},
             lambda w, i, r: w.add(i, input_ids=r[0], **pack_tables(r[1], r[2]), token_ce=r[3], **common))
-        topk = 0
+        sizes["fusejax aligned store, version 3"] = write(  # the target's own row is read from its top-k store
+            "v3", aligned_fields(S, k, target.size, "bfloat16", copied=1), ALIGNED_KIND, format_meta(ALIGNED_KIND),
+            lambda w, i, r: w.add(i, input_ids=r[0], **pack_tables(r[1][:, 1:], r[2][:, 1:]), token_ce=r[3][:, 1:],
+                                  **common))
+        topk = []
         for n, vocab in enumerate([target, *sources]):
             def add(w, i, r, n=n):
                 src, top_ids, top_logits, ce = topk_rows[n][i]
                 w.add(i, input_ids=src, topk_ids=top_ids, topk_logits=top_logits, token_ce=ce, seq_ce=ce.mean(),
                       nonfinite=0)
-            topk += write(f"topk{n}", topk_fields(k, "bfloat16", vocab.size), TOPK_KIND, format_meta(TOPK_KIND), add)
-        sizes["fusejax top-k stores (3 models, version 2)"] = topk
+            topk.append(write(f"topk{n}", topk_fields(k, "bfloat16", vocab.size), TOPK_KIND, format_meta(TOPK_KIND),
+                              add))
+        sizes["fusejax aligned store, version 3 + the target's top-k store (what training reads)"] = (
+            sizes["fusejax aligned store, version 3"] + topk[0])
+        sizes["fusejax top-k stores (3 models, version 2)"] = sum(topk)
 
     print(f"machine: {platform.machine()}, python {platform.python_version()}, datasets {datasets.__version__}")
     print(f"{len(blocks)} blocks, {positions} target positions, S={S}, k={k}, hit rate {a.hit_rate}; filled entries "

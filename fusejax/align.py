@@ -236,7 +236,8 @@ class BlockAligner:
     stores built for another corpus, tokenizer, k or logits dtype, or of another format version. ``maps``:
     "build" (a map that is missing, or was built for other tokenizers or settings, is built by ``fusejax
     vocab-map``) or "require" (one line naming the missing map); ``verify``: check every store's checksums.
-    ``meta``: the aligned store's meta for these inputs.
+    ``meta``: the aligned store's meta for these inputs. ``copied``: the positions (in source order) of the
+    sources with the target's tokenizer, whose rows are their top-k rows as they are (no alignment; not stored).
     """
 
     def __init__(self, cfg: Config, *, maps: str = "build", verify: bool = True):
@@ -267,12 +268,14 @@ class BlockAligner:
             self.vocabs.append(s)
             self.stores.append(store)
             self.fingerprints.append(fp)
+        self.copied = [n for n, fp in enumerate(self.fingerprints) if fp == self.target_fingerprint]
         self.maps = [None] * len(self.names)
         if cfg.align.use_vocab_map:
             self.maps = [self._map(cfg, name, fp, maps) for name, fp in zip(self.names, self.fingerprints)]
         self.meta = format_meta(
             ALIGNED_KIND,
             sources=self.names,
+            copied=[self.names[n] for n in self.copied],
             source_fingerprints=self.fingerprints,
             target_fingerprint=self.target_fingerprint,
             k=self.k,
@@ -297,47 +300,61 @@ class BlockAligner:
 
     def row(self, position: int) -> dict:
         """The aligned-store row of the corpus block at ``position``: ``{"id": block id, field: value}`` with
-        the fields of :func:`fusejax.schema.aligned_fields` (see :func:`run`; the tables packed by
-        :func:`fusejax.schema.pack_tables`, their logits float32 holding the top-k stores' values exactly)."""
+        the fields of :func:`fusejax.schema.aligned_fields` (see :func:`run`; the tables of the sources not in
+        ``copied`` packed by :func:`fusejax.schema.pack_tables`, their logits float32 holding the top-k stores'
+        values exactly)."""
         from fusejax.tokenizer import encode_block
 
         t, k, S = self.target, self.k, len(self.names)
+        aligned = [n for n in range(S) if n not in self.copied]
         block = self.corpus.row(position)
         tgt = np.asarray(encode_block(t.tok, block["text"].decode("utf-8")), np.int32)
         n_bytes = int(block["n_bytes"])
         T = tgt.size
-        table_ids = np.full((T, S, k), -1, np.int32)
-        table_logits = np.zeros((T, S, k), np.float32)
-        token_ce = np.zeros((T, S), np.float32)
+        table_ids = np.full((T, len(aligned), k), -1, np.int32)
+        table_logits = np.zeros((T, len(aligned), k), np.float32)
+        token_ce = np.zeros((T, len(aligned)), np.float32)
         seq_ce, byte_ce = np.zeros(S, np.float32), np.zeros(S, np.float32)
         counts = np.zeros((S, len(ALIGN_COUNTS)), np.int32)
         skip = False
         for n, (name, s, store, vmap) in enumerate(zip(self.names, self.vocabs, self.stores, self.maps)):
-            try:
-                row = store.get(block["id"])
-            except KeyError:
-                raise StoreError(f"{store.path}: block {block['id']} of the corpus is missing (source {name!r})")
-            src = np.asarray(row["input_ids"], np.int64)
-            top_ids = np.asarray(row["topk_ids"])
-            top_logits = np.asarray(row["topk_logits"], np.float32)
+            row = source_row(store, block["id"], name, k)
             ce = np.asarray(row["token_ce"], np.float32)
-            if top_ids.shape != (src.size, k) or ce.shape != (src.size,):
-                raise StoreError(
-                    f"{store.path}: block {block['id']} has {src.size} input_ids but topk_ids {top_ids.shape} "
-                    f"and token_ce {ce.shape}"
-                )
+            seq_ce[n] = row["seq_ce"]
+            byte_ce[n] = ce.sum(dtype=np.float64) / max(n_bytes, 1)
+            skip |= int(row["nonfinite"]) > 0
+            if n in self.copied:  # the target's tokens: its top-k rows as they are
+                if not np.array_equal(row["input_ids"], tgt):
+                    raise StoreError(f"{store.path}: block {block['id']} holds other input_ids than the target "
+                                     f"tokenizer's encoding of the block (source {name!r})")
+                counts[n] = (T, T, T, 0, 0)
+                continue
+            src, top_ids = np.asarray(row["input_ids"], np.int64), np.asarray(row["topk_ids"])
+            top_logits = np.asarray(row["topk_logits"], np.float32)
             partner = align_tokens(s, src, t, tgt, mode=self.mode)
             ids, logits, stats = _project(s, t, src, tgt.astype(np.int64), top_ids, top_logits, partner, vmap,
                                           self.fallback, self.mode, None)
-            table_ids[:, n], table_logits[:, n] = ids, logits
-            seq_ce[n] = row["seq_ce"]
-            token_ce[:, n] = np.where(partner >= 0, ce[np.maximum(partner, 0)], seq_ce[n])
-            byte_ce[n] = ce.sum(dtype=np.float64) / max(n_bytes, 1)
+            a = aligned.index(n)
+            table_ids[:, a], table_logits[:, a] = ids, logits
+            token_ce[:, a] = np.where(partner >= 0, ce[np.maximum(partner, 0)], seq_ce[n])
             counts[n] = dataclasses.astuple(stats)
-            skip |= int(row["nonfinite"]) > 0
         return {"id": int(block["id"]), "input_ids": tgt, **pack_tables(table_ids, table_logits), "seq_ce": seq_ce,
                 "token_ce": token_ce, "byte_ce": byte_ce, "n_bytes": n_bytes, "split": block["split"], "skip": skip,
                 "align_counts": counts}
+
+
+def source_row(store, block_id: int, name: str, k: int) -> dict:
+    """The row of block ``block_id`` in the top-k store ``store`` of source ``name`` (top-``k``); a missing
+    block or fields of other lengths than its ``input_ids``: :class:`StoreError` naming the store."""
+    try:
+        row = store.get(block_id)
+    except KeyError:
+        raise StoreError(f"{store.path}: block {block_id} of the corpus is missing (source {name!r})")
+    n = len(row["input_ids"])
+    if np.shape(row["topk_ids"]) != (n, k) or np.shape(row["token_ce"]) != (n,):
+        raise StoreError(f"{store.path}: block {block_id} has {n} input_ids but topk_ids "
+                         f"{np.shape(row['topk_ids'])} and token_ce {np.shape(row['token_ce'])}")
+    return row
 
 
 def run(cfg: Config) -> dict:
@@ -348,11 +365,13 @@ def run(cfg: Config) -> dict:
     one row per corpus block (same id, corpus order), with S sources in config order:
 
     * ``input_ids`` [T]: the target tokenizer's ids of the block text + EOS (as the top-k stage does);
-    * the tables ``ids`` / ``logits`` [T, S, k]: align_topk of each source (target-vocab ids, -1 padded),
-      stored without their empty entries (:func:`fusejax.schema.pack_tables`: ``table_counts`` [T, S],
+    * the tables ``ids`` / ``logits`` [T, A, k] of the A sources not in meta ``copied`` (the sources with the
+      target's tokenizer, whose tables and token CE the train reader takes from their top-k stores as they
+      are): align_topk of each (target-vocab ids, -1 padded),
+      stored without their empty entries (:func:`fusejax.schema.pack_tables`: ``table_counts`` [T, A],
       ``table_ids`` [N], ``table_logits`` [N] in ``represent.logits_dtype``, the top-k stores' dtype, so the
       logits are stored exactly); ``seq_ce`` [S] float32: each source's mean CE over the block;
-    * ``token_ce`` [T, S] float32: the CE of the source token paired 1-to-1 with target position t; positions
+    * ``token_ce`` [T, A] float32: the CE of the source token paired 1-to-1 with target position t; positions
       without a 1-to-1 partner get the source's ``seq_ce`` (its mean, so they favour no source);
     * ``byte_ce`` [S] float32: the sum of the source's token CE over the block / UTF-8 bytes of the block;
     * ``n_bytes`` int32, ``split`` uint8 (from the corpus), ``skip`` bool: a source had non-finite logits;
@@ -376,7 +395,8 @@ def run(cfg: Config) -> dict:
     corpus = aligner.corpus
     process = jax.process_index()
     start, stop = process_slice(len(corpus), process, jax.process_count())
-    fields = aligned_fields(len(aligner.names), aligner.k, aligner.target.size, cfg.represent.logits_dtype)
+    fields = aligned_fields(len(aligner.names), aligner.k, aligner.target.size, cfg.represent.logits_dtype,
+                            copied=len(aligner.copied))
     with StoreWriter(path, kind=ALIGNED_KIND, meta=aligner.meta, fields=fields,
                      rows_per_shard=cfg.represent.shard_size, process_index=process) as writer:
         done = writer.completed_ids()

@@ -21,13 +21,14 @@ from __future__ import annotations
 import multiprocessing
 import os
 from concurrent.futures import Future, ProcessPoolExecutor
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from fusejax.align import BlockAligner
-from fusejax.schema import (ALIGNED_KIND, CE_FIELDS, CORPUS_KIND, IGNORE_LABEL, SPLITS, empty_rows, open_checked,
-                            row_layout, unpack_tables)
+from fusejax.align import BlockAligner, source_row
+from fusejax.schema import (ALIGNED_KIND, CE_FIELDS, CORPUS_KIND, IGNORE_LABEL, SPLITS, TOPK_KIND, RunLayout,
+                            empty_rows, open_checked, row_layout, unpack_tables)
 from fusejax.store import StoreError
 from fusejax.tokenizer import encode_block
 
@@ -75,19 +76,25 @@ class AlignedBatches:
 
     ``ce_level``: "sequence" (``source_ce [n,S]``) or "token" (``source_ce_token [n,T,S]``); ``ce_unit``:
     "token" (mean CE per source token) or "byte" (CE per UTF-8 byte; sequence level only). ``sources``: the
-    source names, in table order.
+    source names, in table order. The tables and token CE of the sources in the store's meta ``copied`` (the
+    target's tokenizer) are read from their top-k stores, ``represent/<name>`` in the run folder of ``path``.
     """
 
     def __init__(self, path, *, seq_len: int, split: str = "train", ce_level: str = "sequence", ce_unit: str = "token"):
         self.store = open_checked(path, ALIGNED_KIND)
         keep = [(np.asarray(shard.column("split")) == SPLITS.index(split)) & ~np.asarray(shard.column("skip"), bool)
                 for shard in self.store.shards]
-        self._select(path, np.concatenate(keep) if keep else np.zeros(0, bool), self.store.meta["sources"],
-                     int(self.store.meta["k"]), seq_len=seq_len, split=split, ce_level=ce_level, ce_unit=ce_unit)
+        sources = self.store.meta["sources"]
+        layout = RunLayout.at(Path(path).parent)
+        copied = {sources.index(name): open_checked(layout.topk(name), TOPK_KIND)
+                  for name in self.store.meta.get("copied", [])}
+        self._select(path, np.concatenate(keep) if keep else np.zeros(0, bool), sources, int(self.store.meta["k"]),
+                     copied, seq_len=seq_len, split=split, ce_level=ce_level, ce_unit=ce_unit)
 
-    def _select(self, where, keep: np.ndarray, sources, k: int, *, seq_len: int, split: str, ce_level: str,
-                ce_unit: str) -> None:
-        """Serve the blocks at the positions where ``keep [blocks]`` bool is set (error naming ``where`` if none)."""
+    def _select(self, where, keep: np.ndarray, sources, k: int, copied: dict, *, seq_len: int, split: str,
+                ce_level: str, ce_unit: str) -> None:
+        """Serve the blocks at the positions where ``keep [blocks]`` bool is set (error naming ``where`` if none);
+        ``copied``: {source position: its top-k store} of the sources whose rows are their top-k rows."""
         if ce_level == "token" and ce_unit == "byte":
             raise ValueError("train.ce_unit='byte' needs train.ce_level='sequence' (per-byte CE is per block)")
         self.seq_len, self.ce_level, self.ce_unit = seq_len, ce_level, ce_unit
@@ -96,7 +103,8 @@ class AlignedBatches:
         if self.num_rows == 0:
             raise ValueError(f"{where}: no {split!r} blocks without a skip flag")
         self.sources = list(sources)
-        self.num_sources, self.k = len(self.sources), k
+        self.num_sources, self.k, self.copied = len(self.sources), k, copied
+        self.aligned = [n for n in range(self.num_sources) if n not in copied]  # sources with stored tables
         self.layout = row_layout(seq_len, self.num_sources, k, ce_level)
 
     def _blocks(self, positions: np.ndarray) -> list[dict]:
@@ -113,11 +121,21 @@ class AlignedBatches:
                 raise ValueError(f"block {row['id']} has {m} target tokens, more than train.seq_len={T}")
             out["input_ids"][b, :m] = row["input_ids"]
             out["attention_mask"][b, :m] = 1
-            out["table_ids"][b, :m], out["table_logits"][b, :m] = unpack_tables(
+            table_ids, table_logits = out["table_ids"][b, :m], out["table_logits"][b, :m]  # views [m, S, k]
+            table_ids[:, self.aligned], table_logits[:, self.aligned] = unpack_tables(
                 row["table_counts"], row["table_ids"], row["table_logits"], self.k)
+            token_ce = np.zeros((m, self.num_sources), np.float32)
+            token_ce[:, self.aligned] = row["token_ce"]
+            for n, store in self.copied.items():
+                top = source_row(store, row["id"], self.sources[n], self.k)
+                if len(top["input_ids"]) != m:
+                    raise StoreError(f"{store.path}: block {row['id']} has {len(top['input_ids'])} input_ids; the "
+                                     f"aligned store has {m} target tokens (source {self.sources[n]!r})")
+                table_ids[:, n], table_logits[:, n] = top["topk_ids"], top["topk_logits"]
+                token_ce[:, n] = top["token_ce"]
             out["n_bytes"][b] = row["n_bytes"]
             if self.ce_level == "token":
-                ce[b, :m] = row["token_ce"]
+                ce[b, :m] = token_ce
             else:
                 ce[b] = row["byte_ce"] if self.ce_unit == "byte" else row["seq_ce"]
         out.update(next_token_targets(out["input_ids"], out["attention_mask"]))
@@ -146,7 +164,8 @@ class AlignedOnTheFly(AlignedBatches):
             flags = [np.asarray(shard.column("nonfinite")) for shard in store.shards]
             keep &= ~np.isin(corpus.ids, store.ids[np.concatenate(flags) > 0])
         tc = cfg.train
-        self._select(corpus.path, keep, self.aligner.names, self.aligner.k, seq_len=tc.seq_len, split=split,
+        copied = {n: self.aligner.stores[n] for n in self.aligner.copied}
+        self._select(corpus.path, keep, self.aligner.names, self.aligner.k, copied, seq_len=tc.seq_len, split=split,
                      ce_level=tc.ce_level, ce_unit=tc.ce_unit)
         self.workers = cfg.align.workers
         if self.workers is None:  # the cores this process may use (macOS has no affinity: all of them)

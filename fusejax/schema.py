@@ -12,7 +12,9 @@ store and both versions. Compact encodings (version 2 of topk and aligned): toke
 integer type holding the vocabulary (:func:`index_dtype`: uint8, uint16 or int32); logits in
 ``represent.logits_dtype`` (bfloat16 by default: 16 bits, the float32 exponent range, 8 significant bits;
 the aligned store keeps the top-k stores' dtype, so alignment never rounds); the aligned tables without
-their empty entries (:func:`pack_tables` / :func:`unpack_tables`).
+their empty entries (:func:`pack_tables` / :func:`unpack_tables`). Version 3 of the aligned store holds no
+copy of a source that has the target's tokenizer (meta ``copied``: the target's own top-k, as in the paper):
+its tables and token CE are its top-k store's rows as they are, read from there by the train reader.
 
 Training and evaluation rows (:func:`row_layout`; built by :mod:`fusejax.data`, consumed by the train step,
 which adds a leading micro-batch axis; the logical axes name how :mod:`fusejax.sharding` lays them out):
@@ -58,7 +60,7 @@ CORPUS_FIELDS = (
 )
 
 
-FORMAT_VERSIONS = {CORPUS_KIND: 1, TOPK_KIND: 2, ALIGNED_KIND: 2}  # kind -> the meta["format_version"] written
+FORMAT_VERSIONS = {CORPUS_KIND: 1, TOPK_KIND: 2, ALIGNED_KIND: 3}  # kind -> the meta["format_version"] written
 
 
 class StoreFormatError(StoreError):
@@ -134,18 +136,20 @@ def topk_fields(k: int, logits_dtype: str, vocab_size: int) -> list[Field]:
 ALIGN_COUNTS = ("positions", "one_to_one", "matched", "fallback", "empty")
 
 
-def aligned_fields(num_sources: int, k: int, vocab_size: int, logits_dtype: str) -> list[Field]:
-    """Fields of the aligned store for ``num_sources`` sources at top-``k`` (see :func:`fusejax.align.run`):
-    target ids in :func:`index_dtype` of the target's ``vocab_size``, the tables packed by :func:`pack_tables`
-    (``table_counts [T, S]``, ``table_ids [N]``, ``table_logits [N]`` in ``logits_dtype``)."""
-    S, ids = num_sources, index_dtype(vocab_size)
+def aligned_fields(num_sources: int, k: int, vocab_size: int, logits_dtype: str, copied: int = 0) -> list[Field]:
+    """Fields of the aligned store for ``num_sources`` sources at top-``k`` (see :func:`fusejax.align.run`), of
+    which ``copied`` have the target's tokenizer: their tables and token CE are not stored (meta ``copied``).
+    Target ids in :func:`index_dtype` of the target's ``vocab_size``; the tables of the other A = S - copied
+    sources packed by :func:`pack_tables` (``table_counts [T, A]``, ``table_ids [N]``, ``table_logits [N]`` in
+    ``logits_dtype``) and their ``token_ce [T, A]``; ``seq_ce``, ``byte_ce``, ``align_counts`` of all S."""
+    S, A, ids = num_sources, num_sources - copied, index_dtype(vocab_size)
     return [
         Field("input_ids", ids, (), ragged=True),
-        Field("table_counts", index_dtype(k + 1), (S,), ragged=True),
+        Field("table_counts", index_dtype(k + 1), (A,), ragged=True),
         Field("table_ids", ids, (), ragged=True),
         Field("table_logits", logits_dtype, (), ragged=True),
         Field("seq_ce", "float32", (S,)),
-        Field("token_ce", "float32", (S,), ragged=True),
+        Field("token_ce", "float32", (A,), ragged=True),
         Field("byte_ce", "float32", (S,)),
         Field("n_bytes", "int32"),
         Field("split", "uint8"),

@@ -23,7 +23,8 @@ from tests.test_align import _byte_level_tok, _sentencepiece_tok
 from tiny import read_events, save_tiny_model
 
 K = 4
-NAMES = ["bytes400", "spm300", "bytes300"]
+NAMES = ["bytes400", "spm300", "bytes300", "own"]  # "own": the target's tokenizer (copied, not aligned)
+ALIGNED = NAMES[:3]
 
 
 def _fake_topk(tok, corpus, out_dir, name, seed, nonfinite_block=None, logits_dtype="bfloat16", version=None):
@@ -55,6 +56,7 @@ def run_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("stage")
     toks = {"target": _sentencepiece_tok(350), NAMES[0]: _byte_level_tok(400), NAMES[1]: _sentencepiece_tok(300),
             NAMES[2]: _byte_level_tok(300)}
+    toks["own"] = toks["target"]
     for name, tok in toks.items():
         tok.save_pretrained(root / "tok" / name)
     docs = root / "docs"
@@ -100,11 +102,13 @@ def test_rows_equal_align_topk(run_dir, aligned):
     out = root / "run"
     corpus, store = open_store(out / "corpus"), open_store(out / "aligned")
     assert store.kind == "aligned" and store.meta["sources"] == NAMES and store.meta["k"] == K
+    assert store.meta["copied"] == ["own"] and store.meta["format_version"] == 3
     assert list(store.ids) == list(corpus.ids)  # one row per block, corpus order
     tgt_tok = load_tokenizer(root / "tok" / "target")
-    src_toks = [load_tokenizer(root / "tok" / n) for n in NAMES]
-    maps = [np.load(out / "vocab_maps" / f"{n}.npz")["target_ids"] for n in NAMES]
-    topk = [open_store(out / "represent" / n) for n in NAMES]
+    src_toks = [load_tokenizer(root / "tok" / n) for n in ALIGNED]
+    maps = [np.load(out / "vocab_maps" / f"{n}.npz")["target_ids"] for n in ALIGNED]
+    topk = [open_store(out / "represent" / n) for n in ALIGNED]
+    own = open_store(out / "represent" / "own")
     for row, block in zip(store, corpus):
         text = block["text"].decode("utf-8")
         want_ids = tgt_tok.encode(text, add_special_tokens=False) + [tgt_tok.eos_token_id]
@@ -113,10 +117,13 @@ def test_rows_equal_align_topk(run_dir, aligned):
         assert row["input_ids"].dtype == np.uint16 and row["table_ids"].dtype == np.uint16  # 350 target tokens
         assert row["table_logits"].dtype == ml_dtypes.bfloat16 and row["table_counts"].shape == (T, 3)
         table_ids, table_logits = unpack_tables(row["table_counts"], row["table_ids"], row["table_logits"], K)
-        assert row["token_ce"].shape == (T, 3) and row["seq_ce"].shape == row["byte_ce"].shape == (3,)
+        assert row["token_ce"].shape == (T, 3) and row["seq_ce"].shape == row["byte_ce"].shape == (4,)
         assert row["n_bytes"] == len(block["text"]) and row["split"] == block["split"]
         assert bool(row["skip"]) == (row["id"] == skip_block)
-        for n, (tok, vmap, src_store) in enumerate(zip(src_toks, maps, topk)):
+        own_row = own.get(row["id"])  # the target's tokenizer: nothing of its tables or token CE stored
+        np.testing.assert_array_equal(own_row["input_ids"], want_ids)
+        assert row["seq_ce"][3] == own_row["seq_ce"] and list(row["align_counts"][3]) == [T, T, T, 0, 0]
+        for n, (tok, vmap, src_store) in enumerate(zip(src_toks, maps, topk)):  # the aligned sources
             src = src_store.get(row["id"])
             logits = np.asarray(src["topk_logits"], np.float32)
             ids, lg = align.align_topk(tok, src["input_ids"], src["topk_ids"], logits, tgt_tok, want_ids,
@@ -130,6 +137,26 @@ def test_rows_equal_align_topk(run_dir, aligned):
             assert row["seq_ce"][n] == src["seq_ce"]
             np.testing.assert_allclose(row["byte_ce"][n], np.sum(src["token_ce"], dtype=np.float64) / len(block["text"]),
                                        rtol=1e-6)
+
+
+def test_target_tokenizer_source_is_read_from_its_topk_store(run_dir, aligned):
+    """The training rows of the source with the target's tokenizer are its top-k rows as they are (ids,
+    logits, token CE), the other sources' come from the aligned store."""
+    root, _ = run_dir
+    out = root / "run"
+    data = AlignedBatches(out / "aligned", seq_len=72, ce_level="token")
+    rows = data.rows(np.arange(data.num_rows))
+    store, own = open_store(out / "aligned"), open_store(out / "represent" / "own")
+    for b, position in enumerate(data.positions):
+        row = store.row(int(position))
+        top, m = own.get(row["id"]), len(row["input_ids"])
+        np.testing.assert_array_equal(rows["table_ids"][b, :m, 3], top["topk_ids"])
+        np.testing.assert_array_equal(rows["table_logits"][b, :m, 3], np.asarray(top["topk_logits"], np.float32))
+        np.testing.assert_array_equal(rows["source_ce_token"][b, :m, 3], top["token_ce"])
+        ids, _ = unpack_tables(row["table_counts"], row["table_ids"], row["table_logits"], K)
+        np.testing.assert_array_equal(rows["table_ids"][b, :m, :3], ids)
+        np.testing.assert_array_equal(rows["source_ce_token"][b, :m, :3], row["token_ce"])
+        assert np.all(rows["table_ids"][b, m:] == -1)
 
 
 def test_stats_and_vocab_map_summary(run_dir, aligned):

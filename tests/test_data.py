@@ -124,14 +124,17 @@ def test_fused_loss_from_the_compact_store_within_bfloat16_rounding(tmp_path, fu
     assert 0 < abs(float(got) - float(ref)) <= bound, (float(got), float(ref), bound)
 
 
-def test_aligned_store_of_an_older_format_is_refused(tmp_path):
-    """A store without ``format_version`` (version 1): refused by the train reader and before align writes."""
-    with StoreWriter(tmp_path / "old", kind=ALIGNED_KIND, meta={"sources": ["a"], "k": 2},
+@pytest.mark.parametrize("version", [None, 2])
+def test_aligned_store_of_an_older_format_is_refused(tmp_path, version):
+    """A store without ``format_version`` (version 1) or of version 2 (with the copy of the target's own top-k):
+    refused by the train reader and before align writes."""
+    meta = {"sources": ["a"], "k": 2} | ({"format_version": version} if version else {})
+    with StoreWriter(tmp_path / "old", kind=ALIGNED_KIND, meta=meta,
                      fields=aligned_fields(1, 2, 10, "bfloat16"), rows_per_shard=1) as w:
         w.add(0, input_ids=[1, 2], table_counts=[[1], [0]], table_ids=[3], table_logits=[0.5], seq_ce=[1.0],
               token_ce=[[1.0], [1.0]], byte_ce=[1.0], n_bytes=2, split=0, skip=False,
               align_counts=np.zeros((1, 5), np.int32))
     old = tmp_path / "old"
     for call in (lambda: AlignedBatches(old, seq_len=4), lambda: check_existing(old, ALIGNED_KIND)):
-        with pytest.raises(StoreFormatError, match=r"old has format version 1 of 'aligned' stores.*version 2"):
+        with pytest.raises(StoreFormatError, match=rf"old has format version {version or 1} of 'aligned' stores.*version 3"):
             call()
