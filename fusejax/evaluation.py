@@ -1,8 +1,9 @@
 """Held-out evaluation of a target model: causal-LM loss (nats per token) and bits per byte, per domain.
 
 :func:`evaluate` runs a jitted forward pass over fixed-shape batches of any :class:`fusejax.data.Batches`
-(e.g. :class:`fusejax.data.TokenBatches` of the held-out split) and sums, per row, the cross-entropy of every
-scored position (``loss_mask``) and the row's UTF-8 bytes (``n_bytes``):
+(e.g. :class:`fusejax.data.TokenBatches` of the held-out split), holding a fusejax model's float32 logits for
+a chunk of positions at a time, and sums, per row, the cross-entropy of every scored position
+(``loss_mask``) and the row's UTF-8 bytes (``n_bytes``):
 
     loss          = sum CE / number of scored tokens                  (nats per token)
     bits_per_byte = sum CE / ln 2 / sum n_bytes                        (tokenizer-independent)
@@ -17,6 +18,7 @@ The stage (:func:`run`) evaluates the target before training and the trained mod
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import PurePosixPath
 
@@ -30,7 +32,9 @@ from fusejax.config import Config, save_resolved
 from fusejax.data import TokenBatches
 from fusejax.distributed import is_main_process
 from fusejax.files import write_json
-from fusejax.models import load_pretrained
+from fusejax.fusion import sparse_cross_entropy
+from fusejax.models import Transformer, load_pretrained
+from fusejax.models.transformer import head_logits
 from fusejax.schema import RunLayout
 from fusejax.sharding import make_mesh
 from fusejax.tokenizer import load_tokenizer
@@ -53,25 +57,40 @@ def block_domains(batches) -> list[str]:
     raise ValueError(f"store {store.path} (kind {store.kind!r}) has no 'doc_id' field to derive domains from")
 
 
-def _row_sums(model, input_ids, attention_mask, labels, loss_mask):
-    """Per row: summed next-token CE over scored positions [B] float32 and the number of them [B] int32."""
-    logits = model(input_ids, attention_mask).astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits, axis=-1)
+def _row_sums(model, input_ids, attention_mask, labels, loss_mask, *, chunk: int):
+    """Per row: summed next-token CE over scored positions [B] float32 and the number of them [B] int32.
+
+    A :class:`Transformer`'s logits are computed ``chunk`` positions of every row at a time
+    (:func:`fusejax.fusion.sparse_cross_entropy` on its hidden states, padded to a multiple of the chunk), so
+    no float32 ``[B,T,V]`` is held; any other model (e.g. an output ensemble) is scored from its whole
+    ``model(input_ids, attention_mask)`` [B,T,V] logits."""
     safe = jnp.where(loss_mask > 0, labels, 0)
-    ce = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
     scored = loss_mask > 0
+    if isinstance(model, Transformer):
+        T = input_ids.shape[1]
+        c = min(chunk, T)
+        pad = ((0, 0), (0, -T % c))
+        hidden = jnp.pad(model.hidden_states(input_ids, attention_mask), (*pad, (0, 0)))
+        ids = jnp.pad(safe, pad)[..., None]
+        head = functools.partial(head_logits, model.config)
+        _, lse, picked = sparse_cross_entropy(head, model.head_weight, hidden, ids, jnp.zeros(ids.shape), c)
+        ce = (lse - picked[..., 0])[:, :T]
+    else:
+        logp = jax.nn.log_softmax(model(input_ids, attention_mask).astype(jnp.float32), axis=-1)
+        ce = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
     return jnp.where(scored, ce, 0.0).sum(-1), scored.sum(-1).astype(jnp.int32)
 
 
 def evaluate(model, batches, *, batch_size: int, max_batches: int | None = None,
-             domains: list[str] | None = None) -> dict:
+             domains: list[str] | None = None, chunk: int = 256) -> dict:
     """Loss and bits per byte of ``model`` (a fusejax ``Transformer``) over the rows of ``batches``.
 
     ``batches``: rows with ``input_ids``, ``attention_mask``, ``labels``, ``loss_mask`` [n, T] and ``n_bytes``
     [n], read in order in batches of ``batch_size`` rows (the last one padded with masked rows, so one
     compiled shape); ``max_batches`` caps the batches read. ``domains``: a label per row (default: from the
-    corpus store, :func:`block_domains`; ``[]`` for none). Returns ``{"loss", "bits_per_byte", "tokens",
-    "bytes", "blocks", "domains": {name: {the same keys}}}``.
+    corpus store, :func:`block_domains`; ``[]`` for none). ``chunk``: positions of every row whose float32
+    logits are held at a time (a fusejax ``Transformer``; see :func:`_row_sums`). Returns ``{"loss",
+    "bits_per_byte", "tokens", "bytes", "blocks", "domains": {name: {the same keys}}}``.
     """
     if batch_size < 1:
         raise ValueError(f"evaluate: batch_size must be >= 1, got {batch_size}")
@@ -79,7 +98,9 @@ def evaluate(model, batches, *, batch_size: int, max_batches: int | None = None,
     domains = block_domains(batches) if domains is None else list(domains)
     if domains and len(domains) < n:
         raise ValueError(f"evaluate: {len(domains)} domain labels for {n} rows")
-    fn = nnx.jit(_row_sums)
+    if chunk < 1:
+        raise ValueError(f"evaluate: chunk must be >= 1, got {chunk}")
+    fn = nnx.jit(functools.partial(_row_sums, chunk=chunk))
     ce, tokens, n_bytes = np.zeros(n), np.zeros(n, np.int64), np.zeros(n, np.int64)
     for first in range(0, n, batch_size):
         real = np.arange(first, min(first + batch_size, n))

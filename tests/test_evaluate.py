@@ -4,6 +4,7 @@ import json
 import math
 from pathlib import Path
 
+import jax
 import numpy as np
 import pydoc_data.topics
 import pytest
@@ -13,7 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from fusejax.corpus import prepare_corpus
 from fusejax.data import TokenBatches
-from fusejax.evaluation import block_domains, domain_of, evaluate
+from fusejax.evaluation import _row_sums, block_domains, domain_of, evaluate
 from fusejax.models import ModelConfig, Transformer
 
 SEQ = 48
@@ -55,11 +56,12 @@ def _naive(model, tok, data, n):
     return out
 
 
-def test_loss_and_bits_per_byte_match_numpy(setup):
+@pytest.mark.parametrize("chunk", [256, 10])  # one chunk of all 48 positions; chunks of 10 with padding
+def test_loss_and_bits_per_byte_match_numpy(setup, chunk):
     data, tok, model = setup
     n = data.num_rows
     assert n % 4, "the test needs a padded last batch"
-    got = evaluate(model, data, batch_size=4)
+    got = evaluate(model, data, batch_size=4, chunk=chunk)
     naive = _naive(model, tok, data, n)
     ce, tokens, n_bytes = (sum(r[j] for r in naive) for j in range(3))
     assert got["tokens"] == tokens and got["bytes"] == n_bytes and got["blocks"] == n
@@ -71,6 +73,21 @@ def test_loss_and_bits_per_byte_match_numpy(setup):
         assert res["blocks"] == len(rows)
         assert res["bits_per_byte"] == pytest.approx(
             sum(r[0] for r in rows) / math.log(2) / sum(r[2] for r in rows), rel=1e-4)
+
+
+def test_no_whole_logits_in_the_compiled_evaluation(setup):
+    """The lowered evaluation of a batch holds float32 logits of 16 positions per row, never of all 48."""
+    data, _, model = setup
+    rows = data.rows(np.arange(4))
+    graphdef, state = nnx.split(model)
+
+    def row_sums(state, *args):
+        return _row_sums(nnx.merge(graphdef, state), *args, chunk=16)
+
+    args = [np.asarray(rows[k], np.int32) for k in ("input_ids", "attention_mask", "labels", "loss_mask")]
+    text = jax.jit(row_sums).lower(state, *args).as_text()
+    vp = model.config.padded_vocab_size
+    assert f"4x16x{vp}xf32" in text and f"4x{SEQ}x{vp}xf32" not in text
 
 
 def test_max_batches_and_explicit_domains(setup):
