@@ -150,6 +150,40 @@ def test_zero_or_negative_sizes_in_config_json(tmp_path, arch, field, value):
         read_config(tmp_path)
 
 
+CLASSIC_CONFIGS = {  # model_type -> transformers' config class and tiny sizes
+    "gpt_neox": (transformers.GPTNeoXConfig, dict(hidden_size=32, num_attention_heads=4, num_hidden_layers=2,
+                                                  intermediate_size=64, vocab_size=100)),
+    "mpt": (transformers.MptConfig, dict(d_model=32, n_heads=4, n_layers=2, vocab_size=100)),
+    "gpt2": (transformers.GPT2Config, dict(n_embd=32, n_head=4, n_layer=2, vocab_size=100)),
+}
+
+
+@pytest.mark.parametrize("model_type,changes,field", [
+    ("gpt_neox", dict(final_logit_softcap=30.0), "final_logit_softcap"),
+    ("gpt_neox", dict(post_norms=True), "post_norms"),
+    ("gpt_neox", dict(sliding_window=8, layer_types=("sliding_attention", "full_attention")), "sliding_window"),
+    ("gpt_neox", dict(num_kv_heads=2), "num_kv_heads"),
+    ("gpt_neox", dict(qk_norm=True), "qk_norm"),
+    ("gpt_neox", dict(norm="rms"), "norm"),
+    ("mpt", dict(num_experts=4, mlp="gated", mlp_bias=False), "num_experts"),
+    ("mpt", dict(attn_logit_softcap=50.0), "attn_logit_softcap"),
+    ("mpt", dict(head_dim=16), "head_dim"),
+    ("mpt", dict(parallel_residual=True), "parallel_residual"),
+    ("gpt2", dict(scale_embeddings=True), "scale_embeddings"),
+    ("gpt2", dict(rope_local_theta=1e4), "rope_local_theta"),
+    ("gpt2", dict(softmax_scale=0.5), "softmax_scale"),
+    ("gpt2", dict(attention_out_bias=False), "attention_out_bias"),
+])
+def test_classic_writers_refuse_fields_they_cannot_express(model_type, changes, field):
+    """GPT-NeoX, MPT and GPT-2 configs read from transformers' own write back as they were; with a field their
+    config.json has no place for, to_hf refuses in one line naming that field (no config of another model)."""
+    cls, sizes = CLASSIC_CONFIGS[model_type]
+    config = ModelConfig.from_hf(cls(**sizes).to_dict())
+    assert ModelConfig.from_hf(config.to_hf()) == config
+    with pytest.raises(ModelConfigError, match=rf"^ModelConfig\.{field}=.*: model_type '{model_type}' needs"):
+        config.replace(**changes).to_hf()
+
+
 def test_model_config_refuses_zero_sizes():
     base = dict(arch="llama", vocab_size=100, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4)
     for field in ("num_kv_heads", "head_dim", "max_position_embeddings"):

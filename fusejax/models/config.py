@@ -633,9 +633,12 @@ def _require(c: ModelConfig, **implied) -> None:
                                    f"{value!r} (transformers has no option for it)")
 
 
-# what the Llama-style transformers classes fix: no Gemma options and no experts (Mixtral's writer overrides that)
-_LLAMA_STYLE = dict(norm="rms", post_norms=False, scale_embeddings=False, softmax_scale=None, attn_logit_softcap=None,
-                    final_logit_softcap=None, rope_local_theta=None, num_experts=None)
+# what every transformers class without Gemma options fixes: no post-norms, scaled embeddings, soft-caps, local
+# RoPE base or experts (Mixtral's writer overrides the last)
+_NO_GEMMA = dict(post_norms=False, scale_embeddings=False, attn_logit_softcap=None, final_logit_softcap=None,
+                 rope_local_theta=None, num_experts=None)
+# what the Llama-style transformers classes fix
+_LLAMA_STYLE = dict(norm="rms", softmax_scale=None, **_NO_GEMMA)
 
 
 def _write_sizes(c: ModelConfig) -> dict[str, Any]:
@@ -748,7 +751,17 @@ def _write_gemma3_text(c: ModelConfig) -> dict[str, Any]:
                                       "sliding_attention": {"rope_type": "default", "rope_theta": local}})
 
 
+def _require_classic(c: ModelConfig, **implied) -> None:
+    """Refuse what the GPT-NeoX, MPT and GPT-2 classes cannot express: besides the ``implied`` values of the
+    family, a LayerNorm model with one key/value head per head of hidden_size // num_heads dims, no q/k norms,
+    no sliding window, no Gemma options and no experts."""
+    _require(c, **_NO_GEMMA, norm="layer", num_kv_heads=c.num_heads, head_dim=c.hidden_size // c.num_heads,
+             qk_norm=False, sliding_window=None, layer_types=None, mlp="plain", attention_out_bias=c.attention_bias,
+             **implied)
+
+
 def _write_gpt_neox(c: ModelConfig) -> dict[str, Any]:
+    _require_classic(c, norm_bias=True, position="rope", mlp_bias=True, softmax_scale=None)
     return dict(
         hidden_size=c.hidden_size,
         intermediate_size=c.intermediate_size,
@@ -764,6 +777,8 @@ def _write_gpt_neox(c: ModelConfig) -> dict[str, Any]:
 
 
 def _write_mpt(c: ModelConfig) -> dict[str, Any]:
+    _require_classic(c, norm_bias=False, position="alibi", activation="gelu", attention_bias=False, mlp_bias=False,
+                     parallel_residual=False)
     if c.intermediate_size % c.hidden_size:
         raise ModelConfigError(f"ModelConfig.intermediate_size={c.intermediate_size}: model_type 'mpt' needs a "
                                f"multiple of hidden_size={c.hidden_size} (expansion_ratio)")
@@ -780,6 +795,8 @@ def _write_mpt(c: ModelConfig) -> dict[str, Any]:
 
 
 def _write_gpt2(c: ModelConfig) -> dict[str, Any]:
+    _require_classic(c, norm_bias=True, position="learned", attention_bias=True, mlp_bias=True,
+                     parallel_residual=False, softmax_scale=None if c.softmax_scale is None else 1.0)
     return dict(
         n_embd=c.hidden_size,
         n_inner=c.intermediate_size,
