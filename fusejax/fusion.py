@@ -157,19 +157,21 @@ def fusion_loss(student_logits, labels, loss_mask, table_ids, table_logits, sour
 
 
 def chunked_fusion_loss(hidden, head_weight, head, labels, loss_mask, table_ids, table_logits, source_ce, *,
-                        chunk: int, **options) -> tuple[jax.Array, dict[str, jax.Array]]:
+                        chunk: int, batch_axes: tuple[str, ...] = (),
+                        **options) -> tuple[jax.Array, dict[str, jax.Array]]:
     """:func:`fusion_loss` of the logits ``head(head_weight, hidden)`` without ever holding them for more than
     ``chunk`` positions of every row (see :func:`sparse_cross_entropy`); equal to it, gradients included.
 
     hidden [B,T,D] (any float dtype), ``head(head_weight, hidden_chunk [B,C,D]) -> [B,C,V]`` float32 logits,
     a pure function (e.g. :func:`fusejax.models.transformer.head_logits` with its config bound). ``chunk``
-    must divide T (a larger one is T). The options and metrics are :func:`fused_loss`'s.
+    must divide T (a larger one is T). ``batch_axes``: the mesh axes the rows are split over (see
+    :func:`sparse_cross_entropy`). The options and metrics are :func:`fused_loss`'s.
     """
     if hidden.ndim != 3:
         raise ValueError(f"fusion_loss: hidden must be [B,T,D], got shape {hidden.shape}")
 
     def student(ids, coef):
-        return sparse_cross_entropy(head, head_weight, hidden, ids, coef, chunk)
+        return sparse_cross_entropy(head, head_weight, hidden, ids, coef, chunk, batch_axes)
 
     return fused_loss(student, hidden.shape, labels, loss_mask, table_ids, table_logits, source_ce, **options)
 
@@ -299,7 +301,7 @@ def _weighted_ce(coef, lse, picked):
     return jnp.sum(jnp.where(coef > 0, coef * (lse[..., None] - picked), 0.0))
 
 
-def sparse_cross_entropy(head, weight, hidden, ids, coef, chunk: int):
+def sparse_cross_entropy(head, weight, hidden, ids, coef, chunk: int, batch_axes: tuple[str, ...] = ()):
     """``(sum(coef · (lse − z[ids])), lse [B,T], z[ids] [B,T,M])`` of the logits ``z = head(weight, hidden)``,
     never holding more than ``chunk`` positions of them (float32 ``[B,chunk,V]``), in the spirit of fused
     linear cross-entropy (Liger) and Cut Cross-Entropy.
@@ -309,12 +311,17 @@ def sparse_cross_entropy(head, weight, hidden, ids, coef, chunk: int):
     ``weight`` and ``hidden`` are taken right there, in the forward pass (the cotangent of a loss is a scalar
     factor), so the logits are computed once and never stored: 3 vocabulary-sized matmuls per step, as for
     dense logits. ``lse`` and ``z[ids]`` are values only (stop_gradient): use them for metrics.
+
+    ``batch_axes``: the mesh axes (of the mesh set by ``jax.set_mesh``) the rows of ``hidden`` are split over.
+    The loss and the ``weight`` gradient are then summed over the chunks separately for each of the G row
+    groups those axes hold (float32 ``[G]`` and ``[G, *weight.shape]``, one group per device along them), and
+    the groups are added once after the last chunk: one reduction over those devices per call, not per chunk.
     """
     b, t = hidden.shape[:2]
     chunk = min(chunk, t)
     if t % chunk:
         raise ValueError(f"sparse_cross_entropy: the chunk of {chunk} positions does not divide the {t} positions")
-    loss, lse, picked = _sparse_ce(head, chunk, weight, hidden, ids, coef.astype(jnp.float32))
+    loss, lse, picked = _sparse_ce(head, chunk, tuple(batch_axes), weight, hidden, ids, coef.astype(jnp.float32))
     return loss, jax.lax.stop_gradient(lse), jax.lax.stop_gradient(picked)
 
 
@@ -337,20 +344,28 @@ def _chunk_ce(head, weight, hidden, ids, coef):
     return _weighted_ce(coef, lse, picked), (lse, picked)
 
 
-def _scan_chunks(head, chunk, weight, hidden, ids, coef, with_grads: bool):
+def _scan_chunks(head, chunk, batch_axes, weight, hidden, ids, coef, with_grads: bool):
     """The scan of :func:`sparse_cross_entropy`: ((loss, lse, picked), (d weight, d hidden) or None)."""
     xs = (_chunks(hidden, chunk), _chunks(ids, chunk), _chunks(coef, chunk))
     f32 = jnp.float32
     if with_grads:
-        grad_fn = jax.value_and_grad(functools.partial(_chunk_ce, head), argnums=(0, 1), has_aux=True)
+        mesh = jax.sharding.get_abstract_mesh()
+        groups = 1 if mesh.empty else int(np.prod([mesh.shape[a] for a in batch_axes]))
+        grad_fn = jax.vmap(jax.value_and_grad(functools.partial(_chunk_ce, head), argnums=(0, 1), has_aux=True),
+                           in_axes=(None, 0, 0, 0))  # per row group: [G, B/G, ...]
+
+        def per_group(x):  # a sum of each row group [G, ...], G split over batch_axes
+            spec = jax.P(batch_axes, *[jax.P.UNCONSTRAINED] * (x.ndim - 1))
+            return x if groups == 1 else jax.lax.with_sharding_constraint(x, spec)
 
         def body(carry, x):
-            (loss, stats), (d_weight, d_hidden) = grad_fn(weight, *x)
-            return (carry[0] + loss, carry[1] + d_weight.astype(f32)), (stats, d_hidden)
+            (loss, stats), (d_weight, d_hidden) = grad_fn(weight, *(a.reshape(groups, -1, *a.shape[1:]) for a in x))
+            merged = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), (stats, d_hidden))
+            return (carry[0] + loss, carry[1] + per_group(d_weight.astype(f32))), merged
 
-        init = (jnp.zeros((), f32), jnp.zeros(weight.shape, f32))
+        init = (jnp.zeros(groups, f32), per_group(jnp.zeros((groups, *weight.shape), f32)))
         (loss, d_weight), ((lse, picked), d_hidden) = jax.lax.scan(body, init, xs)
-        grads = (d_weight.astype(weight.dtype), _unchunk(d_hidden))
+        loss, grads = loss.sum(), (d_weight.sum(0).astype(weight.dtype), _unchunk(d_hidden))
     else:
         def body(total, x):
             loss, stats = _chunk_ce(head, weight, *x)
@@ -361,16 +376,16 @@ def _scan_chunks(head, chunk, weight, hidden, ids, coef, with_grads: bool):
     return (loss, _unchunk(lse), _unchunk(picked)), grads
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _sparse_ce(head, chunk, weight, hidden, ids, coef):
-    return _scan_chunks(head, chunk, weight, hidden, ids, coef, with_grads=False)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _sparse_ce(head, chunk, batch_axes, weight, hidden, ids, coef):
+    return _scan_chunks(head, chunk, batch_axes, weight, hidden, ids, coef, with_grads=False)[0]
 
 
-def _sparse_ce_fwd(head, chunk, weight, hidden, ids, coef):
-    return _scan_chunks(head, chunk, weight, hidden, ids, coef, with_grads=True)
+def _sparse_ce_fwd(head, chunk, batch_axes, weight, hidden, ids, coef):
+    return _scan_chunks(head, chunk, batch_axes, weight, hidden, ids, coef, with_grads=True)
 
 
-def _sparse_ce_bwd(head, chunk, grads, cotangents):
+def _sparse_ce_bwd(head, chunk, batch_axes, grads, cotangents):
     g = cotangents[0]  # lse and picked leave sparse_cross_entropy through stop_gradient: zero cotangents
     d_weight, d_hidden = grads
     return (g * d_weight).astype(d_weight.dtype), (g * d_hidden).astype(d_hidden.dtype), None, None

@@ -120,7 +120,10 @@ def make_loss_fn(graphdef, opts: StepOptions, loss_impl=None):
             return loss_impl(model(mb["input_ids"], mb["attention_mask"]), *tables, **options)
         hidden = model.hidden_states(mb["input_ids"], mb["attention_mask"])
         head = functools.partial(head_logits, model.config)
-        return chunked_fusion_loss(hidden, model.head_weight, head, *tables, chunk=opts.loss_chunk, **options)
+        batch = sharding.logical_to_spec(("batch",), rules=dict(model.rules))[0]  # the mesh axes rows split over
+        batch_axes = (batch,) if isinstance(batch, str) else tuple(batch or ())
+        return chunked_fusion_loss(hidden, model.head_weight, head, *tables, chunk=opts.loss_chunk,
+                                   batch_axes=batch_axes, **options)
 
     return loss_fn
 

@@ -1,6 +1,7 @@
 """fusion_loss against a naive dense numpy implementation of the reference (FuseLLM) formulas."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -280,10 +281,10 @@ def hidden_batch(seed, *, tied, dtype=jnp.float32, **sizes):
 
 
 @functools.cache
-def chunked_and_dense(chunk, **opts):
+def chunked_and_dense(chunk, batch_axes=(), **opts):
     """value_and_grad wrt (weight, hidden) of the chunked loss and of fusion_loss on the dense logits."""
     def chunked(weight, hidden, head, *rest):
-        return chunked_fusion_loss(hidden, weight, head, *rest, chunk=chunk, **opts)
+        return chunked_fusion_loss(hidden, weight, head, *rest, chunk=chunk, batch_axes=batch_axes, **opts)
 
     def dense(weight, hidden, head, *rest):
         return fusion_loss(head(weight, hidden), *rest, **opts)
@@ -291,8 +292,8 @@ def chunked_and_dense(chunk, **opts):
     return [jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True), static_argnums=2) for f in (chunked, dense)]
 
 
-def assert_chunked_equals_dense(head, weight, hidden, rest, chunk, **opts):
-    chunked, dense = chunked_and_dense(chunk, **opts)
+def assert_chunked_equals_dense(head, weight, hidden, rest, chunk, batch_axes=(), **opts):
+    chunked, dense = chunked_and_dense(chunk, batch_axes, **opts)
     (loss, metrics), grads = chunked(weight, hidden, head, *rest)
     (ref_loss, ref_metrics), ref_grads = dense(weight, hidden, head, *rest)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, atol=1e-5)
@@ -314,15 +315,32 @@ def test_chunked_loss_equals_dense_loss_and_gradients(chunk, tied, opts):
     assert_chunked_equals_dense(head, weight, hidden, rest, chunk, **opts)
 
 
-def test_chunked_loss_on_a_tensor_sharded_vocabulary():
-    """Hidden states split over the batch (fsdp=2), the head's vocabulary over tensor=4, on 8 CPU devices."""
+def _while_bodies(hlo: str) -> dict[str, str]:
+    """{name: text} of the computations that are while-loop bodies in an HLO module's text."""
+    parts = {m.group(1): m.group(0) for m in re.finditer(r"(?ms)^(?:ENTRY )?(%\S+) .*?^}", hlo)}
+    return {name: parts[name] for name in re.findall(r"body=(%[\w.\-]+)", hlo)}
+
+
+@pytest.mark.parametrize("batch_axes", [(), ("data", "fsdp")])
+def test_chunked_loss_on_a_tensor_sharded_vocabulary(batch_axes):
+    """Hidden states split over the batch (fsdp=2), the head's vocabulary over tensor=4, on 8 CPU devices; with
+    the batch's mesh axes given, the head gradient is summed per row group and reduced once, after the scan
+    over chunks, without them once per chunk inside it."""
     mesh = make_mesh(data=1, fsdp=2, tensor=4)
     head, weight, hidden, rest = hidden_batch(12, tied=False, bsz=4, seq=8)
     with jax.set_mesh(mesh):
         weight = jax.device_put(weight, jax.sharding.NamedSharding(mesh, jax.P(None, "tensor")))
         hidden = jax.device_put(hidden, jax.sharding.NamedSharding(mesh, jax.P("fsdp")))
         assert weight.addressable_shards[0].data.shape == (8, HEAD.padded_vocab_size // 4)
-        assert_chunked_equals_dense(head, weight, hidden, rest, 2, fusion="avg_ce")
+        assert_chunked_equals_dense(head, weight, hidden, rest, 2, batch_axes, fusion="avg_ce")
+        chunked, _ = chunked_and_dense(2, batch_axes, fusion="avg_ce")
+        bodies = _while_bodies(chunked.lower(weight, hidden, head, *rest).compile().as_text())
+    # the results of the all-reduces in the loop over chunks: over tensor, the logsumexp and hidden gradient of
+    # a chunk of the sharded vocabulary; over fsdp, the head gradient (a [1, 32, 8] shard of the [8, 128]
+    # weight), unless it is summed per row group
+    reduced = [line.split(" all-reduce(")[0] for text in bodies.values() for line in text.splitlines()
+               if " all-reduce(" in line]
+    assert reduced and any("f32[1,32,8]" in r for r in reduced) != bool(batch_axes), reduced
 
 
 def test_chunked_loss_rejects_a_chunk_that_does_not_divide():
