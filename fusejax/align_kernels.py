@@ -385,7 +385,8 @@ def _nearest(peq, codes_s, s0, s1, sets_s, codes_t, offs_t, order, len_start, se
     the ids of length l) until d exceeds the best distance. Within a length, _bag_bounds (``sets_s``: the
     source's char_sets, ``sets_t`` the targets' in ``order``) bounds each distance from below (into scratch
     ``bound``) and tokens are compared in order of that bound, those above the best distance never: every
-    token within the final distance is compared exactly."""
+    token within the final distance is compared exactly. At d equal to the best distance only ties remain, so
+    without co-occurrence counts only the ids below the best one are bounded (ids ascend within a length)."""
     ls = s1 - s0
     top = len_start.shape[0] - 2  # the longest target token
     set_s, rep_s = sets_s
@@ -401,6 +402,10 @@ def _nearest(peq, codes_s, s0, s1, sets_s, codes_t, offs_t, order, len_start, se
             if lt < 0 or lt > top or len_start[lt] == len_start[lt + 1]:
                 continue
             a, b = len_start[lt], len_start[lt + 1]
+            if d == best_d and co_ids.shape[0] == 0:  # distance >= d: only a tie with a lower id can still win
+                b = a + np.searchsorted(order[a:b], best_id)
+                if a == b:
+                    continue
             lb = bound[: b - a]
             _bag_bounds(ls, set_s, rep_s, lt, set_t[a:b], rep_t[a:b], lb)
             level, highest = np.int64(lb.min()), np.int64(lb.max())
