@@ -664,9 +664,10 @@ class StoreWriter:
                 lengths = np.array([len(v) for v in values], dtype=np.int64)
                 contents[f"{f.name}.offsets.npy"] = _npy_bytes(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
                 data = np.concatenate(values) if values else np.zeros((0, *f.shape), f.np_dtype)
+                data = data.reshape(int(lengths.sum()), *f.shape)  # (not -1: a shape may hold no element)
             else:
                 data = np.stack(values)
-            contents[f"{f.name}.npy"] = _npy_bytes(data.reshape(-1, *f.shape) if f.ragged else data)
+            contents[f"{f.name}.npy"] = _npy_bytes(data)
         tmp = self.path / f"{TEMP_PREFIX}{name}"
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -10,9 +10,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from fusejax.corpus import prepare_corpus
 from fusejax.data import AlignedBatches, TokenBatches, next_token_targets
 from fusejax.fusion import fusion_loss
-from fusejax.schema import (ALIGNED_KIND, StoreFormatError, aligned_fields, check_existing, format_meta, pack_tables,
+from fusejax.schema import (ALIGNED_KIND, TOPK_KIND, StoreFormatError, aligned_fields, check_existing, format_meta,
+                            pack_tables, topk_fields,
                             unpack_tables)
-from fusejax.store import StoreWriter
+from fusejax.store import StoreError, StoreWriter
 from fusejax.testing import SyntheticTables
 
 
@@ -135,6 +136,43 @@ def test_aligned_store_of_an_older_format_is_refused(tmp_path, version):
               token_ce=[[1.0], [1.0]], byte_ce=[1.0], n_bytes=2, split=0, skip=False,
               align_counts=np.zeros((1, 5), np.int32))
     old = tmp_path / "old"
+    match = rf"old has format version {version or 1} of 'aligned' stores.*version 3"
     for call in (lambda: AlignedBatches(old, seq_len=4), lambda: check_existing(old, ALIGNED_KIND)):
-        with pytest.raises(StoreFormatError, match=rf"old has format version {version or 1} of 'aligned' stores.*version 3"):
+        with pytest.raises(StoreFormatError, match=match):
             call()
+
+
+def test_aligned_store_whose_sources_all_have_the_target_tokenizer(tmp_path):
+    """Every source copied (meta ``copied``): the aligned store holds no table entry at all, and the rows' tables
+    and token CE are the top-k stores' rows as they are; a top-k row of another length is refused naming it."""
+    k, V, lengths = 3, 50, [5, 7]
+    rng = np.random.default_rng(0)
+    tops = {}
+    for name in ("a", "b"):
+        with StoreWriter(tmp_path / "represent" / name, kind=TOPK_KIND, meta=format_meta(TOPK_KIND, k=k),
+                         fields=topk_fields(k, "bfloat16", V), rows_per_shard=1) as w:
+            for i, T in enumerate(lengths + [4 if name == "b" else 5]):
+                row = dict(input_ids=rng.integers(0, V, T), topk_ids=rng.integers(0, V, (T, k)),
+                           topk_logits=rng.normal(size=(T, k)).astype(ml_dtypes.bfloat16),
+                           token_ce=rng.uniform(1, 3, T).astype(np.float32))
+                w.add(i, **row, seq_ce=1.0, nonfinite=0)
+                tops[name, i] = row
+    meta = format_meta(ALIGNED_KIND, sources=["a", "b"], copied=["a", "b"], k=k)
+    with StoreWriter(tmp_path / "aligned", kind=ALIGNED_KIND, meta=meta, rows_per_shard=2,
+                     fields=aligned_fields(2, k, V, "bfloat16", copied=2)) as w:
+        for i, T in enumerate(lengths + [5]):
+            w.add(i, input_ids=tops["a", i]["input_ids"],
+                  **pack_tables(np.full((T, 0, k), -1, np.int32), np.zeros((T, 0, k), np.float32)),
+                  seq_ce=np.ones(2), token_ce=np.zeros((T, 0), np.float32), byte_ce=np.ones(2), n_bytes=1, split=0,
+                  skip=False, align_counts=np.zeros((2, 5), np.int32))
+    data = AlignedBatches(tmp_path / "aligned", seq_len=8, ce_level="token")
+    rows = data.rows(np.arange(2))
+    for i, T in enumerate(lengths):
+        for n, name in enumerate(("a", "b")):
+            np.testing.assert_array_equal(rows["table_ids"][i, :T, n], tops[name, i]["topk_ids"])
+            logits = tops[name, i]["topk_logits"].astype(np.float32)
+            np.testing.assert_array_equal(rows["table_logits"][i, :T, n], logits)
+            np.testing.assert_array_equal(rows["source_ce_token"][i, :T, n], tops[name, i]["token_ce"])
+        assert np.all(rows["table_ids"][i, T:] == -1)
+    with pytest.raises(StoreError, match=r"represent/b: block 2 has 4 input_ids; the aligned store has 5"):
+        data.rows(np.array([2]))
