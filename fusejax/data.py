@@ -77,7 +77,8 @@ class AlignedBatches:
     ``ce_level``: "sequence" (``source_ce [n,S]``) or "token" (``source_ce_token [n,T,S]``); ``ce_unit``:
     "token" (mean CE per source token) or "byte" (CE per UTF-8 byte; sequence level only). ``sources``: the
     source names, in table order. The tables and token CE of the sources in the store's meta ``copied`` (the
-    target's tokenizer) are read from their top-k stores, ``represent/<name>`` in the run folder of ``path``.
+    target's tokenizer) are read from their top-k stores, ``represent/<name>`` in the run folder the store was
+    written in (the folder holding ``path`` once links are resolved: a study variant links a shared store).
     """
 
     def __init__(self, path, *, seq_len: int, split: str = "train", ce_level: str = "sequence", ce_unit: str = "token"):
@@ -85,7 +86,7 @@ class AlignedBatches:
         keep = [(np.asarray(shard.column("split")) == SPLITS.index(split)) & ~np.asarray(shard.column("skip"), bool)
                 for shard in self.store.shards]
         sources = self.store.meta["sources"]
-        layout = RunLayout.at(Path(path).parent)
+        layout = RunLayout.at(Path(path).resolve().parent)  # the run the store was written in (path may be a link)
         copied = {sources.index(name): open_checked(layout.topk(name), TOPK_KIND)
                   for name in self.store.meta.get("copied", [])}
         self._select(path, np.concatenate(keep) if keep else np.zeros(0, bool), sources, int(self.store.meta["k"]),

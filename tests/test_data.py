@@ -144,7 +144,8 @@ def test_aligned_store_of_an_older_format_is_refused(tmp_path, version):
 
 def test_aligned_store_whose_sources_all_have_the_target_tokenizer(tmp_path):
     """Every source copied (meta ``copied``): the aligned store holds no table entry at all, and the rows' tables
-    and token CE are the top-k stores' rows as they are; a top-k row of another length is refused naming it."""
+    and token CE are the top-k stores' rows as they are, also through a link to the store; a top-k row of another
+    length is refused naming it."""
     k, V, lengths = 3, 50, [5, 7]
     rng = np.random.default_rng(0)
     tops = {}
@@ -176,3 +177,8 @@ def test_aligned_store_whose_sources_all_have_the_target_tokenizer(tmp_path):
         assert np.all(rows["table_ids"][i, T:] == -1)
     with pytest.raises(StoreError, match=r"represent/b: block 2 has 4 input_ids; the aligned store has 5"):
         data.rows(np.array([2]))
+    (tmp_path / "variant").mkdir()  # a link to the store (a study variant): the top-k stores of its real run
+    (tmp_path / "variant" / "aligned").symlink_to(tmp_path / "aligned", target_is_directory=True)
+    linked = AlignedBatches(tmp_path / "variant" / "aligned", seq_len=8, ce_level="token").rows(np.arange(2))
+    for name, value in rows.items():
+        np.testing.assert_array_equal(linked[name], value, err_msg=name)
