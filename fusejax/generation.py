@@ -47,7 +47,8 @@ CHUNK = 32  # decoding steps per jitted call (stop strings are checked between c
 
 
 class Sampling(NamedTuple):
-    """How the next token is chosen: greedy when ``temperature == 0`` (static under jit: one compile each)."""
+    """How the next token is chosen: greedy when ``temperature == 0``; ``top_k`` 0 and ``top_p`` 1 are off.
+    Traced under jit (a pytree), so that only greedy or not changes the compiled program."""
 
     temperature: float = 0.0
     top_k: int = 0
@@ -58,37 +59,38 @@ def filter_logits(logits: jax.Array, s: Sampling) -> jax.Array:
     """logits [..., V] float32 divided by the temperature, -inf outside the top-k and then outside the smallest
     set of highest-probability tokens whose probability reaches top_p (ties at a threshold are kept)."""
     logits = logits / s.temperature
-    desc = jnp.sort(logits, axis=-1)[..., ::-1]
-    if s.top_k > 0:
-        logits = jnp.where(logits < desc[..., s.top_k - 1:s.top_k], -jnp.inf, logits)
-        desc = jnp.where(jnp.arange(desc.shape[-1]) < s.top_k, desc, -jnp.inf)
-    if s.top_p < 1.0:
-        probs = jax.nn.softmax(desc, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # probability of the higher-ranked tokens
-        threshold = jnp.min(jnp.where(before < s.top_p, desc, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < threshold, -jnp.inf, logits)
-    return logits
+    desc = -jnp.sort(-logits, axis=-1)
+    V = logits.shape[-1]
+    k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, V), V)
+    kth = jnp.take_along_axis(desc, jnp.broadcast_to(k - 1, (*desc.shape[:-1], 1)), axis=-1)
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+    desc = jnp.where(jnp.arange(V) < k, desc, -jnp.inf)
+    probs = jax.nn.softmax(desc, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # probability of the higher-ranked tokens
+    threshold = jnp.min(jnp.where(before < s.top_p, desc, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where((s.top_p < 1) & (logits < threshold), -jnp.inf, logits)
 
 
-def next_token(logits: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
+def next_token(logits: jax.Array, key: jax.Array, s: Sampling, greedy: bool) -> jax.Array:
     """The next token [B] int32 of logits [B, V] float32: argmax, or a sample of :func:`filter_logits`."""
-    if s.temperature == 0:
+    if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return jax.random.categorical(key, filter_logits(logits, s), axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "length", "sampling"))
-def _prefill(graphdef, state, ids, mask, key, *, length: int, sampling: Sampling):
+@functools.partial(jax.jit, static_argnames=("graphdef", "length", "greedy"))
+def _prefill(graphdef, state, ids, mask, key, sampling: Sampling, *, length: int, greedy: bool):
     """The left-padded prompts ids, mask [B, T] into an empty cache of ``length`` slots: (cache, first new
     token [B] int32)."""
     model = nnx.merge(graphdef, state)
     cache = KVCache.empty(model.config, ids.shape[0], length, model.rules)
     hidden, cache = model.extend(ids, mask, cache)
-    return cache, next_token(model.logits(hidden[:, -1]), jax.random.fold_in(key, 0), sampling)
+    return cache, next_token(model.logits(hidden[:, -1]), jax.random.fold_in(key, 0), sampling, greedy)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "eos_ids"), donate_argnames=("cache",))
-def _decode(graphdef, state, cache, token, done, key, step, limit, *, sampling: Sampling, eos_ids: tuple[int, ...]):
+@functools.partial(jax.jit, static_argnames=("graphdef", "greedy", "eos_ids"), donate_argnames=("cache",))
+def _decode(graphdef, state, cache, token, done, key, step, limit, sampling: Sampling, *, greedy: bool,
+            eos_ids: tuple[int, ...]):
     """Up to ``limit`` (<= CHUNK) decoding steps from ``token`` [B]: each writes the last token into the cache
     and picks the next (new token number ``step``, ``step + 1``, ...); stops early once every row is ``done``
     [B] bool (EOS seen or stopped). Returns (cache, tokens [B, CHUNK] int32 (the first ``steps`` valid),
@@ -100,7 +102,7 @@ def _decode(graphdef, state, cache, token, done, key, step, limit, *, sampling: 
     def body(carry):
         cache, token, done, tokens, i = carry
         hidden, cache = model.extend(token[:, None], jnp.ones((B, 1), jnp.int32), cache)
-        token = next_token(model.logits(hidden[:, 0]), jax.random.fold_in(key, step + i), sampling)
+        token = next_token(model.logits(hidden[:, 0]), jax.random.fold_in(key, step + i), sampling, greedy)
         done = done | jnp.isin(token, eos)
         return cache, token, done, tokens.at[:, i].set(token), i + 1
 
@@ -200,7 +202,9 @@ def _generate_batch(graphdef, state, model, prompts, max_new_tokens, eos_ids, sa
     mask[:, -1] = 1  # rows past the prompts: one token, done from the start
     for r, p in enumerate(prompts):
         ids[r, T - len(p):], mask[r, T - len(p):] = p, 1
-    cache, token = _prefill(graphdef, state, ids, mask, key, length=_bucket(T + max_new_tokens), sampling=sampling)
+    greedy = sampling.temperature == 0
+    cache, token = _prefill(graphdef, state, ids, mask, key, sampling, length=_bucket(T + max_new_tokens),
+                            greedy=greedy)
     new: list[list[int]] = [[] for _ in prompts]
     ended = np.ones(B, bool)
     ended[:len(prompts)] = False
@@ -223,7 +227,7 @@ def _generate_batch(graphdef, state, model, prompts, max_new_tokens, eos_ids, sa
     while produced < max_new_tokens and not ended.all():
         limit = min(CHUNK, max_new_tokens - produced)
         cache, tokens, steps, token, _ = _decode(graphdef, state, cache, token, ended, key, produced, limit,
-                                                 sampling=sampling, eos_ids=eos_ids)
+                                                 sampling, greedy=greedy, eos_ids=eos_ids)
         add(np.asarray(tokens)[:, :int(steps)])
         produced += int(steps)
     return new
