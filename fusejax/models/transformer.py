@@ -7,6 +7,9 @@ window or global attention, local or global RoPE) scan a per-layer flag alongsid
 ``nnx.Param`` carries ``logical_axes`` metadata (names from :mod:`fusejax.sharding`); activations are constrained
 by logical names under the model's own ``rules`` (given at construction), the same rules that place its parameters.
 
+Decoding (:mod:`fusejax.generation`) runs the same layers through :meth:`Transformer.extend`: new tokens are written
+into a preallocated :class:`KVCache` and attend to it by the explicit path, at per-row positions (left-padded rows).
+
 Weight layouts (``L`` layers, ``D`` hidden, ``H``/``K`` query/kv heads, ``E`` head_dim, ``F`` mlp, ``V`` padded vocab,
 ``X`` experts):
   embed [V, D]; pos_embed [P, D] (learned positions); lm_head [D, V] (absent when tied)
