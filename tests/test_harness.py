@@ -2,6 +2,7 @@
 Llama saved by transformers, over the local tasks of tests/data/lmeval (multiple choice, rolling
 log-likelihood, greedy generation); `python -m fusejax.harness` and `fusejax eval CONFIG eval.tasks=[...]`."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,8 +12,10 @@ from pathlib import Path
 import numpy as np
 import pydoc_data.topics
 import pytest
+import torch
 import transformers
 import yaml
+from flax import nnx
 from lm_eval import simple_evaluate
 from lm_eval.api.registry import get_model
 from lm_eval.models.huggingface import HFLM
@@ -20,15 +23,11 @@ from lm_eval.tasks import TaskManager
 from tokenizers import processors
 
 import fusejax
-from fusejax.checkpoint import load_trained
+from fusejax.checkpoint import checkpoint_manager, load_trained, save
 from fusejax.cli import main
-from fusejax.config import TrainConfig
 from fusejax.corpus import prepare_corpus
 from fusejax.harness import FusejaxLM, bucket, task_manager
 from fusejax.models import load_pretrained
-from fusejax.sharding import make_mesh
-from fusejax.testing import SyntheticTables
-from fusejax.train import Trainer
 from tiny import bpe_tokenizer, save_random_hf_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,8 +121,8 @@ def test_is_greedy_flags_and_padding_buckets(lms):
     context = ours.tok_encode("Question: What is two plus two?\nAnswer:")
     greedy = []
     for _ in range(3):  # the model's own greedy continuation, one token at a time
-        logits = np.asarray(ours.model(np.asarray([context + greedy], np.int32)))
-        greedy.append(int(logits[0, -1].argmax()))
+        with torch.no_grad():
+            greedy.append(int(hf.model(torch.tensor([context + greedy])).logits[0, -1].argmax()))
     other = (greedy[-1] + 1) % 300
     requests = [(None, context, greedy), (None, context, greedy[:2] + [other]), (None, context, [other]),
                 (None, context[:2], context[2:])]
@@ -163,12 +162,14 @@ def run_config(folder, tmp_path_factory):
     (root / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in _texts()))
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     prepare_corpus(root / "docs.jsonl", tok, root / "out" / "corpus", block_size=31, holdout_fraction=0.5)
-    model = load_pretrained(folder)
-    tc = TrainConfig(steps=1, batch_size=8, seq_len=32, checkpoint_every=100, log_every=100)
-    trainer = Trainer(model, SyntheticTables(8, 32, model.config.vocab_size), tc, root / "out" / "train",
-                      mesh=make_mesh(fsdp=8), config={"target": {"path": str(folder)}})
-    trainer.save(wait=True)
-    trainer.close()
+    model = load_pretrained(folder)  # saved as training saves a checkpoint, without building a trainer
+    manager = checkpoint_manager(root / "out" / "train" / "checkpoints")
+    params = nnx.to_pure_dict(nnx.state(model))
+    save(manager, 0, params, {"count": np.zeros((), np.int32)}, {
+        "step": 0, "data_position": 0, "seed": 0, "model": dataclasses.asdict(model.config),
+        "config": {"target": {"path": str(folder)}}})
+    manager.wait_until_finished()
+    manager.close()
     config = {"run": {"output_dir": str(root / "out")}, "target": {"path": str(folder)},
               "train": {"seq_len": 32}, "eval": {"batch_size": 3, "include_path": str(DATA)}}
     (root / "run.yaml").write_text(yaml.safe_dump(config))
