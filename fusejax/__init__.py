@@ -30,6 +30,7 @@ Where things live, one home each, in import order (a module imports only from th
   export.py           stage export: a checkpoint as a Hugging Face folder
   plan.py             `fusejax plan`: per-device memory of the train step without allocating the model
   merging.py          `fusejax merge`: models of one architecture merged in parameter space, tensor by tensor
+  generation.py       `fusejax generate`, generate / generate_ids: batched decoding with a KV cache
 
   stages.py           the one registry of stages and commands, read by the pipeline and the CLI
   pipeline.py         `fusejax run`: every stage in order, fingerprinted, resumable, validated up front
@@ -62,6 +63,8 @@ _EXPORTS = {
     "align_tokens": "fusejax.dtw",
     "align_topk": "fusejax.align",
     "merge": "fusejax.merging",
+    "generate": "fusejax.generation",
+    "generate_ids": "fusejax.generation",
 }
 
 __all__ = sorted(_EXPORTS)

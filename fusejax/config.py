@@ -268,6 +268,23 @@ class MergeConfig:
 
 
 @section
+class GenerateConfig:
+    model: str | None = opt(None, "Hugging Face folder that generates; null: the run's latest training checkpoint")
+    tokenizer: str | None = opt(None, "tokenizer folder; null: the model folder (for a checkpoint: target's)")
+    prompts: str | None = opt(None, "prompts file: .jsonl (a 'prompt' string per line) or text (one prompt a line)")
+    output: str | None = opt(None, "JSONL written with {prompt, completion} per prompt; null: "
+                                   "<output_dir>/generate.jsonl")
+    max_new_tokens: int = opt(64, "most new tokens per prompt (fewer at EOS or a stop string)", POSITIVE)
+    temperature: float = opt(0.0, "sampling temperature; 0: greedy", NON_NEGATIVE)
+    top_k: int = opt(0, "sample among the k most likely tokens; 0: all", NON_NEGATIVE)
+    top_p: float = opt(1.0, "sample among the most likely tokens holding this probability; 1: all",
+                       (lambda v: 0 < v <= 1, "must be in (0, 1]"))
+    seed: int = opt(0, "seed of the sampling", SEED)
+    stop: tuple[str, ...] = opt((), "stop strings: a completion ends before the first one")
+    batch_size: int = opt(8, "prompts decoded together", POSITIVE)
+
+
+@section
 class Config:
     """The whole run configuration (frozen). Build it with :func:`load_config`; change it with :func:`replace`."""
 
@@ -283,6 +300,7 @@ class Config:
     eval: EvalConfig = opt(EvalConfig, "held-out evaluation")
     export: ExportConfig = opt(ExportConfig, "export of the trained target model")
     merge: MergeConfig = opt(MergeConfig, "`fusejax merge`: models of one architecture merged in parameter space")
+    generate: GenerateConfig = opt(GenerateConfig, "`fusejax generate`: text completions of prompts with a KV cache")
 
 
 # ----------------------------------------------------------------------------------------------- loading

@@ -66,6 +66,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     **{s.name: (s.fn, s.help) for s in PIPELINE},
     "plan": ("fusejax.plan:run", "per-device memory and shardings of the train step, without allocating the model"),
     "merge": ("fusejax.merging:run", "merge models of one architecture in parameter space (docs/merging.md)"),
+    "generate": ("fusejax.generation:run", "complete prompts with a model (generate.prompts -> generate.output)"),
     "run": ("fusejax.pipeline:run", "every stage in order, skipping finished ones (see docs/pipeline.md)"),
 }
 

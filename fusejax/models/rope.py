@@ -3,8 +3,8 @@
 
 :class:`RopeScaling` is the scaling part of a Hugging Face ``rope_parameters`` dict (all of it but ``rope_type``
 ``default``, ``rope_theta`` and ``partial_rotary_factor``, which are plain ``ModelConfig`` fields).
-:func:`rope_tables` gives the cos/sin tables of one attention kind; a model whose layers use several RoPEs
-(e.g. a local base and a scaled global one) calls it once per kind.
+:func:`rope_tables` gives the cos/sin tables of one attention kind at given positions; a model whose layers use
+several RoPEs (e.g. a local base and a scaled global one) calls it once per kind.
 
   ``linear``    inverse frequencies divided by ``factor``
   ``dynamic``   NTK-aware: beyond ``max_position_embeddings`` the base grows with the sequence length
@@ -14,9 +14,11 @@
                 ``original_max_position_embeddings``; cos/sin scaled by the attention factor
   ``llama3``    low frequencies divided by ``factor``, high ones kept, those between smoothly interpolated
 
-``dynamic`` and ``longrope`` depend on the sequence length, static under ``jit``: the tables are those
-transformers computes for a fresh model and a batch of that length (its ``dynamic`` keeps the frequencies of
-the longest sequence seen across calls; ours depend on the current call only).
+``dynamic`` and ``longrope`` depend on the sequence length, static under ``jit`` for a whole batch: the tables
+are those transformers computes for a fresh model and a batch of that length (its ``dynamic`` keeps the
+frequencies of the longest sequence seen across calls; ours depend on the current call only). Decoding with a
+KV cache passes one traced length per row: each new token is rotated for its own row's length so far, and
+cached keys keep the rotation they were written with, as in transformers' ``generate``.
 """
 
 from __future__ import annotations
@@ -134,11 +136,29 @@ def _yarn(s: RopeScaling, dim: int, theta: float, base: np.ndarray, factor: floa
     return base / factor * ramp + base * (1 - ramp), attention
 
 
-def rope_tables(length: int, rotary_dim: int, theta: float, scaling: RopeScaling | None,
-                max_position_embeddings: int) -> tuple[jax.Array, jax.Array]:
-    """cos, sin [length, rotary_dim] float32 for positions 0..length-1 in the rotate-half layout (frequencies
-    repeated twice), multiplied by the rope type's attention factor."""
-    freq, attention = inv_freq(rotary_dim, theta, scaling, max_position_embeddings, length)
-    angles = jnp.arange(length, dtype=jnp.float32)[:, None] * jnp.asarray(freq)[None, :]
+def rope_tables(positions: jax.Array, length: int | jax.Array, rotary_dim: int, theta: float,
+                scaling: RopeScaling | None, max_position_embeddings: int) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [..., T, rotary_dim] float32 at ``positions`` [..., T] int in the rotate-half layout (frequencies
+    repeated twice), multiplied by the rope type's attention factor.
+
+    ``length``: the sequence length the length-dependent types (``dynamic``, ``longrope``) scale for: an int, or
+    an int32 array [...] with one length per sequence (a batch decoding with a cache, each row at its own
+    length, as transformers computes them for that row alone: from ``max(position_ids) + 1`` of each call)."""
+    if isinstance(length, int) or scaling is None or scaling.rope_type not in ("dynamic", "longrope"):
+        freq, attention = inv_freq(rotary_dim, theta, scaling, max_position_embeddings,
+                                   length if isinstance(length, int) else max_position_embeddings)
+        freq = jnp.asarray(freq)
+    elif scaling.rope_type == "longrope":  # the long factors beyond the original length, per row
+        original = scaling.original_max_position_embeddings or max_position_embeddings
+        short, attention = inv_freq(rotary_dim, theta, scaling, max_position_embeddings, original)
+        long, _ = inv_freq(rotary_dim, theta, scaling, max_position_embeddings, original + 1)
+        freq = jnp.where((length > original)[..., None, None], long, short)
+    else:  # dynamic: inv_freq's NTK-grown base, computed per row (float32)
+        n = jnp.maximum(length, max_position_embeddings).astype(jnp.float32)[..., None, None]
+        exponents = jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim
+        grown = theta * (scaling.factor * n / max_position_embeddings - (scaling.factor - 1)) ** (
+            rotary_dim / (rotary_dim - 2))
+        freq, attention = 1.0 / grown**exponents, 1.0
+    angles = jnp.asarray(positions, jnp.float32)[..., None] * freq
     emb = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(emb) * attention, jnp.sin(emb) * attention

@@ -138,17 +138,40 @@ class Transformer(nnx.Module):
         B, T = input_ids.shape
         if c.position == "learned" and T > c.max_position_embeddings:
             raise ValueError(f"sequence length {T} exceeds max_position_embeddings={c.max_position_embeddings}")
+        key_valid = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
+        # HF default positions 0..T-1 (right padding keeps them correct)
+        return self._decoder(input_ids, jnp.arange(T), T, key_valid)[0]
+
+    def extend(self, input_ids: jax.Array, attention_mask: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """The decoder on ``T`` new tokens per row, input_ids and attention_mask [B,T], written into ``cache`` at
+        slots ``cache.start .. start + T - 1`` and attending to every valid slot before them:
+        ``(hidden [B,T,D] in config.dtype, updated cache)``. Rows are left-padded (padding: mask 0), so that all
+        rows write the same slots; a token's position is the number of valid slots before it in its row."""
+        T = input_ids.shape[1]
+        key_valid = jax.lax.dynamic_update_slice_in_dim(cache.key_valid, attention_mask.astype(bool), cache.start, 1)
+        positions = jnp.cumsum(key_valid, axis=1, dtype=jnp.int32) - 1
+        positions = jnp.maximum(jax.lax.dynamic_slice_in_dim(positions, cache.start, T, axis=1), 0)  # [B, T]
+        hidden, (k, v) = self._decoder(input_ids, positions, positions[:, -1] + 1, key_valid,
+                                       (cache.k, cache.v, cache.start))
+        return hidden, KVCache(k, v, key_valid, cache.start + T)
+
+    def _decoder(self, input_ids, positions, length, key_valid, cache=None):
+        """The layers and the final norm on input_ids [B,T] at ``positions`` ([T] or [B,T] int32) of sequences of
+        ``length`` tokens (an int, or [B] int32: see :func:`rope_tables`), keys ``key_valid`` [B,S] (S = T, or
+        the cache length): ``(hidden [B,T,D], (k, v) [L,B,S,K,E] or None)``. ``cache``: ``(k, v, start)`` of
+        :class:`KVCache`, or None (queries attend to these T tokens only)."""
+        c = self.config
         dt = jnp.dtype(c.dtype)
         rules = dict(self.rules)
-        key_valid = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
-        # (global, sliding layers): RoPE tables (HF default positions 0..T-1; right padding keeps them correct);
-        # the same object when they agree
+        # (global, sliding layers): RoPE tables; the same object when they agree
         ropes = (None, None)
         if c.position == "rope":
-            rope = rope_tables(T, c.rotary_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings)
+            rope = rope_tables(positions, length, c.rotary_dim, c.rope_theta, c.rope_scaling,
+                               c.max_position_embeddings)
             local = rope
             if c.rope_local_theta is not None:
-                local = rope_tables(T, c.rotary_dim, c.rope_local_theta, None, c.max_position_embeddings)
+                local = rope_tables(positions, length, c.rotary_dim, c.rope_local_theta, None,
+                                    c.max_position_embeddings)
             ropes = (rope, local)
         slopes = jnp.asarray(alibi_slopes(c.num_heads, c.alibi_bias_max)) if c.position == "alibi" else None
 
@@ -156,24 +179,26 @@ class Transformer(nnx.Module):
         if c.scale_embeddings:
             x = x * jnp.asarray(c.hidden_size**0.5, dt)
         if c.position == "learned":
-            x = x + self.pos_embed[...][:T].astype(dt)
+            x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dt)
         x = constrain(x, ("batch", "length", "embed"), rules)
 
         def body(h, xs):
-            p, sliding = xs
+            p, sliding, kv = xs
 
             def pick(both):  # this layer's RoPE tables; a select only where layers differ in them
                 if both[0] is both[1] or len(set(c.sliding_layers)) == 1:
                     return both[c.sliding_layers[0]]
                 return jax.tree.map(lambda a, b: jnp.where(sliding, b, a), *both)
 
-            return _layer(c, rules, p, h, Visibility(key_valid, sliding), pick(ropes), slopes), None
+            layer_cache = None if kv is None else (*kv, cache[2])
+            return _layer(c, rules, p, h, Visibility(key_valid, sliding), pick(ropes), slopes, layer_cache)
 
         policy = REMAT_POLICIES[c.remat]
         if c.remat != "none":
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-        x, _ = jax.lax.scan(body, x, (self.layers.arrays(), jnp.asarray(c.sliding_layers)))
-        return _norm(c, x, self.final_norm_scale[...], self.final_norm_bias[...] if c.norm_bias else None)
+        kv = None if cache is None else cache[:2]
+        x, kv = jax.lax.scan(body, x, (self.layers.arrays(), jnp.asarray(c.sliding_layers), kv))
+        return _norm(c, x, self.final_norm_scale[...], self.final_norm_bias[...] if c.norm_bias else None), kv
 
     @property
     def head_weight(self) -> jax.Array:
@@ -183,6 +208,27 @@ class Transformer(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """The LM head on hidden states [..., D] (any leading axes, e.g. one chunk of positions): [..., Vp] float32."""
         return head_logits(self.config, self.head_weight, hidden)
+
+
+CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")  # logical axes of KVCache.k and .v
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer ``k``, ``v`` [L, B, S, K, E] in ``config.dtype`` (logical axes
+    :data:`CACHE_AXES`), which of the S slots hold a token ``key_valid`` [B, S] bool, and ``start`` (int32
+    scalar): the slot the next tokens are written at. :meth:`Transformer.extend` reads and updates it."""
+
+    k: jax.Array
+    v: jax.Array
+    key_valid: jax.Array
+    start: jax.Array
+
+    @classmethod
+    def empty(cls, c: ModelConfig, batch: int, length: int, rules) -> KVCache:
+        """A cache of ``length`` slots for ``batch`` rows, all empty, laid out by its logical axes under ``rules``."""
+        shape = (c.num_layers, batch, length, c.num_kv_heads, c.head_dim)
+        zeros = constrain(jnp.zeros(shape, jnp.dtype(c.dtype)), CACHE_AXES, dict(rules))
+        return cls(zeros, zeros, jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
 
 
 def head_logits(c: ModelConfig, weight: jax.Array, hidden: jax.Array) -> jax.Array:
@@ -205,12 +251,13 @@ def softcap(x: jax.Array, cap: float | None) -> jax.Array:
 
 
 def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate the first ``rotary_dim`` features of x [B, T, heads, E] (rotate-half); the rest pass through."""
+    """Rotate the first ``rotary_dim`` features of x [B, T, heads, E] (rotate-half) by cos, sin [T, rotary_dim]
+    or [B, T, rotary_dim]; the rest pass through."""
     rd = cos.shape[-1]
     rot, rest = x[..., :rd], x[..., rd:]
     half = rd // 2
     rotated = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
-    cos, sin = cos[:, None, :].astype(x.dtype), sin[:, None, :].astype(x.dtype)
+    cos, sin = cos[..., None, :].astype(x.dtype), sin[..., None, :].astype(x.dtype)
     return jnp.concatenate([rot * cos + rotated * sin, rest], axis=-1)
 
 
@@ -351,9 +398,11 @@ def _xla_attention(c: ModelConfig, q, k, v, vis: Visibility, slopes) -> jax.Arra
     return jax.lax.cond(vis.sliding, lambda: run(c.sliding_window), lambda: run(None))
 
 
-def _attention(c: ModelConfig, rules: dict, p: dict, h: jax.Array, vis: Visibility, rope, slopes) -> jax.Array:
-    """Grouped-query self-attention of h [B, T, D] -> [B, T, D]; softmax in float32 on every path
-    (:func:`attention_impl`); ``slopes`` [H] float32: ALiBi, or None."""
+def _attention(c: ModelConfig, rules: dict, p: dict, h: jax.Array, vis: Visibility, rope, slopes, cache=None):
+    """Grouped-query self-attention of h [B, T, D] -> ``(out [B, T, D], (k, v) or None)``; softmax in float32 on
+    every path (:func:`attention_impl`); ``slopes`` [H] float32: ALiBi, or None. ``cache``: this layer's
+    ``(k, v [B, S, K, E], start)`` of a :class:`KVCache`: the new keys and values are written at slots start..,
+    the queries (slots start + t) attend over all S slots by the explicit path, and (k, v) are returned."""
     dt = h.dtype
     B, T, _ = h.shape
     q = jnp.einsum("btd,dhe->bthe", h, p["wq"].astype(dt))
@@ -369,7 +418,15 @@ def _attention(c: ModelConfig, rules: dict, p: dict, h: jax.Array, vis: Visibili
     k = constrain(k, ("batch", "length", "kv_heads", "head_dim"), rules)
     q = q.reshape(B, T, c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim)
     impl = attention_impl(c, T)
-    if impl == "xla":
+    if cache is not None:
+        k_cache, v_cache, start = cache
+        k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), start, axis=1)
+        v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), start, axis=1)
+        k = constrain(k, ("batch", "length", "kv_heads", "head_dim"), rules)
+        v = constrain(v, ("batch", "length", "kv_heads", "head_dim"), rules)
+        cache = k, v
+        out = _softmax_attention(c, q, k, v, start + jnp.arange(T), vis, slopes)
+    elif impl == "xla":
         out = _xla_attention(c, q, k, v, vis, slopes)
     elif impl == "chunked":
         out = _chunked_attention(c, q, k, v, vis, slopes)
@@ -378,7 +435,7 @@ def _attention(c: ModelConfig, rules: dict, p: dict, h: jax.Array, vis: Visibili
     out = jnp.einsum("bthe,hed->btd", out.reshape(B, T, c.num_heads, c.head_dim), p["wo"].astype(dt))
     if c.attention_out_bias:
         out = out + p["bo"].astype(dt)
-    return out
+    return out, cache
 
 
 def _mlp(c: ModelConfig, rules: dict, p: dict, h: jax.Array) -> jax.Array:
@@ -410,19 +467,22 @@ def _moe(c: ModelConfig, rules: dict, p: dict, h: jax.Array) -> jax.Array:
     return jnp.einsum("xbtd,btx->btd", out, weights.astype(dt))
 
 
-def _layer(c: ModelConfig, rules: dict, p: dict, x: jax.Array, vis: Visibility, rope, slopes) -> jax.Array:
-    """One pre-norm decoder layer on x [B, T, D] with this layer's parameters ``p`` (sliced by scan); with
-    ``post_norms`` the attention and MLP outputs are normed too before they are added."""
+def _layer(c: ModelConfig, rules: dict, p: dict, x: jax.Array, vis: Visibility, rope, slopes, cache=None):
+    """One pre-norm decoder layer on x [B, T, D] with this layer's parameters ``p`` (sliced by scan): ``(x,
+    (k, v) or None)`` (see :func:`_attention` for ``cache``); with ``post_norms`` the attention and MLP outputs
+    are normed too before they are added."""
 
-    def block(name, f, h):
-        out = f(_norm(c, h, p[f"{name}_norm_scale"], p.get(f"{name}_norm_bias")))
+    def pre(name, h):
+        return _norm(c, h, p[f"{name}_norm_scale"], p.get(f"{name}_norm_bias"))
+
+    def post(name, out):
         return _norm(c, out, p[f"{name}_out_norm_scale"], p.get(f"{name}_out_norm_bias")) if c.post_norms else out
 
-    attn = functools.partial(_attention, c, rules, p, vis=vis, rope=rope, slopes=slopes)
-    mlp = functools.partial(_mlp if c.num_experts is None else _moe, c, rules, p)
+    mlp = _mlp if c.num_experts is None else _moe
+    attn, cache = _attention(c, rules, p, pre("attn", x), vis, rope, slopes, cache)
     if c.parallel_residual:
-        x = x + block("attn", attn, x) + block("mlp", mlp, x)
+        x = x + post("attn", attn) + post("mlp", mlp(c, rules, p, pre("mlp", x)))
     else:
-        x = x + block("attn", attn, x)
-        x = x + block("mlp", mlp, x)
-    return constrain(x, ("batch", "length", "embed"), rules)
+        x = x + post("attn", attn)
+        x = x + post("mlp", mlp(c, rules, p, pre("mlp", x)))
+    return constrain(x, ("batch", "length", "embed"), rules), cache
