@@ -181,15 +181,14 @@ class FusejaxLM(TemplateLM):
         return [float(t) for t in totals]
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Each request's continuation (``fusejax.generation.generate_ids``), cut before the first stop string
-        (the task's ``until`` and the EOS text); greedy unless the task samples."""
+        """Each request's continuation (``fusejax.generation.generate_ids``: ends at the model's EOS ids, as
+        transformers' ``generate`` does), cut before the first stop string (the task's ``until`` and the EOS
+        text); greedy unless the task samples."""
         from fusejax.generation import generate_ids
 
         collator = Collator([req.args for req in requests], sort_fn=lambda r: (-len(self.tok_encode(r[0])), r[0]),
                             group_by="gen_kwargs", group_fn=lambda r: r[1])
         eos = self.tokenizer.decode([self.eot_token_id], skip_special_tokens=False)
-        eos_ids = self.model.config.eos_token_id
-        eos_ids = (eos_ids,) if isinstance(eos_ids, int) else tuple(eos_ids or (self.eot_token_id,))
         out = []
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="fusejax generate_until")
         for batch in collator.get_batched(n=self.batch_size):
@@ -202,7 +201,7 @@ class FusejaxLM(TemplateLM):
                                  f"max_length={self.max_length}")
             sample = kwargs.get("do_sample") and kwargs.get("temperature", 0.0) > 0
             prompts = [self.tok_encode(c, left_truncate_len=self.max_length - max_new) for c in contexts]
-            new = generate_ids(self.model, prompts, max_new_tokens=max_new, eos_ids=eos_ids,
+            new = generate_ids(self.model, prompts, max_new_tokens=max_new,
                                temperature=float(kwargs["temperature"]) if sample else 0.0,
                                top_k=int(kwargs.get("top_k") or 0), top_p=float(kwargs.get("top_p") or 1.0),
                                seed=self.seed, stop=tuple(until), tokenizer=self.tokenizer, batch_size=self.batch_size)
