@@ -36,6 +36,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from fusejax.checkpoint import load_trained
+from fusejax.generation import generate_ids
 from fusejax.models import load_pretrained
 from fusejax.tokenizer import load_tokenizer
 
@@ -184,8 +185,6 @@ class FusejaxLM(TemplateLM):
         """Each request's continuation (``fusejax.generation.generate_ids``: ends at the model's EOS ids, as
         transformers' ``generate`` does), cut before the first stop string (the task's ``until`` and the EOS
         text); greedy unless the task samples."""
-        from fusejax.generation import generate_ids
-
         collator = Collator([req.args for req in requests], sort_fn=lambda r: (-len(self.tok_encode(r[0])), r[0]),
                             group_by="gen_kwargs", group_fn=lambda r: r[1])
         eos = self.tokenizer.decode([self.eot_token_id], skip_special_tokens=False)
