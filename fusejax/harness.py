@@ -49,6 +49,7 @@ def bucket(n: int) -> int:
     return max(MIN_BUCKET, 1 << (n - 1).bit_length())
 
 
+@nnx.jit  # one compiled program per model architecture and padded shape, shared by every FusejaxLM
 def _continuation_logprobs(model, ids, mask, positions, targets):
     """Log-probabilities of ``targets`` [B, C] int32 predicted at ``positions`` [B, C] int32 of the rows ``ids``,
     ``mask`` [B, T] int32: ``(logp [B, C] float32, greedy [B, C] bool)`` (the target is the argmax). ``C`` is a
@@ -111,7 +112,6 @@ class FusejaxLM(TemplateLM):
         self.max_gen_toks, self.seed = int(max_gen_toks), int(seed)
         self.add_bos_token = add_bos_token if add_bos_token is None or isinstance(add_bos_token, bool) \
             else str(add_bos_token).lower() == "true"
-        self._score = nnx.jit(_continuation_logprobs)
 
     @property
     def eot_token_id(self) -> int:
@@ -154,7 +154,7 @@ class FusejaxLM(TemplateLM):
                 ids[i, :len(row)], mask[i, len(row):] = row, 0
                 positions[i, :len(cont)] = np.arange(len(row) - len(cont), len(row))
                 targets[i, :len(cont)] = cont
-            logp, greedy = map(np.asarray, self._score(self.model, ids, mask, positions, targets))
+            logp, greedy = map(np.asarray, _continuation_logprobs(self.model, ids, mask, positions, targets))
             for i, (key, _, cont) in enumerate(batch):
                 answer = (float(logp[i, :len(cont)].sum()), bool(greedy[i, :len(cont)].all()))
                 if key is not None:

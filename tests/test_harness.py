@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pydoc_data.topics
 import pytest
@@ -35,6 +36,8 @@ DATA = ROOT / "tests" / "data" / "lmeval"  # task YAMLs; their data_files are re
 CONTEXT = 64  # max_position_embeddings: lm-eval's context length on both backends
 TOL = 1e-4
 NO_DEFAULT_TASKS = (None, None, False, None)  # TaskManager.__init__ defaults without lm-eval's 14k own tasks
+
+pytestmark = pytest.mark.usefixtures("jax_compile_cache")  # shared with the command line's process
 
 
 def _texts():
@@ -81,7 +84,8 @@ def lms(folder):
 def _evaluate(lm, tasks):
     manager = TaskManager(include_path=str(DATA), include_defaults=False)
     return simple_evaluate(model=lm, tasks=tasks, task_manager=manager, log_samples=True, bootstrap_iters=0,
-                           torch_random_seed=None)
+                           random_seed=0, numpy_random_seed=0, torch_random_seed=None,
+                           fewshot_random_seed=0)  # as `fusejax eval` with run.seed=0 (the few-shot draw)
 
 
 @pytest.fixture(scope="module")
@@ -146,8 +150,10 @@ def test_registered_and_the_command_line(folder, scored, tmp_path):
     code = (f"import lm_eval.tasks as t; t.TaskManager.__init__.__defaults__ = {NO_DEFAULT_TASKS!r}; "
             "import runpy; runpy.run_module('fusejax.harness', run_name='__main__', alter_sys=True)")
     args = ["--model", "fusejax", "--model_args", f"path={folder}", "--tasks", "fj_choice", "--include_path",
-            str(DATA), "--batch_size", "3", "--output_path", str(tmp_path / "out")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+            str(DATA), "--batch_size", "3", "--seed", "0", "--output_path", str(tmp_path / "out")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (written,) = (tmp_path / "out").rglob("results_*.json")
