@@ -95,13 +95,14 @@ class FusejaxLM(TemplateLM):
 
     def __init__(self, path: str | None = None, *, model=None, tokenizer=None, batch_size: int | str = 8,
                  max_length: int | None = None, max_gen_toks: int = 256, add_bos_token: bool | None = None,
-                 dtype: str = "float32", step: int | None = None, seed: int = 0, **unused):
+                 dtype: str = "float32", step: int | None = None, seed: int = 0, device=None, max_batch_size=None):
+        """Model args as ``lm_eval --model_args`` parses them (numbers and booleans converted); ``device`` and
+        ``max_batch_size``, which lm-eval always passes, are not used (the model's mesh decides placement)."""
         super().__init__()
         if (path is None) == (model is None):
             raise ValueError("FusejaxLM: pass either path=FOLDER or model= and tokenizer= (not both)")
         if model is None:
-            model, tokenizer = load_model(path, tokenizer=tokenizer, dtype=dtype,
-                                          step=None if step is None else int(step))
+            model, tokenizer = load_model(path, tokenizer=tokenizer, dtype=dtype, step=step)
         elif tokenizer is None:
             raise ValueError("FusejaxLM: model= needs tokenizer=")
         if str(batch_size).startswith("auto"):
@@ -109,9 +110,7 @@ class FusejaxLM(TemplateLM):
         self.model, self.tokenizer = model, load_tokenizer(tokenizer)
         self.batch_size = int(batch_size)
         self._max_length = int(max_length or model.config.max_position_embeddings)
-        self.max_gen_toks, self.seed = int(max_gen_toks), int(seed)
-        self.add_bos_token = add_bos_token if add_bos_token is None or isinstance(add_bos_token, bool) \
-            else str(add_bos_token).lower() == "true"
+        self.max_gen_toks, self.seed, self.add_bos_token = int(max_gen_toks), int(seed), add_bos_token
 
     @property
     def eot_token_id(self) -> int:
