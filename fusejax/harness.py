@@ -146,6 +146,9 @@ class FusejaxLM(TemplateLM):
         for batch in collator.get_batched(n=self.batch_size):
             rows = [(context + continuation)[-(self.max_length + 1):][:-1] for _, context, continuation in batch]
             conts = [continuation for _, _, continuation in batch]
+            if max(map(len, conts)) > self.max_length:
+                raise ValueError(f"a continuation of {max(map(len, conts))} tokens is longer than the context "
+                                 f"max_length={self.max_length}")
             T, C = min(bucket(max(map(len, rows))), self.max_length), bucket(max(map(len, conts)))
             ids, mask = np.zeros((self.batch_size, T), np.int32), np.ones((self.batch_size, T), np.int32)
             positions, targets = np.zeros((self.batch_size, C), np.int32), np.zeros((self.batch_size, C), np.int32)

@@ -209,6 +209,9 @@ def test_bad_input(run_config, monkeypatch, capsys):
         task_manager(["fj_choice"], "nowhere")
     with pytest.raises(ValueError, match="either path=FOLDER or model="):
         FusejaxLM()
+    lm = FusejaxLM(path=str(path.parent / "out" / "train"), max_length=8)
+    with pytest.raises(ValueError, match="continuation of 9 tokens is longer than the context max_length=8"):
+        lm._loglikelihood_tokens([(None, [1], list(range(3, 12)))])
     (out / "tasks.json").unlink(missing_ok=True)
     assert main(["eval", str(path), "eval.tasks=[fj_nope]"]) == 2
     assert "unknown lm-eval task(s) ['fj_nope']" in capsys.readouterr().err and not (out / "tasks.json").exists()
