@@ -31,6 +31,8 @@ Where things live, one home each, in import order (a module imports only from th
   plan.py             `fusejax plan`: per-device memory of the train step without allocating the model
   merging.py          `fusejax merge`: models of one architecture merged in parameter space, tensor by tensor
   generation.py       `fusejax generate`, generate / generate_ids: batched decoding with a KV cache
+  harness.py          the lm-evaluation-harness backend on generation.py (`python -m fusejax.harness`; eval.tasks,
+                      imported by the eval stage only then)
 
   stages.py           the one registry of stages and commands, read by the pipeline and the CLI
   pipeline.py         `fusejax run`: every stage in order, fingerprinted, resumable, validated up front

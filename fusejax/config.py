@@ -231,8 +231,16 @@ class TrainConfig:
 
 @section
 class EvalConfig:
-    batch_size: int = opt(8, "held-out sequences per evaluation batch (eval stage and train.eval_every)", POSITIVE)
+    batch_size: int = opt(8, "held-out sequences (or lm-eval requests) per evaluation batch (eval stage and "
+                             "train.eval_every)", POSITIVE)
     max_batches: int | None = opt(None, "evaluate at most this many batches; null: all held-out blocks", POSITIVE)
+    tasks: tuple[str, ...] = opt((), "lm-evaluation-harness tasks or groups also run on the target and the trained "
+                                     "model (needs `pip install fusejax[eval]`; writes eval/tasks.json); empty: none")
+    num_fewshot: int | None = opt(None, "few-shot examples in each lm-eval prompt; null: each task's default",
+                                  NON_NEGATIVE)
+    limit: float | None = opt(None, "at most this many examples per lm-eval task (a fraction of them when below 1); "
+                                    "null: all", POSITIVE)
+    include_path: str | None = opt(None, "folder of extra lm-eval task YAMLs (local tasks) for eval.tasks")
 
 
 @section

@@ -135,16 +135,44 @@ def heldout_batches(cfg: Config, tokenizer=None) -> TokenBatches:
 
 def run(cfg: Config) -> dict:
     """Stage ``eval``: the target before training and the trained model (``<out>/train``) on the held-out
-    blocks; writes and returns ``<out>/eval/results.json`` as ``{"target": {...}, "trained": {...}}``."""
+    blocks; writes and returns ``<out>/eval/results.json`` as ``{"target": {...}, "trained": {...}}``. With
+    ``eval.tasks``, also runs those lm-eval tasks on both models (:func:`fusejax.harness.run_tasks`) and writes
+    ``<out>/eval/tasks.json`` in the same shape."""
     layout = RunLayout.of(cfg)
+    if cfg.eval.tasks:  # before any model is loaded: fail fast
+        harness = _harness()
+        manager = harness.task_manager(cfg.eval.tasks, cfg.eval.include_path)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     rules = cfg.mesh.rules
     data = heldout_batches(cfg)
     domains = block_domains(data)
     kw = dict(batch_size=cfg.eval.batch_size, max_batches=cfg.eval.max_batches, domains=domains)
-    results = {"target": evaluate(load_pretrained(cfg.target.path, mesh=mesh, rules=rules), data, **kw),
-               "trained": evaluate(load_trained(layout.train, mesh=mesh, rules=rules)[0], data, **kw)}
+    models = {"target": lambda: load_pretrained(cfg.target.path, mesh=mesh, rules=rules),
+              "trained": lambda: load_trained(layout.train, mesh=mesh, rules=rules)[0]}
+    results, tasks = {}, {}
+    for name, load in models.items():  # one model in memory at a time
+        model = load()
+        results[name] = evaluate(model, data, **kw)
+        if cfg.eval.tasks:
+            tasks[name] = harness.run_tasks(model, cfg.target.tokenizer_path, cfg.eval.tasks, manager,
+                                            num_fewshot=cfg.eval.num_fewshot, limit=cfg.eval.limit,
+                                            batch_size=cfg.eval.batch_size, seed=cfg.run.seed)
+        del model
     if is_main_process():
         write_json(layout.eval / "results.json", results)
+        if tasks:
+            write_json(layout.eval / "tasks.json", tasks)
         save_resolved(cfg, layout.eval)
     return results
+
+
+def _harness():
+    """The ``fusejax.harness`` module; ImportError saying how to install lm-eval when it is missing."""
+    try:
+        from fusejax import harness
+    except ModuleNotFoundError as e:
+        if (e.name or "").partition(".")[0] != "lm_eval":
+            raise
+        raise ImportError("eval.tasks needs lm-evaluation-harness, which is not installed: "
+                          "pip install fusejax[eval]") from e
+    return harness

@@ -55,7 +55,8 @@ PIPELINE: tuple[Stage, ...] = (
     Stage("train", "fusejax.train:run", "fused continual training of the target (writes <output_dir>/train)",
           "train", ("train", "target", "run.seed", "mesh.rules"), after=("align",), paths=_target_paths),
     Stage("eval", "fusejax.evaluation:run", "held-out loss and bits per byte of the target before and after training",
-          "eval", ("eval", "target", "train.seq_len"), after=("prepare", "train"), paths=_target_paths),
+          "eval", ("eval", "target", "train.seq_len"), after=("prepare", "train"),
+          paths=lambda cfg: _target_paths(cfg) + [p for p in (cfg.eval.include_path,) if p]),
     Stage("export", "fusejax.export:run", "the latest training checkpoint as a Hugging Face folder (export.path)",
           "export", ("export",), after=("train",)),
 )

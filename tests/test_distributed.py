@@ -13,7 +13,7 @@ import pytest
 from fusejax import distributed
 from fusejax.config import load_config
 from fusejax.sharding import resolve_mesh_shape
-from multiprocess import run_processes  # tests/multiprocess.py (pytest puts tests/ on sys.path)
+from processes import run_processes  # tests/processes.py (pytest puts tests/ on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 

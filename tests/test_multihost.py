@@ -14,7 +14,7 @@ from fusejax.sharding import make_mesh
 from fusejax.data import stream_rows
 from fusejax.testing import SyntheticTables
 from fusejax.train import Trainer, build_target
-from multiprocess import run_processes  # tests/multiprocess.py
+from processes import run_processes  # tests/processes.py
 
 MODEL = dict(arch="llama", vocab_size=200, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
              num_kv_heads=2)

@@ -30,7 +30,7 @@ import fusejax.files
 from fusejax import cli
 from fusejax.store import open_store
 
-from multiprocess import xla_flags  # tests/multiprocess.py
+from processes import xla_flags  # tests/processes.py
 from test_represent import TEXTS, _hf_tokenizer, _tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
