@@ -46,6 +46,12 @@ class Batches(Protocol):
 MAX_EPOCHS_PER_BATCH = 16  # a batch reads every row at most this many times
 
 
+def bucket(n: int, minimum: int = 1) -> int:
+    """A padded size for ``n`` (a length or a batch): the power of two >= n, at least ``minimum``. A few
+    fixed shapes, so that a jitted function over padded arrays compiles a few times, not once per size."""
+    return max(minimum, 1 << max(0, n - 1).bit_length())
+
+
 def check_batch_size(batch_size: int, num_rows: int) -> None:
     """Refuse (ValueError naming ``train.batch_size``) a batch that no data holds: none without rows, none of
     more than ``MAX_EPOCHS_PER_BATCH`` times the ``num_rows`` training rows."""

@@ -33,6 +33,7 @@ from flax import nnx
 
 from fusejax.checkpoint import load_trained
 from fusejax.config import Config
+from fusejax.data import bucket
 from fusejax.files import atomic_write
 from fusejax.models import Transformer, load_pretrained
 from fusejax.models.transformer import KVCache
@@ -114,11 +115,6 @@ def _decode(graphdef, state, cache, token, done, key, step, limit, sampling: Sam
     return cache, tokens, steps, token, done
 
 
-def _bucket(n: int, minimum: int = 1) -> int:
-    """The power of two >= n (and >= minimum)."""
-    return max(minimum, 1 << max(0, n - 1).bit_length())
-
-
 def _batch_shards(rules) -> int:
     """How many ways the current mesh (``jax.set_mesh``) splits the batch axis under ``rules`` (1 without one)."""
     mesh = jax.sharding.get_abstract_mesh()
@@ -196,14 +192,14 @@ def generate_ids(model: Transformer, prompts: list[list[int]], *, max_new_tokens
 def _generate_batch(graphdef, state, model, prompts, max_new_tokens, eos_ids, sampling, key, stop, tokenizer):
     """:func:`generate_ids` of one batch of prompts (at most batch_size)."""
     shards = _batch_shards(model.rules)
-    B = -(-_bucket(len(prompts)) // shards) * shards
-    T = _bucket(max(map(len, prompts)), MIN_BUCKET)
+    B = -(-bucket(len(prompts)) // shards) * shards
+    T = bucket(max(map(len, prompts)), MIN_BUCKET)
     ids, mask = np.zeros((B, T), np.int32), np.zeros((B, T), np.int32)
     mask[:, -1] = 1  # rows past the prompts: one token, done from the start
     for r, p in enumerate(prompts):
         ids[r, T - len(p):], mask[r, T - len(p):] = p, 1
     greedy = sampling.temperature == 0
-    cache, token = _prefill(graphdef, state, ids, mask, key, sampling, length=_bucket(T + max_new_tokens),
+    cache, token = _prefill(graphdef, state, ids, mask, key, sampling, length=bucket(T + max_new_tokens),
                             greedy=greedy)
     new: list[list[int]] = [[] for _ in prompts]
     ended = np.ones(B, bool)

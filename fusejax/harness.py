@@ -36,17 +36,13 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from fusejax.checkpoint import load_trained
+from fusejax.data import bucket
 from fusejax.generation import generate_ids
 from fusejax.models import load_pretrained
 from fusejax.tokenizer import load_tokenizer
 
 LOGIT_CHUNK = 256  # continuation positions whose [B, chunk, V] float32 logits exist at one time
 MIN_BUCKET = 16  # shortest padded length
-
-
-def bucket(n: int) -> int:
-    """The padded length of ``n`` tokens: the next power of two, at least ``MIN_BUCKET``."""
-    return max(MIN_BUCKET, 1 << (n - 1).bit_length())
 
 
 @nnx.jit  # one compiled program per model architecture and padded shape, shared by every FusejaxLM
@@ -149,7 +145,8 @@ class FusejaxLM(TemplateLM):
             if max(map(len, conts)) > self.max_length:
                 raise ValueError(f"a continuation of {max(map(len, conts))} tokens is longer than the context "
                                  f"max_length={self.max_length}")
-            T, C = min(bucket(max(map(len, rows))), self.max_length), bucket(max(map(len, conts)))
+            T = min(bucket(max(map(len, rows)), MIN_BUCKET), self.max_length)
+            C = bucket(max(map(len, conts)), MIN_BUCKET)
             ids, mask = np.zeros((self.batch_size, T), np.int32), np.ones((self.batch_size, T), np.int32)
             positions, targets = np.zeros((self.batch_size, C), np.int32), np.zeros((self.batch_size, C), np.int32)
             for i, (row, cont) in enumerate(zip(rows, conts)):

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fusejax.config import Config
+from fusejax.data import bucket
 from fusejax.models.transformer import head_logits
 
 
@@ -115,12 +116,6 @@ def device_layout(sharding: jax.sharding.Sharding) -> dict:
             "platform": next(iter(devices)).platform}
 
 
-def _bucket(n: int, limit: int) -> int:
-    """Padded length for a batch whose longest sequence has ``n`` tokens: the next power of two >= 16,
-    capped at ``limit`` (a few fixed shapes, so the jitted step compiles a few times at most)."""
-    return min(max(16, 1 << (n - 1).bit_length()), limit)
-
-
 def represent_source(
     model,
     tokenizer,
@@ -219,7 +214,7 @@ def represent_source(
                         f"block {bad} has {longest} tokens for source {name!r}, more than its context of {context}; "
                         f"lower corpus.block_size"
                     )
-                length = _bucket(longest, context)
+                length = min(bucket(longest, 16), context)  # a few shapes, capped at the context
                 ids = np.zeros((batch_size, length), np.int32)  # fixed batch size: short last batch padded
                 mask = np.zeros((batch_size, length), np.int32)
                 for b, s in enumerate(seqs):

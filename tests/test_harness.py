@@ -27,7 +27,8 @@ import fusejax
 from fusejax.checkpoint import checkpoint_manager, load_trained, save
 from fusejax.cli import main
 from fusejax.corpus import prepare_corpus
-from fusejax.harness import FusejaxLM, bucket, task_manager
+from fusejax.data import bucket
+from fusejax.harness import MIN_BUCKET, FusejaxLM, task_manager
 from fusejax.models import load_pretrained
 from tiny import bpe_tokenizer, save_random_hf_model
 
@@ -133,7 +134,7 @@ def test_is_greedy_flags_and_padding_buckets(lms):
     got, ref = ours._loglikelihood_tokens(requests), hf._loglikelihood_tokens(requests)
     assert [g for _, g in got] == [g for _, g in ref] and [g for _, g in got][:3] == [True, False, False]
     np.testing.assert_allclose([ll for ll, _ in got], [ll for ll, _ in ref], rtol=0, atol=TOL)
-    assert [bucket(n) for n in (1, 16, 17, 100, 256, 257)] == [16, 16, 32, 128, 256, 512]
+    assert [bucket(n, MIN_BUCKET) for n in (1, 16, 17, 100, 256, 257)] == [16, 16, 32, 128, 256, 512]
 
 
 def test_generate_until_equals_the_hugging_face_backend_under_greedy_decoding(lms):
