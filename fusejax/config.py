@@ -107,8 +107,8 @@ class MeshConfig:
 @section
 class CorpusConfig:
     inputs: tuple[str, ...] = opt((), "corpus files or folders read in order")
-    format: Literal["auto", "txt", "jsonl", "parquet", "tfds", "hf_disk"] = opt(
-        "auto", "input format; auto: from the file extension"
+    format: Literal["auto", "txt", "jsonl", "parquet", "tfds", "hf_disk", "chat"] = opt(
+        "auto", "input format; auto: from the file extension; chat: conversations in .jsonl or hf_disk (docs/chat.md)"
     )
     text_field: str = opt("text", "field holding the document text in jsonl/parquet/tfds/hf_disk inputs")
     txt_split: Literal["file", "blank_line"] = opt("file", "txt documents: one per file, or split at blank lines")
@@ -120,6 +120,8 @@ class CorpusConfig:
 class ModelRef:
     path: str | None = opt(None, "Hugging Face model folder (config.json + safetensors)")
     tokenizer: str | None = opt(None, "tokenizer folder; null: the model folder")
+    chat_template: str | None = opt(
+        None, "Jinja chat template file (corpus.format: chat); null: the tokenizer's own chat_template")
 
     @property
     def tokenizer_path(self) -> str:

@@ -37,16 +37,17 @@ class Stage:
 
 
 def _target_paths(cfg: Config) -> list[str]:
-    return [p for p in (cfg.target.path, cfg.target.tokenizer) if p]
+    return [p for p in (cfg.target.path, cfg.target.tokenizer, cfg.target.chat_template) if p]
 
 
 PIPELINE: tuple[Stage, ...] = (
     Stage("prepare", "fusejax.corpus:run", "cut the corpus into blocks of target tokens (writes <output_dir>/corpus)",
-          "corpus", ("corpus", "run.seed", "target.tokenizer_path"),
-          paths=lambda cfg: [*cfg.corpus.inputs, cfg.target.tokenizer_path]),
+          "corpus", ("corpus", "run.seed", "target.tokenizer_path", "target.chat_template"),
+          paths=lambda cfg: [p for p in (*cfg.corpus.inputs, cfg.target.tokenizer_path, cfg.target.chat_template)
+                             if p]),
     Stage("represent", "fusejax.represent:run", "top-k logits and CE of every source (writes <output_dir>/represent)",
           "represent", ("sources", "represent"), after=("prepare",),
-          paths=lambda cfg: [p for s in cfg.sources for p in (s.path, s.tokenizer) if p]),
+          paths=lambda cfg: [p for s in cfg.sources for p in (s.path, s.tokenizer, s.chat_template) if p]),
     Stage("vocab-map", "fusejax.vocab_maps:run", "map each source vocabulary onto the target's (vocab_maps/)",
           "vocab_maps", ("vocab_map", "sources", "target.tokenizer_path"), after=("represent",),
           paths=lambda cfg: [*(s.tokenizer_path for s in cfg.sources), cfg.target.tokenizer_path]),
