@@ -58,8 +58,8 @@ def messages_of(obj, where: str) -> list[dict[str, str]]:
 
 def chat_tokenizer(path, template_file: str | None, key: str):
     """The tokenizer of folder ``path`` with its chat template: the Jinja file ``template_file`` when given, else
-    the tokenizer's own ``chat_template``; ValueError naming the setting ``key`` (e.g. ``sources.0``) when it
-    has neither."""
+    the tokenizer's own ``chat_template``; ValueError naming ``key`` (e.g. ``source 'a'``) when it has
+    neither."""
     from fusejax.tokenizer import load_tokenizer
 
     tok = load_tokenizer(path)
@@ -67,15 +67,20 @@ def chat_tokenizer(path, template_file: str | None, key: str):
         try:
             tok.chat_template = Path(template_file).read_text("utf-8")
         except OSError as err:
-            raise ValueError(f"{key}.chat_template: cannot read {template_file}: {err}") from None
+            raise ValueError(f"{key}: cannot read its chat_template {template_file}: {err}") from None
     if not getattr(tok, "chat_template", None):
-        raise ValueError(f"{key}: tokenizer {path} has no chat_template; set {key}.chat_template to a Jinja file")
+        raise ValueError(f"{key}: tokenizer {path} has no chat_template; set its chat_template to a Jinja file")
     return tok
 
 
 def template_hash(tok) -> str:
     """sha256 hex of ``tok``'s chat template (recorded in store metas: another template gives other ids)."""
     return hashlib.sha256(str(tok.chat_template).encode("utf-8")).hexdigest()
+
+
+def is_chat(corpus_meta: dict) -> bool:
+    """Whether a corpus store with this meta holds conversations (written with ``corpus.format: chat``)."""
+    return "chat_template" in corpus_meta
 
 
 def block_messages(block_text: bytes | str) -> list[dict[str, str]]:

@@ -134,10 +134,12 @@ def topk_fields(k: int, logits_dtype: str, vocab_size: int) -> list[Field]:
 ALIGN_COUNTS = ("positions", "one_to_one", "matched", "fallback", "empty")
 
 
-def aligned_fields(num_sources: int, k: int, vocab_size: int, logits_dtype: str) -> list[Field]:
+def aligned_fields(num_sources: int, k: int, vocab_size: int, logits_dtype: str, *, chat: bool = False
+                   ) -> list[Field]:
     """Fields of the aligned store for ``num_sources`` sources at top-``k`` (see :func:`fusejax.align.run`):
     target ids in :func:`index_dtype` of the target's ``vocab_size``, the tables packed by :func:`pack_tables`
-    (``table_counts [T, S]``, ``table_ids [N]``, ``table_logits [N]`` in ``logits_dtype``)."""
+    (``table_counts [T, S]``, ``table_ids [N]``, ``table_logits [N]`` in ``logits_dtype``); ``chat``: also
+    ``scored [T]`` bool, the positions that predict assistant tokens."""
     S, ids = num_sources, index_dtype(vocab_size)
     return [
         Field("input_ids", ids, (), ragged=True),
@@ -151,7 +153,7 @@ def aligned_fields(num_sources: int, k: int, vocab_size: int, logits_dtype: str)
         Field("split", "uint8"),
         Field("skip", "bool"),
         Field("align_counts", "int32", (S, len(ALIGN_COUNTS))),
-    ]
+    ] + ([Field("scored", "bool", (), ragged=True)] if chat else [])
 
 
 def pack_tables(ids: np.ndarray, logits: np.ndarray) -> dict[str, np.ndarray]:
