@@ -91,6 +91,11 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
 class RunConfig:
     output_dir: str = opt("runs/default", "folder for everything the run writes (logits, checkpoints, logs)")
     seed: int = opt(0, "random seed for initialization, data order and the holdout split", SEED)
+    pairwise: bool = opt(
+        False, "`fusejax run`: fuse each source into the target on its own (FuseChat), one run per source in "
+        "<output_dir>/pairs/<name>, then merge their exports (merge section; base: the target)")
+    pairwise_target: bool = opt(False, "with run.pairwise: each pair also fuses the target's own distribution "
+                                       "(the target as a second source named 'target')")
 
 
 @section

@@ -275,6 +275,10 @@ class RunLayout:
     def eval(self) -> Path:
         return self.root / "eval"
 
+    def pair(self, source: str) -> Path:
+        """The run folder of the fusion of source ``source`` alone into the target (``run.pairwise``)."""
+        return self.root / "pairs" / source
+
     @property
     def stale(self) -> Path:
         """Where ``fusejax run`` moves a stage folder whose inputs changed."""

@@ -8,12 +8,13 @@ pipeline) and the ``fusejax`` command both read it; neither keeps a list of its 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 from collections.abc import Callable
 from pathlib import Path
 
-from fusejax.config import Config
+from fusejax.config import Config, ConfigError, config_to_dict, load_config, replace
 from fusejax.schema import RunLayout
 
 
@@ -69,6 +70,34 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("fusejax.merging:run", "merge models of one architecture in parameter space (docs/merging.md)"),
     "run": ("fusejax.pipeline:run", "every stage in order, skipping finished ones (see docs/pipeline.md)"),
 }
+
+
+def pair_configs(cfg: Config) -> list[tuple[str, Config]]:
+    """``run.pairwise``: ``(source name, config)`` of each pair, the whole pipeline for that source alone (and,
+    with ``run.pairwise_target``, the target as a source named "target") in ``RunLayout.pair(name)``, with
+    its export there."""
+    layout = RunLayout.of(cfg)
+    if cfg.run.pairwise_target and any(s.name == "target" for s in cfg.sources):
+        raise ConfigError("run.pairwise_target adds a source named 'target'; rename the source called 'target'")
+    raw = config_to_dict(cfg)
+    itself = {"name": "target", **{k: raw["target"][k] for k in ("path", "tokenizer", "chat_template")}}
+    out = []
+    for source in raw["sources"]:
+        pair = copy.deepcopy(raw)
+        pair["run"].update(output_dir=str(layout.pair(source["name"])), pairwise=False, pairwise_target=False)
+        pair["sources"] = [source, itself] if cfg.run.pairwise_target else [source]
+        pair["export"]["path"] = None
+        out.append((source["name"], load_config(data=pair)))
+    return out
+
+
+def pair_merge_config(cfg: Config) -> Config:
+    """``run.pairwise``: ``cfg`` with ``merge.models`` the pairs' exports (in source order) and ``merge.base``
+    the target unless set; ``merge.models`` must be empty in the config (the pairs fill it)."""
+    if cfg.merge.models:
+        raise ConfigError("merge.models: run.pairwise merges the fused pairs; leave merge.models empty")
+    models = [str(RunLayout.of(pair).export) for _, pair in pair_configs(cfg)]
+    return replace(cfg, "merge", {"models": models, "base": cfg.merge.base or cfg.target.path})
 
 
 def _inputs(cfg: Config) -> list[tuple[str, str]]:

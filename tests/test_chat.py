@@ -110,8 +110,7 @@ def chat_run(toks, tmp_path_factory):
     """A chat corpus cut for the target (first tokenizer), and fake top-k stores of the others that name, in
     each row's first logit, the source position it was taken at."""
     root = tmp_path_factory.mktemp("chat")
-    names = list(toks)
-    target, sources = names[0], names[1:]
+    target, sources = "meta", [n for n in ("bytes", "llama3") if n in toks]  # DeepSeek-V4: spans only (time)
     data = write_jsonl(root / "chat.jsonl", [conversation(k) for k in KEYS])
     out = root / "run"
     prepare_corpus(data, toks[target][0], out / "corpus", block_size=200, fmt="chat", chat_template=toks[target][1],
