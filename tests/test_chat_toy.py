@@ -1,0 +1,41 @@
+"""The toy chat fusion end to end (configs/chat-toy.yaml, fusejax.chat_toy) at tiny sizes: conversations from
+pydoc_data, three tiny chat models with different templates, pairwise fusion, the merge, one multi-source run
+and the report of held-out assistant bits per byte."""
+
+import json
+import math
+
+import pytest
+
+from fusejax import chat_toy
+from fusejax.tokenizer import load_tokenizer
+
+pytestmark = pytest.mark.usefixtures("jax_compile_cache")
+
+TINY = {name: {**recipe, "steps": 2, "arch": {**recipe["arch"], "hidden_size": 16, "intermediate_size": 32}}
+        for name, recipe in chat_toy.RECIPES.items()}
+
+
+def test_toy_chat_fusion(tmp_path):
+    out, assets = tmp_path / "run", tmp_path / "assets"
+    overrides = [f"run.output_dir={out}", f"corpus.inputs=[{assets}/chat.jsonl]", f"target.path={assets}/target",
+                 f"sources.0.path={assets}/alpha", f"sources.1.path={assets}/beta", "corpus.holdout_fraction=0.3",
+                 "train.steps=2", "train.batch_size=4", "represent.batch_size=4", "eval.batch_size=4"]
+    results = chat_toy.main(chat_toy.DEFAULT_CONFIG, overrides, recipes=TINY, max_topics=12)
+    assert results["assets"] == {"target": "built", "alpha": "built", "beta": "built"}
+    for name in ("alpha", "beta"):  # one target-sized fused model per source, with the target's chat template
+        export = out / "pairs" / name / "export"
+        assert json.loads((export / "config.json").read_text())["hidden_size"] == 16
+        assert load_tokenizer(export).chat_template == load_tokenizer(assets / "target").chat_template
+    assert results["merge"]["models"] == [str(out / "pairs" / n / "export") for n in ("alpha", "beta")]
+    assert results["merge"]["base"] == str(assets / "target") and results["merge"]["method"] == "sce"
+    evals = results["eval"]
+    assert set(evals) == {"source alpha", "source beta", "target", "pair alpha", "pair beta", "pairwise + merge",
+                          "one run, all sources"}
+    assert all(math.isfinite(r["bits_per_byte"]) and r["tokens"] > 0 for r in evals.values())
+    # every model is scored on the same assistant bytes, whatever its tokenizer and template
+    assert len({r["bytes"] for r in evals.values()}) == 1
+    assert (out / "report" / "report.md").read_text().count("|") > 7 * 5
+    again = chat_toy.main(chat_toy.DEFAULT_CONFIG, overrides, recipes=TINY, max_topics=12)  # resumes per source
+    assert again["assets"] == {"target": "reused", "alpha": "reused", "beta": "reused"}
+    assert again["eval"] == evals
