@@ -12,7 +12,7 @@ from fusejax.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("jax_compile_cache")
 
-TINY = {name: {**recipe, "steps": 2, "arch": {**recipe["arch"], "hidden_size": 16, "intermediate_size": 32}}
+TINY = {name: {**recipe, "steps": 2, "arch": {**recipe["arch"], "hidden_size": 32, "intermediate_size": 32}}
         for name, recipe in chat_toy.RECIPES.items()}
 
 
@@ -20,12 +20,12 @@ def test_toy_chat_fusion(tmp_path):
     out, assets = tmp_path / "run", tmp_path / "assets"
     overrides = [f"run.output_dir={out}", f"corpus.inputs=[{assets}/chat.jsonl]", f"target.path={assets}/target",
                  f"sources.0.path={assets}/alpha", f"sources.1.path={assets}/beta", "corpus.holdout_fraction=0.3",
-                 "train.steps=2", "train.batch_size=4", "represent.batch_size=4", "eval.batch_size=4"]
+                 "train.steps=2", "train.batch_size=8", "represent.batch_size=8", "eval.batch_size=8"]
     results = chat_toy.main(chat_toy.DEFAULT_CONFIG, overrides, recipes=TINY, max_topics=12)
     assert results["assets"] == {"target": "built", "alpha": "built", "beta": "built"}
     for name in ("alpha", "beta"):  # one target-sized fused model per source, with the target's chat template
         export = out / "pairs" / name / "export"
-        assert json.loads((export / "config.json").read_text())["hidden_size"] == 16
+        assert json.loads((export / "config.json").read_text())["hidden_size"] == 32
         assert load_tokenizer(export).chat_template == load_tokenizer(assets / "target").chat_template
     assert results["merge"]["models"] == [str(out / "pairs" / n / "export") for n in ("alpha", "beta")]
     assert results["merge"]["base"] == str(assets / "target") and results["merge"]["method"] == "sce"
