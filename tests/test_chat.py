@@ -208,3 +208,44 @@ def test_assistant_only_loss_mask(chat_run, tmp_path):
     for b in range(len(rows["input_ids"])):
         text = tok.decode(rows["labels"][b][rows["loss_mask"][b] == 1])
         assert "<|im_start|>" not in text and "User:" not in text and "<|start_header_id|>" not in text
+
+
+GOOD = conversation("if")
+BAD_CASES = {
+    "unknown role": ({"messages": [{"role": "robot", "content": "hi"}, *GOOD["messages"][2:3]]}, None,
+                     ["line 2", "messages[0].role", "unknown role 'robot'"]),
+    "unknown sharegpt role": ({"conversations": [{"from": "bot", "value": "hi"}]}, None,
+                              ["line 2", "conversations[0].from", "'bot'"]),
+    "no assistant": ({"messages": GOOD["messages"][:2]}, None, ["line 2", "no assistant message"]),
+    "empty assistant": ({"messages": [*GOOD["messages"][:2], {"role": "assistant", "content": " \n"}]}, None,
+                        ["line 2", "messages[2].content", "empty assistant message"]),
+    "not a message": ({"messages": [{"role": "user", "content": 3}]}, None, ["line 2", "messages[0]", "'content'"]),
+    "template drops content": (GOOD, DROPS, ["line 1", "drops or rewrites the content of message 0"]),
+    "no template": (GOOD, "", ["target", "has no chat_template", "chat_template"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CASES))
+def test_bad_conversations_are_one_line_and_write_nothing(toks, tmp_path, capsys, case):
+    from fusejax import cli
+
+    record, template, fragments = BAD_CASES[case]
+    folder, own = toks["meta"]
+    if template is not None:  # a template file of its own, or none at all (a tokenizer without one)
+        own = None if template == "" else tmp_path / "t.jinja"
+        if own:
+            own.write_text(template)
+    data = write_jsonl(tmp_path / "chat.jsonl", [GOOD, record] if record is not GOOD else [record])
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps({"run": {"output_dir": str(tmp_path / "out")},
+                                  "corpus": {"inputs": [str(data)], "format": "chat", "block_size": 400},
+                                  "target": {"tokenizer": folder, "chat_template": own and str(own)}}))
+    assert cli.main(["prepare", str(config)]) == 2
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert line.startswith("fusejax: error: ")
+    for fragment in fragments:
+        assert fragment in line, (fragment, line)
+    if "template" not in case:
+        assert str(data) in line
+    corpus = tmp_path / "out" / "corpus"
+    assert not corpus.exists() or len(open_store(corpus)) == 0  # the good first conversation was not written
