@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from fusejax import chat_toy
+from fusejax import chat_toy, pipeline
+from fusejax.config import load_config
 from fusejax.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("jax_compile_cache")
@@ -36,6 +37,8 @@ def test_toy_chat_fusion(tmp_path):
     # every model is scored on the same assistant bytes, whatever its tokenizer and template
     assert len({r["bytes"] for r in evals.values()}) == 1
     assert (out / "report" / "report.md").read_text().count("|") > 7 * 5
-    again = chat_toy.main(chat_toy.DEFAULT_CONFIG, overrides, recipes=TINY, max_topics=12)  # resumes per source
-    assert again["assets"] == {"target": "reused", "alpha": "reused", "beta": "reused"}
-    assert again["eval"] == evals
+    cfg = load_config(chat_toy.DEFAULT_CONFIG, overrides)
+    assert chat_toy.build_assets(cfg, TINY, max_topics=12) == {"target": "reused", "alpha": "reused", "beta": "reused"}
+    again = pipeline.run(cfg)  # every pair's stages are finished: skipped, then merged again
+    assert all(set(again[n].values()) == {"skipped"} for n in ("alpha", "beta"))
+    assert again["merge"] == results["merge"]
