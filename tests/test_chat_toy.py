@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from fusejax import chat_toy, pipeline
-from fusejax.config import load_config
+from fusejax import chat_toy, pipeline, stages
+from fusejax.config import ConfigError, load_config, replace
 from fusejax.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("jax_compile_cache")
@@ -42,3 +42,21 @@ def test_toy_chat_fusion(tmp_path):
     again = pipeline.run(cfg)  # every pair's stages are finished: skipped, then merged again
     assert all(set(again[n].values()) == {"skipped"} for n in ("alpha", "beta"))
     assert again["merge"] == results["merge"]
+
+
+def test_pair_configs():
+    cfg = load_config(chat_toy.DEFAULT_CONFIG, ["run.output_dir=out", "run.pairwise_target=true",
+                                                "merge.dtype=bfloat16"])
+    pairs = stages.pair_configs(cfg)
+    assert [name for name, _ in pairs] == ["alpha", "beta"]
+    for name, pair in pairs:
+        assert pair.run.output_dir == f"out/pairs/{name}" and not pair.run.pairwise
+        assert [s.name for s in pair.sources] == [name, "target"] and pair.sources[1].path == cfg.target.path
+        assert pair.train == cfg.train and pair.corpus == cfg.corpus
+    merge = stages.pair_merge_config(cfg).merge
+    assert merge.models == ("out/pairs/alpha/export", "out/pairs/beta/export")
+    assert merge.base == cfg.target.path and merge.dtype == "bfloat16" and merge.method == "sce"
+    with pytest.raises(ConfigError, match="leave merge.models empty"):
+        stages.pair_merge_config(replace(cfg, "merge.models", ["x"]))
+    with pytest.raises(ConfigError, match="source called 'target'"):
+        stages.pair_configs(replace(cfg, "sources.0.name", "target"))
