@@ -249,3 +249,24 @@ def test_bad_conversations_are_one_line_and_write_nothing(toks, tmp_path, capsys
         assert str(data) in line
     corpus = tmp_path / "out" / "corpus"
     assert not corpus.exists() or len(open_store(corpus)) == 0  # the good first conversation was not written
+
+
+def test_saved_dataset_gives_the_same_blocks_as_jsonl(toks, tmp_path):
+    """A save_to_disk folder (state.json + an Arrow stream of list<struct> messages, as datasets writes it)."""
+    import pyarrow as pa
+
+    records = [conversation(k) for k in KEYS[:3]]
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    table = pa.Table.from_pylist(records)
+    with pa.ipc.new_stream(saved / "data-00000-of-00001.arrow", table.schema) as w:
+        w.write_table(table)
+    (saved / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+    blocks = []
+    for name, data in (("jsonl", write_jsonl(tmp_path / "chat.jsonl", records)), ("saved", saved)):
+        prepare_corpus(data, toks["meta"][0], tmp_path / name, block_size=200, fmt="chat",
+                       chat_template=toks["meta"][1])
+        store = open_store(tmp_path / name)
+        blocks.append([(bytes(r["text"]), tuple(r["span"]), int(r["n_tokens"]))
+                       for r in map(store.row, range(len(store)))])
+    assert blocks[0] == blocks[1] and len(blocks[0]) >= 3
