@@ -46,7 +46,8 @@ TEMPLATES = {"chatml": (CHATML, ["<|im_start|>", "<|im_end|>"]),
              "headers": (HEADERS, ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]),
              "plain": (PLAIN, [])}
 
-# name -> recipe: arch (ModelConfig fields), tokenizer (kind, vocab size), template, pre-training steps and lr
+# name -> recipe: arch (ModelConfig fields), tokenizer (kind, vocab size), template, pre-training steps (0: none,
+# the random initialization) and lr
 RECIPES: dict[str, dict] = {
     "target": {"arch": {"arch": "llama", "hidden_size": 48, "intermediate_size": 128, "num_layers": 2,
                         "num_heads": 4, "max_position_embeddings": 512},
@@ -118,19 +119,21 @@ def pretrain_model(name: str, recipe: dict, folder: Path, cfg: Config, mesh) -> 
     tok.chat_template = template
     tok.save_pretrained(work / "tokenizer")
     tok = load_tokenizer(work / "tokenizer")
-    prepare_corpus(data_file, tok, work / "corpus", block_size=PRETRAIN["block_size"], fmt="chat",
-                   holdout_fraction=cfg.corpus.holdout_fraction, seed=cfg.run.seed)
-    data = TokenBatches(work / "corpus", tok, seq_len=PRETRAIN["block_size"] + 1)
     config = ModelConfig(**recipe["arch"], vocab_size=len(tok), eos_token_id=tok.eos_token_id,
                          bos_token_id=tok.bos_token_id)
-    tc = TrainConfig(steps=recipe["steps"], batch_size=PRETRAIN["batch_size"], seq_len=PRETRAIN["block_size"] + 1,
-                     lr=recipe["lr"], warmup_ratio=0.05, lm_weight=1.0, log_every=max(1, recipe["steps"] // 5),
-                     eval_every=0, checkpoint_every=0, keep_checkpoints=1)
-    trainer = Trainer(build_target(tc, mesh, config=config, seed=cfg.run.seed), data, tc, work / "train",
-                      mesh=mesh, seed=cfg.run.seed)
-    trainer.fit()
-    trainer.close()
-    save_pretrained(trainer.model(), folder)
+    tc = TrainConfig(steps=recipe["steps"] or None, batch_size=PRETRAIN["batch_size"],
+                     seq_len=PRETRAIN["block_size"] + 1, lr=recipe["lr"], warmup_ratio=0.05, lm_weight=1.0,
+                     log_every=max(1, recipe["steps"] // 5), eval_every=0, checkpoint_every=0, keep_checkpoints=1)
+    model = build_target(tc, mesh, config=config, seed=cfg.run.seed)
+    if recipe["steps"]:  # 0: the random initialization (tests)
+        prepare_corpus(data_file, tok, work / "corpus", block_size=PRETRAIN["block_size"], fmt="chat",
+                       holdout_fraction=cfg.corpus.holdout_fraction, seed=cfg.run.seed)
+        data = TokenBatches(work / "corpus", tok, seq_len=PRETRAIN["block_size"] + 1)
+        trainer = Trainer(model, data, tc, work / "train", mesh=mesh, seed=cfg.run.seed)
+        trainer.fit()
+        trainer.close()
+        model = trainer.model()
+    save_pretrained(model, folder)
     tok.save_pretrained(folder)
     shutil.rmtree(work)
 

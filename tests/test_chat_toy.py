@@ -1,5 +1,5 @@
 """The toy chat fusion end to end (configs/chat-toy.yaml, fusejax.chat_toy) at tiny sizes: conversations from
-pydoc_data, three tiny chat models with different templates, pairwise fusion, the merge, one multi-source run
+pydoc_data, three tiny random chat models with different templates, pairwise fusion, the merge, one multi-source run
 and the report of held-out assistant bits per byte."""
 
 import json
@@ -13,7 +13,7 @@ from fusejax.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("jax_compile_cache")
 
-TINY = {name: {**recipe, "steps": 2, "arch": {**recipe["arch"], "hidden_size": 32, "intermediate_size": 32}}
+TINY = {name: {**recipe, "steps": 0, "arch": {**recipe["arch"], "hidden_size": 32, "intermediate_size": 32}}
         for name, recipe in chat_toy.RECIPES.items()}
 
 
