@@ -17,6 +17,7 @@ TINY = {name: {**recipe, "steps": 0, "arch": {**recipe["arch"], "hidden_size": 3
         for name, recipe in chat_toy.RECIPES.items()}
 
 
+@pytest.mark.slow  # end to end: ~120 s of CPU on 2 cores (seven runs' worth of compiles)
 def test_toy_chat_fusion(tmp_path):
     out, assets = tmp_path / "run", tmp_path / "assets"
     overrides = [f"run.output_dir={out}", f"corpus.inputs=[{assets}/chat.jsonl]", f"target.path={assets}/target",
