@@ -15,7 +15,9 @@ refused before it is opened):
 * a Hugging Face ``datasets.save_to_disk`` folder (``state.json``, or ``dataset_dict.json`` + one folder
   per split), read from its Arrow files with pyarrow, splits in the listed order;
 * a TFDS prepared folder (``features.json`` + ``dataset_info.json``), through
-  ``tfds.builder_from_directory(...).as_data_source()``, splits sorted (needs the ``tfds`` extra).
+  ``tfds.builder_from_directory(...).as_data_source()``, splits sorted (needs the ``tfds`` extra);
+* ``fmt="chat"``: conversations in ``.jsonl`` files or ``save_to_disk`` folders, cut at turn boundaries
+  (:func:`_chat_blocks`, :mod:`fusejax.chat`; docs/chat.md): a block's ``text`` is the JSON of its messages.
 
 Document ids: ``<name>:<index>``, where ``<name>`` is the path relative to the folder that holds the given
 input (plus ``/<split>`` for datasets) and ``<index>`` the 0-based record / line / blank-line-block index.

@@ -243,12 +243,13 @@ class TokenBatches:
             row = self.store.row(int(self.positions[i]))
             if self.chat:
                 seq, spans = chat.encode(self.tokenizer, chat.block_messages(row["text"]), f"block {row['id']}")
-                scored[b, :len(seq)] = chat.scored_positions(len(seq), spans)
             else:
                 seq = encode_block(self.tokenizer, row["text"].decode("utf-8"))
             if len(seq) > T:
                 raise ValueError(f"block {row['id']} has {len(seq)} tokens with this tokenizer, more than seq_len={T}")
             ids[b, : len(seq)], mask[b, : len(seq)] = seq, 1
+            if self.chat:
+                scored[b, : len(seq)] = chat.scored_positions(len(seq), spans)
             out["n_bytes"][b] = row["n_bytes"]
         out.update(next_token_targets(ids, mask, scored))
         return out
