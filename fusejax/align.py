@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fusejax import vocab_maps
+from fusejax import chat, vocab_maps
 from fusejax.config import Config, save_resolved
 from fusejax.distributed import process_slice
 from fusejax.dtw import align_tokens
@@ -249,13 +249,14 @@ class BlockAligner:
         self.k, self.mode, self.fallback = cfg.represent.k, cfg.align.mode, cfg.align.fallback
         layout = RunLayout.of(cfg)
         self.corpus = open_checked(layout.corpus, CORPUS_KIND, verify=verify)
-        self.target = Vocab.of(cfg.target.tokenizer_path)
+        self.chat = chat.is_chat(self.corpus.meta)
+        self.target = Vocab.of(self._tokenizer(cfg.target, "target"))
         self.target_fingerprint = tokenizer_fingerprint(self.target.tok)
         _check_meta(self.corpus, "tokenizer_fingerprint", self.corpus.meta.get("tokenizer_fingerprint"),
                     self.target_fingerprint, f"the target tokenizer {cfg.target.tokenizer_path}")
         self.vocabs, self.stores, self.fingerprints = [], [], []
         for name, source in zip(self.names, cfg.sources):  # every input checked before anything is written
-            s = Vocab.of(source.tokenizer_path)
+            s = Vocab.of(self._tokenizer(source, f"source {name!r}"))
             fp = tokenizer_fingerprint(s.tok)
             store = open_checked(layout.topk(name), TOPK_KIND, verify=verify)
             _check_meta(store, "tokenizer_fingerprint", store.meta.get("tokenizer_fingerprint"), fp,
@@ -265,10 +266,15 @@ class BlockAligner:
                         "represent.logits_dtype; every top-k store of a run has the same")
             _check_meta(store, "corpus", store.meta.get("corpus"), self.corpus.meta,
                         f"the corpus store {self.corpus.path}")
+            if self.chat:
+                _check_meta(store, "chat_template", store.meta.get("chat_template"), chat.template_hash(s.tok),
+                            f"the chat template of source {name!r}")
             self.vocabs.append(s)
             self.stores.append(store)
             self.fingerprints.append(fp)
-        self.copied = [n for n, fp in enumerate(self.fingerprints) if fp == self.target_fingerprint]
+        # a chat block is rendered by each model's own template: every source is aligned
+        self.copied = [] if self.chat else [n for n, fp in enumerate(self.fingerprints)
+                                            if fp == self.target_fingerprint]
         self.maps = [None] * len(self.names)
         if cfg.align.use_vocab_map:
             self.maps = [self._map(cfg, name, fp, maps) for name, fp in zip(self.names, self.fingerprints)]
@@ -286,6 +292,12 @@ class BlockAligner:
             else None,
             corpus=self.corpus.meta,
         )
+
+    def _tokenizer(self, ref, key: str):
+        """The tokenizer of ``ref`` (a target or source config), with its chat template for a chat corpus."""
+        if self.chat:
+            return chat.chat_tokenizer(ref.tokenizer_path, ref.chat_template, key)
+        return ref.tokenizer_path
 
     def _map(self, cfg: Config, name: str, fingerprint: str, maps: str) -> np.ndarray:
         found = vocab_maps.load_map(cfg, name, fingerprint, self.target_fingerprint)
@@ -308,7 +320,13 @@ class BlockAligner:
         t, k, S = self.target, self.k, len(self.names)
         aligned = [n for n in range(S) if n not in self.copied]
         block = self.corpus.row(position)
-        tgt = np.asarray(encode_block(t.tok, block["text"].decode("utf-8")), np.int32)
+        where = f"block {block['id']}"
+        if self.chat:
+            messages = chat.block_messages(block["text"])
+            tgt, tgt_spans = chat.encode(t.tok, messages, where)
+            tgt = tgt.astype(np.int32)
+        else:
+            tgt = np.asarray(encode_block(t.tok, block["text"].decode("utf-8")), np.int32)
         n_bytes = int(block["n_bytes"])
         T = tgt.size
         table_ids = np.full((T, len(aligned), k), -1, np.int32)
@@ -321,26 +339,60 @@ class BlockAligner:
             row = source_row(store, block["id"], name, k)
             ce = np.asarray(row["token_ce"], np.float32)
             seq_ce[n] = row["seq_ce"]
-            byte_ce[n] = ce.sum(dtype=np.float64) / max(n_bytes, 1)
             skip |= int(row["nonfinite"]) > 0
             if n in self.copied:  # the target's tokens: its top-k rows as they are
                 if not np.array_equal(row["input_ids"], tgt):
                     raise StoreError(f"{store.path}: block {block['id']} holds other input_ids than the target "
                                      f"tokenizer's encoding of the block (source {name!r})")
+                byte_ce[n] = ce.sum(dtype=np.float64) / max(n_bytes, 1)
                 counts[n] = (T, T, T, 0, 0)
                 continue
             src, top_ids = np.asarray(row["input_ids"], np.int64), np.asarray(row["topk_ids"])
             top_logits = np.asarray(row["topk_logits"], np.float32)
-            partner = align_tokens(s, src, t, tgt, mode=self.mode)
-            ids, logits, stats = _project(s, t, src, tgt.astype(np.int64), top_ids, top_logits, partner, vmap,
-                                          self.fallback, self.mode, None)
             a = aligned.index(n)
-            table_ids[:, a], table_logits[:, a] = ids, logits
-            token_ce[:, a] = np.where(partner >= 0, ce[np.maximum(partner, 0)], seq_ce[n])
+            if self.chat:
+                src_ids, src_spans = chat.encode(s.tok, messages, where)
+                if not np.array_equal(src_ids, src):
+                    raise StoreError(f"{store.path}: {where} of source {name!r} holds other ids than its chat "
+                                     f"template renders now")
+                stats = self._align_chat(n, a, s, src, src_spans, top_ids, top_logits, ce, vmap, tgt, tgt_spans,
+                                         table_ids, table_logits, token_ce, seq_ce)
+                ce = ce[chat.scored_positions(src.size, src_spans)]
+            else:
+                partner = align_tokens(s, src, t, tgt, mode=self.mode)
+                ids, logits, stats = _project(s, t, src, tgt.astype(np.int64), top_ids, top_logits, partner, vmap,
+                                              self.fallback, self.mode, None)
+                table_ids[:, a], table_logits[:, a] = ids, logits
+                token_ce[:, a] = np.where(partner >= 0, ce[np.maximum(partner, 0)], seq_ce[n])
+            byte_ce[n] = ce.sum(dtype=np.float64) / max(n_bytes, 1)
             counts[n] = dataclasses.astuple(stats)
-        return {"id": int(block["id"]), "input_ids": tgt, **pack_tables(table_ids, table_logits), "seq_ce": seq_ce,
-                "token_ce": token_ce, "byte_ce": byte_ce, "n_bytes": n_bytes, "split": block["split"], "skip": skip,
-                "align_counts": counts}
+        out = {"id": int(block["id"]), "input_ids": tgt, **pack_tables(table_ids, table_logits), "seq_ce": seq_ce,
+               "token_ce": token_ce, "byte_ce": byte_ce, "n_bytes": n_bytes, "split": block["split"], "skip": skip,
+               "align_counts": counts}
+        return {**out, "scored": chat.scored_positions(T, tgt_spans)} if self.chat else out
+
+    def _align_chat(self, n: int, a: int, s: Vocab, src, src_spans, top_ids, top_logits, ce, vmap, tgt, tgt_spans,
+                    table_ids, table_logits, token_ce, seq_ce) -> AlignStats:
+        """Source ``n``'s column ``a`` of a chat block's tables, filled span by span: the content tokens of each
+        assistant message are aligned to the target's content tokens of the same message (DTW on the *predicted*
+        tokens), and the source row predicting a token is copied to the target position predicting its partner;
+        an unpaired or unmatched position gets the one-hot of the token it predicts. Template positions stay
+        empty (they are never scored). ``token_ce``: the partner's CE, else ``seq_ce``: the source's mean CE over
+        its assistant tokens."""
+        t, stats = self.target, AlignStats()
+        scored = chat.scored_positions(src.size, src_spans)
+        seq_ce[n] = ce[scored].mean() if scored.any() else 0.0
+        for (ta, tb), (sa, sb) in zip(tgt_spans, src_spans):
+            ta, sa = max(ta, 1), max(sa, 1)  # a first token of the text has no position predicting it
+            if ta >= tb or sa >= sb:
+                continue
+            partner = align_tokens(s, src[sa:sb], t, tgt[ta:tb], mode=self.mode)
+            ids, logits, part = _project(s, t, src[sa:sb], tgt[ta:tb].astype(np.int64), top_ids[sa - 1:sb - 1],
+                                         top_logits[sa - 1:sb - 1], partner, vmap, "reference", self.mode, None)
+            table_ids[ta - 1:tb - 1, a], table_logits[ta - 1:tb - 1, a] = ids, logits
+            token_ce[ta - 1:tb - 1, a] = np.where(partner >= 0, ce[sa - 1 + np.maximum(partner, 0)], seq_ce[n])
+            stats += part
+        return stats
 
 
 def source_row(store, block_id: int, name: str, k: int) -> dict:
@@ -375,7 +427,10 @@ def run(cfg: Config) -> dict:
       without a 1-to-1 partner get the source's ``seq_ce`` (its mean, so they favour no source);
     * ``byte_ce`` [S] float32: the sum of the source's token CE over the block / UTF-8 bytes of the block;
     * ``n_bytes`` int32, ``split`` uint8 (from the corpus), ``skip`` bool: a source had non-finite logits;
-    * ``align_counts`` [S, 5] int32: AlignStats counts (positions, one_to_one, matched, fallback, empty).
+    * ``align_counts`` [S, 5] int32: AlignStats counts (positions, one_to_one, matched, fallback, empty);
+    * a chat corpus: ``scored`` [T] bool, the positions predicting assistant tokens (the only ones trained
+      on); the tables are filled there only (:meth:`BlockAligner._align_chat`), and ``seq_ce`` / ``byte_ce``
+      are taken over those positions and the assistant bytes.
 
     ``align.use_vocab_map`` uses the maps of ``fusejax vocab-map`` (``soft``; built here when missing), else
     ``hard``. JAX process i of n writes a contiguous slice of the blocks; a rerun resumes; top-k stores built
@@ -396,7 +451,7 @@ def run(cfg: Config) -> dict:
     process = jax.process_index()
     start, stop = process_slice(len(corpus), process, jax.process_count())
     fields = aligned_fields(len(aligner.names), aligner.k, aligner.target.size, cfg.represent.logits_dtype,
-                            copied=len(aligner.copied))
+                            copied=len(aligner.copied), chat=aligner.chat)
     with StoreWriter(path, kind=ALIGNED_KIND, meta=aligner.meta, fields=fields,
                      rows_per_shard=cfg.represent.shard_size, process_index=process) as writer:
         done = writer.completed_ids()

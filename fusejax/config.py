@@ -91,6 +91,11 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
 class RunConfig:
     output_dir: str = opt("runs/default", "folder for everything the run writes (logits, checkpoints, logs)")
     seed: int = opt(0, "random seed for initialization, data order and the holdout split", SEED)
+    pairwise: bool = opt(
+        False, "`fusejax run`: fuse each source into the target on its own (FuseChat), one run per source in "
+        "<output_dir>/pairs/<name>, then merge their exports (merge section; base: the target)")
+    pairwise_target: bool = opt(False, "with run.pairwise: each pair also fuses the target's own distribution "
+                                       "(the target as a second source named 'target')")
 
 
 @section
@@ -107,8 +112,8 @@ class MeshConfig:
 @section
 class CorpusConfig:
     inputs: tuple[str, ...] = opt((), "corpus files or folders read in order")
-    format: Literal["auto", "txt", "jsonl", "parquet", "tfds", "hf_disk"] = opt(
-        "auto", "input format; auto: from the file extension"
+    format: Literal["auto", "txt", "jsonl", "parquet", "tfds", "hf_disk", "chat"] = opt(
+        "auto", "input format; auto: from the file extension; chat: conversations in .jsonl or hf_disk (docs/chat.md)"
     )
     text_field: str = opt("text", "field holding the document text in jsonl/parquet/tfds/hf_disk inputs")
     txt_split: Literal["file", "blank_line"] = opt("file", "txt documents: one per file, or split at blank lines")
@@ -120,6 +125,8 @@ class CorpusConfig:
 class ModelRef:
     path: str | None = opt(None, "Hugging Face model folder (config.json + safetensors)")
     tokenizer: str | None = opt(None, "tokenizer folder; null: the model folder")
+    chat_template: str | None = opt(
+        None, "Jinja chat template file (corpus.format: chat); null: the tokenizer's own chat_template")
 
     @property
     def tokenizer_path(self) -> str:

@@ -15,7 +15,9 @@ refused before it is opened):
 * a Hugging Face ``datasets.save_to_disk`` folder (``state.json``, or ``dataset_dict.json`` + one folder
   per split), read from its Arrow files with pyarrow, splits in the listed order;
 * a TFDS prepared folder (``features.json`` + ``dataset_info.json``), through
-  ``tfds.builder_from_directory(...).as_data_source()``, splits sorted (needs the ``tfds`` extra).
+  ``tfds.builder_from_directory(...).as_data_source()``, splits sorted (needs the ``tfds`` extra);
+* ``fmt="chat"``: conversations in ``.jsonl`` files or ``save_to_disk`` folders, cut at turn boundaries
+  (:func:`_chat_blocks`, :mod:`fusejax.chat`; docs/chat.md): a block's ``text`` is the JSON of its messages.
 
 Document ids: ``<name>:<index>``, where ``<name>`` is the path relative to the folder that holds the given
 input (plus ``/<split>`` for datasets) and ``<index>`` the 0-based record / line / blank-line-block index.
@@ -82,6 +84,7 @@ from typing import Any
 
 import numpy as np
 
+from fusejax import chat
 from fusejax.config import Config
 from fusejax.files import write_json
 from fusejax.schema import CORPUS_FIELDS, CORPUS_KIND, SPLITS, RunLayout
@@ -308,7 +311,8 @@ def _text_of(obj: dict, field: str, where: str) -> Any:
     return obj[field]
 
 
-def _read_jsonl(inp: _Input, text_field: str) -> Iterator[_Record]:
+def _read_jsonl(inp: _Input, text_field: str | None) -> Iterator[_Record]:
+    """Records of a ``.jsonl`` file: the value of ``text_field`` of each object (None: the whole object)."""
     with open(inp.path, "rb") as f:
         for index, line in enumerate(f):
             where = f"{inp.path} line {index + 1}"
@@ -324,7 +328,7 @@ def _read_jsonl(inp: _Input, text_field: str) -> Iterator[_Record]:
             if not isinstance(obj, dict):
                 yield _Record(doc_id, _Skip("invalid_json"), where)
                 continue
-            yield _Record(doc_id, _text_of(obj, text_field, where), where)
+            yield _Record(doc_id, _text_of(obj, text_field, where) if text_field else obj, where)
 
 
 def _arrow_column(batch, field: str, where: str):
@@ -369,7 +373,8 @@ def _safe_child(folder: Path, name: Any, what: str) -> Path:
     return folder / name
 
 
-def _read_hf(inp: _Input, text_field: str) -> Iterator[_Record]:
+def _read_hf(inp: _Input, text_field: str | None) -> Iterator[_Record]:
+    """Records of a ``save_to_disk`` dataset: the column ``text_field`` (None: each row as a dict)."""
     import pyarrow as pa
 
     if (inp.path / "dataset_dict.json").is_file():
@@ -395,7 +400,8 @@ def _read_hf(inp: _Input, text_field: str) -> Iterator[_Record]:
                     reader = pa.ipc.open_file(source)
                     batches = (reader.get_batch(k) for k in range(reader.num_record_batches))
                 for batch in batches:
-                    for value in _arrow_column(batch, text_field, str(path)):
+                    values = _arrow_column(batch, text_field, str(path)) if text_field else batch.to_pylist()
+                    for value in values:
                         yield _Record(f"{name}:{index}", value, f"{path} row {index}")
                         index += 1
 
@@ -464,6 +470,7 @@ def prepare_corpus(
     max_warnings: int = 20,
     process_index: int = 0,
     num_processes: int = 1,
+    chat_template: str | None = None,
 ) -> dict[str, Any]:
     """Read ``inputs``, cut documents into blocks of <= ``block_size`` target tokens, write a corpus store.
 
@@ -473,6 +480,9 @@ def prepare_corpus(
     them. Returns ``{"documents", "skipped": {reason: n}, "blocks", "tokens", "bytes", "heldout_blocks",
     "resumed_blocks"}``: documents, skipped and resumed_blocks are this process's, the rest count the whole
     store as it stands (see :func:`corpus_totals`).
+
+    ``fmt="chat"``: conversations (:mod:`fusejax.chat`; ``chat_template``: a Jinja file for a tokenizer without
+    one), see :func:`_chat_blocks`.
     """
     from fusejax.tokenizer import load_tokenizer, tokenizer_fingerprint
 
@@ -482,8 +492,8 @@ def prepare_corpus(
         raise ValueError(f"holdout_fraction must be in [0, 1], got {holdout_fraction}")
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-    tok = load_tokenizer(tokenizer)
-    found = _expand_inputs(inputs, fmt)
+    tok = chat.chat_tokenizer(tokenizer, chat_template, "target") if fmt == "chat" else load_tokenizer(tokenizer)
+    found = _expand_inputs(inputs, "auto" if fmt == "chat" else fmt)
     meta = {
         "tokenizer_fingerprint": tokenizer_fingerprint(tok),
         "block_size": block_size,
@@ -496,6 +506,18 @@ def prepare_corpus(
         "inputs": [{"name": inp.name, "format": inp.fmt, "bytes": _size(inp.path),
                     "sha256": input_fingerprint(inp.path)} for inp in found],
     }
+    if fmt == "chat":
+        meta["chat_template"] = chat.template_hash(tok)
+        blocks = _chat_blocks(found, tok, block_size, holdout_fraction, seed, process_index, num_processes)
+        with StoreWriter(out_dir, kind=CORPUS_KIND, meta=meta, fields=CORPUS_FIELDS, rows_per_shard=rows_per_shard,
+                         process_index=process_index) as writer:
+            done = writer.completed_ids()
+            if not np.array_equal(done, [bid for bid, _ in blocks[:len(done)]]):
+                raise StoreError(f"{out_dir}: its blocks were cut from other conversations")
+            for bid, fields in blocks[len(done):]:
+                writer.add(bid, **fields)
+        return {"documents": len({f["doc_id"] for _, f in blocks}), "skipped": {}, **corpus_totals(out_dir),
+                "resumed_blocks": len(done)}
     skipped: Counter[str] = Counter()
     documents = 0
     ordinal = -1
@@ -545,6 +567,39 @@ def prepare_corpus(
             "resumed_blocks": resumed}
 
 
+def _chat_blocks(found: list[_Input], tok, block_size: int, holdout_fraction: float, seed: int,
+                 process_index: int, num_processes: int) -> list[tuple[int, dict]]:
+    """Every block of this process's conversations as ``(block id, store fields)``, all checked before a row is
+    written: a block is a run of messages cut at turn boundaries (:func:`fusejax.chat.split_conversation`),
+    ``text`` their JSON, ``span`` their message range, ``n_tokens`` the rendered tokens, ``n_bytes`` the UTF-8
+    bytes of the assistant content. Inputs are ``.jsonl`` files or ``save_to_disk`` datasets; a bad record is
+    an error naming its file and line or row (no skipping: a conversation is kept whole or not at all)."""
+    blocks, ordinal = [], -1
+    for inp in found:
+        if inp.fmt not in ("jsonl", "hf_disk"):
+            raise ValueError(f"corpus input {inp.path}: corpus.format chat reads .jsonl files and datasets "
+                             f"saved with save_to_disk, not {inp.fmt}")
+        for record in (_read_jsonl if inp.fmt == "jsonl" else _read_hf)(inp, None):
+            if isinstance(record.value, _Skip) and record.value == "empty":
+                continue
+            ordinal += 1
+            if ordinal % num_processes != process_index:
+                continue
+            if isinstance(record.value, _Skip):
+                raise ValueError(f"{record.where}: {record.value} (expected one JSON conversation per line)")
+            messages = chat.messages_of(record.value, record.where)
+            split = SPLITS.index("heldout" if is_heldout(record.doc_id, seed, holdout_fraction) else "train")
+            head = messages[:chat.system_prefix(messages)]
+            for first, end in chat.split_conversation(messages, tok, block_size, record.where):
+                part = head + messages[first:end]
+                data = json.dumps(part, ensure_ascii=False).encode("utf-8")
+                blocks.append((block_id(record.doc_id, first, end), dict(
+                    doc_id=record.doc_id, span=np.array([first, end], np.int64), text=data,
+                    n_tokens=len(chat.encode(tok, part, record.where)[0]), n_bytes=chat.assistant_bytes(part),
+                    split=split)))
+    return blocks
+
+
 def corpus_totals(out_dir: str | os.PathLike) -> dict[str, int]:
     """``{"blocks", "tokens", "bytes", "heldout_blocks"}`` over every complete shard of the corpus store."""
     store = open_store(out_dir)
@@ -589,7 +644,7 @@ def run(cfg: Config) -> dict[str, Any]:
     summary = prepare_corpus(
         list(c.inputs), cfg.target.tokenizer_path, out, block_size=c.block_size, fmt=c.format,
         text_field=c.text_field, txt_split=c.txt_split, holdout_fraction=c.holdout_fraction, seed=cfg.run.seed,
-        process_index=jax.process_index(), num_processes=jax.process_count(),
+        process_index=jax.process_index(), num_processes=jax.process_count(), chat_template=cfg.target.chat_template,
     )
     barrier("prepare")
     summary.update(corpus_totals(out))

@@ -26,6 +26,7 @@ from typing import Protocol
 
 import numpy as np
 
+from fusejax import chat
 from fusejax.align import BlockAligner, source_row
 from fusejax.schema import (ALIGNED_KIND, CE_FIELDS, CORPUS_KIND, IGNORE_LABEL, SPLITS, TOPK_KIND, RunLayout,
                             empty_rows, open_checked, row_layout, unpack_tables)
@@ -122,6 +123,7 @@ class AlignedBatches:
         T = self.seq_len
         out = empty_rows(len(indices), self.layout)
         ce = out[CE_FIELDS[self.ce_level]]
+        scored = np.ones_like(out["attention_mask"])
         for b, row in enumerate(self._blocks(self.positions[np.asarray(indices, np.int64)])):
             m = len(row["input_ids"])
             if m > T:
@@ -141,11 +143,13 @@ class AlignedBatches:
                 table_ids[:, n], table_logits[:, n] = top["topk_ids"], top["topk_logits"]
                 token_ce[:, n] = top["token_ce"]
             out["n_bytes"][b] = row["n_bytes"]
+            if "scored" in row:  # a chat block: only the assistant's tokens are scored
+                scored[b, :m] = row["scored"]
             if self.ce_level == "token":
                 ce[b, :m] = token_ce
             else:
                 ce[b] = row["byte_ce"] if self.ce_unit == "byte" else row["seq_ce"]
-        out.update(next_token_targets(out["input_ids"], out["attention_mask"]))
+        out.update(next_token_targets(out["input_ids"], out["attention_mask"], scored))
         return out
 
 
@@ -219,10 +223,14 @@ def _aligned_row(position: int) -> dict:
     return _ALIGNER.row(position)
 
 
-def next_token_targets(input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
-    """``labels [n,T]`` (the next token, -100 where there is none) and ``loss_mask [n,T]`` (1 where scored)."""
+def next_token_targets(input_ids: np.ndarray, attention_mask: np.ndarray, scored: np.ndarray | None = None
+                       ) -> dict[str, np.ndarray]:
+    """``labels [n,T]`` (the next token, -100 where there is none) and ``loss_mask [n,T]`` (1 where scored);
+    ``scored [n,T]``: also 0 where it is 0 (a chat block's positions that predict no assistant token)."""
     loss_mask = np.zeros_like(attention_mask)
     loss_mask[:, :-1] = attention_mask[:, :-1] & attention_mask[:, 1:]
+    if scored is not None:
+        loss_mask &= np.asarray(scored, loss_mask.dtype)
     labels = np.full_like(input_ids, IGNORE_LABEL)
     labels[:, :-1] = np.where(loss_mask[:, :-1] == 1, input_ids[:, 1:], IGNORE_LABEL)
     return {"labels": labels, "loss_mask": loss_mask}
@@ -233,11 +241,17 @@ class TokenBatches:
 
     Used to pre-train models from scratch, for CLM-only baselines and for held-out evaluation. ``tokenizer``
     is a transformers tokenizer; each block's ids get its EOS appended (like the top-k stage) and must fit in
-    ``seq_len`` (no truncation, so bits per byte stay exact).
+    ``seq_len`` (no truncation, so bits per byte stay exact). A chat corpus's blocks are rendered with the
+    tokenizer's chat template (``chat_template``: a Jinja file for one without; :func:`fusejax.chat.encode`)
+    and only the positions predicting assistant tokens are scored.
     """
 
-    def __init__(self, corpus_path, tokenizer, *, seq_len: int, split: str = "train"):
+    def __init__(self, corpus_path, tokenizer, *, seq_len: int, split: str = "train",
+                 chat_template: str | None = None):
         self.store = open_checked(corpus_path, CORPUS_KIND)
+        self.chat = chat.is_chat(self.store.meta)
+        if self.chat:
+            tokenizer = chat.chat_tokenizer(tokenizer, chat_template, "target")
         self.tokenizer, self.seq_len = tokenizer, seq_len
         codes = [np.asarray(shard.column("split")) for shard in self.store.shards]
         self.positions = np.flatnonzero(np.concatenate(codes) == SPLITS.index(split)) if codes else np.zeros(0, np.int64)
@@ -250,12 +264,18 @@ class TokenBatches:
         T = self.seq_len
         out = empty_rows(len(indices), self.layout)
         ids, mask = out["input_ids"], out["attention_mask"]
+        scored = np.ones_like(mask)
         for b, i in enumerate(indices):
             row = self.store.row(int(self.positions[i]))
-            seq = encode_block(self.tokenizer, row["text"].decode("utf-8"))
+            if self.chat:
+                seq, spans = chat.encode(self.tokenizer, chat.block_messages(row["text"]), f"block {row['id']}")
+            else:
+                seq = encode_block(self.tokenizer, row["text"].decode("utf-8"))
             if len(seq) > T:
                 raise ValueError(f"block {row['id']} has {len(seq)} tokens with this tokenizer, more than seq_len={T}")
             ids[b, : len(seq)], mask[b, : len(seq)] = seq, 1
+            if self.chat:
+                scored[b, : len(seq)] = chat.scored_positions(len(seq), spans)
             out["n_bytes"][b] = row["n_bytes"]
-        out.update(next_token_targets(ids, mask))
+        out.update(next_token_targets(ids, mask, scored))
         return out

@@ -130,7 +130,8 @@ def _summary(ce: np.ndarray, tokens: np.ndarray, n_bytes: np.ndarray) -> dict:
 def heldout_batches(cfg: Config, tokenizer=None) -> TokenBatches:
     """``TokenBatches`` of the held-out blocks of ``<out>/corpus`` with the target tokenizer and ``train.seq_len``."""
     tok = load_tokenizer(cfg.target.tokenizer_path if tokenizer is None else tokenizer)
-    return TokenBatches(RunLayout.of(cfg).corpus, tok, seq_len=cfg.train.seq_len, split="heldout")
+    return TokenBatches(RunLayout.of(cfg).corpus, tok, seq_len=cfg.train.seq_len, split="heldout",
+                        chat_template=cfg.target.chat_template)
 
 
 def run(cfg: Config) -> dict:

@@ -25,7 +25,7 @@ from fusejax.sharding import make_mesh
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "added_tokens.json")
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 
 
 def export(path: str | Path, out_path: str | Path, *, step: int | None = None, dtype: str | None = None,

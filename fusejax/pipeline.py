@@ -165,6 +165,8 @@ def run(cfg: Config, *, validate_first: bool = True, stop_after: str | None = No
 
     if stop_after is not None and stop_after not in STAGE_NAMES:
         raise ValueError(f"stop_after={stop_after!r}: expected one of {STAGE_NAMES}")
+    if cfg.run.pairwise:
+        return run_pairwise(cfg, validate_first=validate_first, stop_after=stop_after)
     if validate_first:
         validate(cfg, raise_error=True)
     prints = fingerprints(cfg)
@@ -174,6 +176,28 @@ def run(cfg: Config, *, validate_first: bool = True, stop_after: str | None = No
         outcome[stage.name] = _run_stage(cfg, stage, prints[stage.name], main)
         if stage.name == stop_after:
             break
+    return outcome
+
+
+def run_pairwise(cfg: Config, *, validate_first: bool = True, stop_after: str | None = None) -> dict:
+    """``run.pairwise``: the whole pipeline once per source (:func:`fusejax.stages.pair_configs`; each pair
+    skips or resumes its stages as :func:`run` does, so an interrupted run resumes per source), then, unless
+    ``stop_after``, ``fusejax merge`` of the pairs' exports (:func:`fusejax.stages.pair_merge_config`). Every
+    pair's config is validated before any runs. Returns ``{source name: run's outcome, "merge": summary}``."""
+    from fusejax.distributed import is_main_process
+
+    pairs = stages.pair_configs(cfg)
+    merge_cfg = stages.pair_merge_config(cfg) if stop_after is None else None
+    if validate_first:
+        for _, pair in pairs:
+            validate(pair, raise_error=True)
+    outcome: dict = {}
+    for name, pair in pairs:
+        _say(is_main_process(), f"pair {name}: {pair.run.output_dir}")
+        outcome[name] = run(pair, validate_first=False, stop_after=stop_after)
+    if merge_cfg is not None:
+        _say(is_main_process(), f"merge ({cfg.merge.method}) of {len(pairs)} pairs")
+        outcome["merge"] = stages.resolve(stages.COMMANDS["merge"][0])(merge_cfg)
     return outcome
 
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fusejax import chat
 from fusejax.config import Config
 from fusejax.data import bucket
 from fusejax.models.transformer import head_logits
@@ -131,6 +132,7 @@ def represent_source(
     process_index: int = 0,
     num_processes: int = 1,
     progress: bool = True,
+    chat_template: str | None = None,
 ) -> dict:
     """Write the top-k store of one source model over a prepared corpus store; resumable, deterministic.
 
@@ -140,7 +142,9 @@ def represent_source(
     ``topk_logits [T,k]`` ``logits_dtype``, ``token_ce [T]`` float32,
     ``seq_ce`` float32 and ``nonfinite`` int32 (positions of the block with NaN/inf logits; the fusion stage skips
     blocks where it is non-zero). Process ``process_index`` of ``num_processes`` handles a contiguous slice
-    of the blocks and writes its own shards.
+    of the blocks and writes its own shards. A chat corpus's blocks are rendered with the source's own chat
+    template (``chat_template``: a Jinja file for a tokenizer without one; :func:`fusejax.chat.encode`, no EOS
+    appended) and the meta records the template's hash.
 
     ``model_fingerprint``: :func:`fusejax.models.hf_io.model_fingerprint` of the folder ``model`` was loaded from.
     The store meta records it with the tokenizer fingerprint, k, dtype, the corpus meta, the store's format
@@ -162,13 +166,14 @@ def represent_source(
     from fusejax.store import StoreError, StoreMismatchError, StoreWriter
     from fusejax.tokenizer import encode_block, load_tokenizer, tokenizer_fingerprint
 
-    tok = load_tokenizer(tokenizer)
+    corpus = open_checked(corpus_dir, CORPUS_KIND, verify=True)  # a corrupted corpus shard is named, never read
+    is_chat = chat.is_chat(corpus.meta)
+    tok = chat.chat_tokenizer(tokenizer, chat_template, f"source {name!r}") if is_chat else load_tokenizer(tokenizer)
     vocab = model.config.vocab_size
     if len(tok) > vocab:
         raise ValueError(f"source {name!r}: tokenizer has {len(tok)} tokens but the model's vocabulary is {vocab}")
     if not 0 < k <= vocab:
         raise ValueError(f"represent.k={k} must be between 1 and the vocabulary size {vocab} of source {name!r}")
-    corpus = open_checked(corpus_dir, CORPUS_KIND, verify=True)  # a corrupted corpus shard is named, never read
     # shards hold whole batches, so a resumed run batches (and pads) exactly like an uninterrupted one
     rows_per_shard = -(-rows_per_shard // batch_size) * batch_size
     context = model.config.max_position_embeddings
@@ -184,8 +189,9 @@ def represent_source(
         k=k,
         logits_dtype=logits_dtype,
         corpus=corpus.meta,
-        eos_appended=tok.eos_token_id is not None,
+        eos_appended=tok.eos_token_id is not None and not is_chat,
         device_layout=devices,
+        **({"chat_template": chat.template_hash(tok)} if is_chat else {}),
     )
     check_existing(out_dir, TOPK_KIND, device_layout=devices)
     stats = {"blocks": 0, "tokens": 0, "nonfinite_blocks": 0}
@@ -206,7 +212,8 @@ def represent_source(
                   desc=f"represent {name}") as bar:
             for first in range(start + len(done), stop, batch_size):
                 rows = [corpus.row(i) for i in range(first, min(first + batch_size, stop))]
-                seqs = [encode_block(tok, row["text"].decode("utf-8")) for row in rows]
+                seqs = [chat.encode(tok, chat.block_messages(row["text"]), f"block {row['id']}")[0] if is_chat
+                        else encode_block(tok, row["text"].decode("utf-8")) for row in rows]
                 longest = max(len(s) for s in seqs)
                 if longest > context:
                     bad = rows[[len(s) for s in seqs].index(longest)]["id"]
@@ -279,7 +286,7 @@ def run(cfg: Config) -> dict:
             model_fingerprint=model_fingerprint(src.path),
             k=cfg.represent.k, batch_size=cfg.represent.batch_size, logits_dtype=cfg.represent.logits_dtype,
             rows_per_shard=cfg.represent.shard_size, process_index=jax.process_index(),
-            num_processes=jax.process_count(),
+            num_processes=jax.process_count(), chat_template=src.chat_template,
         )
     if is_main_process():
         save_resolved(cfg, layout.represent)

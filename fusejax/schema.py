@@ -136,12 +136,14 @@ def topk_fields(k: int, logits_dtype: str, vocab_size: int) -> list[Field]:
 ALIGN_COUNTS = ("positions", "one_to_one", "matched", "fallback", "empty")
 
 
-def aligned_fields(num_sources: int, k: int, vocab_size: int, logits_dtype: str, copied: int = 0) -> list[Field]:
+def aligned_fields(num_sources: int, k: int, vocab_size: int, logits_dtype: str, copied: int = 0, *,
+                   chat: bool = False) -> list[Field]:
     """Fields of the aligned store for ``num_sources`` sources at top-``k`` (see :func:`fusejax.align.run`), of
     which ``copied`` have the target's tokenizer: their tables and token CE are not stored (meta ``copied``).
     Target ids in :func:`index_dtype` of the target's ``vocab_size``; the tables of the other A = S - copied
     sources packed by :func:`pack_tables` (``table_counts [T, A]``, ``table_ids [N]``, ``table_logits [N]`` in
-    ``logits_dtype``) and their ``token_ce [T, A]``; ``seq_ce``, ``byte_ce``, ``align_counts`` of all S."""
+    ``logits_dtype``) and their ``token_ce [T, A]``; ``seq_ce``, ``byte_ce``, ``align_counts`` of all S;
+    ``chat``: also ``scored [T]`` bool, the positions that predict assistant tokens."""
     S, A, ids = num_sources, num_sources - copied, index_dtype(vocab_size)
     return [
         Field("input_ids", ids, (), ragged=True),
@@ -155,7 +157,7 @@ def aligned_fields(num_sources: int, k: int, vocab_size: int, logits_dtype: str,
         Field("split", "uint8"),
         Field("skip", "bool"),
         Field("align_counts", "int32", (S, len(ALIGN_COUNTS))),
-    ]
+    ] + ([Field("scored", "bool", (), ragged=True)] if chat else [])
 
 
 def pack_tables(ids: np.ndarray, logits: np.ndarray) -> dict[str, np.ndarray]:
@@ -276,6 +278,10 @@ class RunLayout:
     @property
     def eval(self) -> Path:
         return self.root / "eval"
+
+    def pair(self, source: str) -> Path:
+        """The run folder of the fusion of source ``source`` alone into the target (``run.pairwise``)."""
+        return self.root / "pairs" / source
 
     @property
     def stale(self) -> Path:

@@ -8,12 +8,13 @@ pipeline) and the ``fusejax`` command both read it; neither keeps a list of its 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 from collections.abc import Callable
 from pathlib import Path
 
-from fusejax.config import Config
+from fusejax.config import Config, ConfigError, config_to_dict, load_config, replace
 from fusejax.schema import RunLayout
 
 
@@ -37,16 +38,17 @@ class Stage:
 
 
 def _target_paths(cfg: Config) -> list[str]:
-    return [p for p in (cfg.target.path, cfg.target.tokenizer) if p]
+    return [p for p in (cfg.target.path, cfg.target.tokenizer, cfg.target.chat_template) if p]
 
 
 PIPELINE: tuple[Stage, ...] = (
     Stage("prepare", "fusejax.corpus:run", "cut the corpus into blocks of target tokens (writes <output_dir>/corpus)",
-          "corpus", ("corpus", "run.seed", "target.tokenizer_path"),
-          paths=lambda cfg: [*cfg.corpus.inputs, cfg.target.tokenizer_path]),
+          "corpus", ("corpus", "run.seed", "target.tokenizer_path", "target.chat_template"),
+          paths=lambda cfg: [p for p in (*cfg.corpus.inputs, cfg.target.tokenizer_path, cfg.target.chat_template)
+                             if p]),
     Stage("represent", "fusejax.represent:run", "top-k logits and CE of every source (writes <output_dir>/represent)",
           "represent", ("sources", "represent"), after=("prepare",),
-          paths=lambda cfg: [p for s in cfg.sources for p in (s.path, s.tokenizer) if p]),
+          paths=lambda cfg: [p for s in cfg.sources for p in (s.path, s.tokenizer, s.chat_template) if p]),
     Stage("vocab-map", "fusejax.vocab_maps:run", "map each source vocabulary onto the target's (vocab_maps/)",
           "vocab_maps", ("vocab_map", "sources", "target.tokenizer_path"), after=("represent",),
           paths=lambda cfg: [*(s.tokenizer_path for s in cfg.sources), cfg.target.tokenizer_path]),
@@ -70,6 +72,34 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("fusejax.generation:run", "complete prompts with a model (generate.prompts -> generate.output)"),
     "run": ("fusejax.pipeline:run", "every stage in order, skipping finished ones (see docs/pipeline.md)"),
 }
+
+
+def pair_configs(cfg: Config) -> list[tuple[str, Config]]:
+    """``run.pairwise``: ``(source name, config)`` of each pair, the whole pipeline for that source alone (and,
+    with ``run.pairwise_target``, the target as a source named "target") in ``RunLayout.pair(name)``, with
+    its export there."""
+    layout = RunLayout.of(cfg)
+    if cfg.run.pairwise_target and any(s.name == "target" for s in cfg.sources):
+        raise ConfigError("run.pairwise_target adds a source named 'target'; rename the source called 'target'")
+    raw = config_to_dict(cfg)
+    itself = {"name": "target", **{k: raw["target"][k] for k in ("path", "tokenizer", "chat_template")}}
+    out = []
+    for source in raw["sources"]:
+        pair = copy.deepcopy(raw)
+        pair["run"].update(output_dir=str(layout.pair(source["name"])), pairwise=False, pairwise_target=False)
+        pair["sources"] = [source, itself] if cfg.run.pairwise_target else [source]
+        pair["export"]["path"] = None
+        out.append((source["name"], load_config(data=pair)))
+    return out
+
+
+def pair_merge_config(cfg: Config) -> Config:
+    """``run.pairwise``: ``cfg`` with ``merge.models`` the pairs' exports (in source order) and ``merge.base``
+    the target unless set; ``merge.models`` must be empty in the config (the pairs fill it)."""
+    if cfg.merge.models:
+        raise ConfigError("merge.models: run.pairwise merges the fused pairs; leave merge.models empty")
+    models = [str(RunLayout.of(pair).export) for _, pair in pair_configs(cfg)]
+    return replace(cfg, "merge", {"models": models, "base": cfg.merge.base or cfg.target.path})
 
 
 def _inputs(cfg: Config) -> list[tuple[str, str]]:

@@ -10,7 +10,8 @@ Host-only (no JAX). A tokenizer folder is read in this order:
 * ``vocab.json`` + ``merges.txt``: a GPT-2 style byte-level BPE.
 
 bos/eos/unk/pad and the chat template come from ``tokenizer_config.json`` (a key missing or null there is taken from
-``special_tokens_map.json``); for a SentencePiece folder without them, from the model's own pieces.
+``special_tokens_map.json``; the chat template from ``chat_template.jinja`` when that file exists); for a
+SentencePiece folder without them, from the model's own pieces.
 ``added_tokens.json`` extends the vocabulary of the last two kinds.
 """
 
@@ -53,6 +54,8 @@ def load_tokenizer(path_or_tokenizer: str | os.PathLike | PreTrainedTokenizerBas
         for key in SPECIAL_TOKEN_KEYS
     }
     kwargs = {key: config[key] for key in ("model_max_length", "chat_template") if key in config}
+    if (folder / "chat_template.jinja").is_file():  # where transformers >= 4.43 saves it
+        kwargs["chat_template"] = _read_file(folder / "chat_template.jinja", lambda p: Path(p).read_text("utf-8"))
 
     json_file = folder / "tokenizer.json"
     if json_file.is_file():

@@ -389,7 +389,8 @@ def test_resolved_round_trip(tmp_path):
 
 def test_config_to_dict_is_plain_data():
     d = config_to_dict(load_config(overrides=["corpus.inputs=[a]", "sources.0.name=s", "sources.0.path=p"]))
-    assert d["corpus"]["inputs"] == ["a"] and d["sources"] == [{"path": "p", "tokenizer": None, "name": "s"}]
+    assert d["corpus"]["inputs"] == ["a"]
+    assert d["sources"] == [{"path": "p", "tokenizer": None, "chat_template": None, "name": "s"}]
     assert yaml.safe_load(yaml.safe_dump(d)) == d
 
 
