@@ -28,19 +28,33 @@ def test_tokenizer_kinds_round_trip_and_have_their_marker(kind, marker, tmp_path
         assert len(ids) == len(TEXT)
 
 
-def test_corpus_has_both_domains_within_the_cap(tmp_path):
-    paths = [tmp_path / "prose.jsonl", tmp_path / "code.jsonl"]
-    docs = embedded.write_corpus(paths, 5_000)
+def test_corpus_documents_fusion_split_and_pretraining_texts(tmp_path):
+    from fusejax.corpus import is_heldout
+
+    docs = embedded.corpus_documents(20_000, 700)
     for domain in embedded.DOMAINS:
-        assert sum(map(len, docs[domain])) == 5_000
-        lines = (tmp_path / f"{domain}.jsonl").read_text().splitlines()
-        assert [json.loads(line)["text"] for line in lines] == docs[domain]
+        assert sum(map(len, docs[domain])) == 20_000 and max(map(len, docs[domain])) <= 700
     assert "def " in "".join(docs["code"])
+    fusion = embedded.fusion_documents(docs, 3)
+    assert fusion["prose"] == docs["prose"][::3]
+    paths = [tmp_path / "prose.jsonl", tmp_path / "code.jsonl"]
+    embedded.write_corpus(paths, fusion)
+    for domain in embedded.DOMAINS:
+        lines = (tmp_path / f"{domain}.jsonl").read_text().splitlines()
+        assert [json.loads(line)["text"] for line in lines] == fusion[domain]
     mtime = paths[0].stat().st_mtime_ns
-    embedded.write_corpus(paths, 5_000)
+    embedded.write_corpus(paths, fusion)
     assert paths[0].stat().st_mtime_ns == mtime  # unchanged content is not rewritten
     with pytest.raises(ValueError, match="prose.jsonl"):
-        embedded.write_corpus([tmp_path / "a.jsonl"], 5_000)
+        embedded.write_corpus([tmp_path / "a.jsonl"], fusion)
+    heldout = {t for d in embedded.DOMAINS for i, t in enumerate(fusion[d]) if is_heldout(f"{d}.jsonl:{i}", 0, 0.3)}
+    assert heldout
+    for own_data in (False, True):
+        texts = embedded.pretraining_texts(docs, {"own_data": own_data}, 3, 0, 0.3)
+        seen = {t for d in embedded.DOMAINS for t in texts[d]}
+        assert not seen & heldout  # no model learns from a held-out document
+        everything = {t for d in embedded.DOMAINS for t in docs[d]}
+        assert seen | heldout == (everything if own_data else {t for d in fusion for t in fusion[d]})
 
 
 def test_read_scalars_reads_tensorboardx_events(tmp_path):
@@ -53,17 +67,43 @@ def test_read_scalars_reads_tensorboardx_events(tmp_path):
     assert embedded.read_scalars(tmp_path) == {"clm_loss": [(1, 1.5), (2, 0.5), (3, 0.25)]}
 
 
-def test_report_files(tmp_path):
-    def res(bpb):
-        return {"loss": 2 * bpb, "bits_per_byte": bpb, "tokens": 10, "bytes": 30, "blocks": 2,
-                "domains": {"code": {"bits_per_byte": bpb + 0.5}, "prose": {"bits_per_byte": bpb - 0.5}}}
+def test_tokens_to_reach_interpolates_between_evaluations():
+    curve = [[0, 4.0], [10, 3.0], [20, 2.0], [30, 1.5]]
+    assert embedded.tokens_to_reach(curve, 2.5) == pytest.approx(15.0)
+    assert embedded.tokens_to_reach(curve, 3.0) == pytest.approx(10.0)
+    assert embedded.tokens_to_reach(curve, 5.0) == 0
+    assert embedded.tokens_to_reach(curve, 1.0) is None
 
-    results = {"eval": {"target": res(3.0), "clm_only": res(2.5), "fusellm": res(2.25)}, "seconds": 1.0}
-    paths = embedded.write_report(tmp_path, results, {"FuseLLM": {"clm_loss": [(1, 3.0), (2, 2.0)]}})
+
+def _results():
+    def ev(bpb, code, prose):
+        return {"loss": 2 * bpb, "bits_per_byte": bpb, "tokens": 10, "bytes": 30, "blocks": 2,
+                "domains": {"code": {"bits_per_byte": code}, "prose": {"bits_per_byte": prose}}}
+
+    def run(final, code, prose, curve):
+        return {"eval": ev(final, code, prose), "curve": [[10, curve[0]], [20, curve[1]], [30, final]]}
+
+    return {"target": ev(4.0, 4.5, 3.5), "tokens_per_step": 100, "seconds": 1.0,
+            "runs": {"clm_only": {"0": run(3.0, 3.2, 2.8, (3.6, 3.3)), "1": run(3.1, 3.3, 2.9, (3.7, 3.4))},
+                     "fusellm": {"0": run(2.9, 3.0, 2.8, (3.5, 3.0)), "1": run(3.0, 3.2, 2.8, (3.6, 3.2))}}}
+
+
+def test_report_summary_paragraph_and_plots_from_results(tmp_path):
+    summary = embedded.summarize_results(_results())
+    all_ = summary["metrics"]["all"]
+    assert all_["deltas"] == pytest.approx([-0.1, -0.1]) and all_["wins"] == 2
+    assert all_["delta_percent"] == pytest.approx(-100 * 0.2 / 6.1)
+    assert summary["metrics"]["prose"]["deltas"] == pytest.approx([0.0, -0.1])
+    assert summary["metrics"]["prose"]["wins"] == 1
+    # seed 0: CLM-only ends at 3.0, FuseLLM passes 3.0 at step 20; seed 1: 3.1, reached at step 25
+    assert [r["tokens"] for r in summary["efficiency"]["per_seed"]] == pytest.approx([2000, 2500])
+    assert summary["efficiency"]["ratio"]["mean"] == pytest.approx((30 / 20 + 30 / 25) / 2)
+    paths = embedded.write_report(tmp_path, _results())
     assert all(p.is_file() and p.stat().st_size > 0 for p in paths)
-    table = (tmp_path / "report" / "report.md").read_text()
-    assert "| FuseLLM | 2.2500 | 2.7500 | 1.7500 | 4.5000 |" in table
-    assert "| target before training | 3.0000 |" in table
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "FuseLLM better on 2 of 2 seeds" in report and "1.35 ± 0.21x fewer" in report
+    assert "| Δ (paired) | -0.1000 ± 0.0000 |" in report
+    assert json.loads((tmp_path / "report" / "results.json").read_text()) == _results()
 
 
 TINY = {"block_size": 63, "batch_size": 8, "max_chars": 6_000, "max_doc_chars": 600}
