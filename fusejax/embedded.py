@@ -3,22 +3,29 @@
 ``python -m fusejax.embedded [CONFIG] [key=value ...]`` (CONFIG defaults to ``configs/embedded.yaml``):
 
 1. **Corpus.** Python's documentation topics (``pydoc_data``, prose) and the standard library's own source
-   (code) are written as ``prose.jsonl`` / ``code.jsonl`` at the paths of ``corpus.inputs`` (rewritten only
-   when their content changes, so later runs keep their fingerprints). The held-out documents are those of
+   (code), cut into documents of at most ``PRETRAIN["max_doc_chars"]`` characters. Every
+   ``PRETRAIN["fusion_stride"]``-th document forms the fusion corpus, written as ``prose.jsonl`` /
+   ``code.jsonl`` at the paths of ``corpus.inputs`` (rewritten only when their content changes, so later runs
+   keep their fingerprints); the others are the sources' own data, which the target never sees (the paper's
+   sources were trained on other data). The held-out documents are those of the fusion corpus with
    ``fusejax.corpus.is_heldout(doc id, run.seed, corpus.holdout_fraction)``, exactly as the prepare stage
-   splits them; nothing below trains on them.
+   splits them; no model trains on them.
 2. **Models.** For the target and each source a recipe in :data:`RECIPES` (keyed by the source's ``name``)
    gives an architecture (Llama-, GPT-NeoX- or MPT-style), a tokenizer kind trained here with the
    ``tokenizers`` library (``▁`` Metaspace BPE, ``Ġ`` byte-level BPE, or character level with ``▁`` for a
-   space), the corpus mix it learns from and its steps. Each model is pre-trained by fusejax itself (CLM only:
-   :class:`fusejax.train.Trainer` on :class:`fusejax.data.TokenBatches`) and saved as a Hugging Face folder at
-   its ``path``, with ``recipe.json`` holding the hash of recipe + corpus; a folder whose hash matches is
-   reused, otherwise it is rebuilt (logged).
-3. **FuseLLM.** :func:`fusejax.pipeline.run` runs every stage (prepare ... eval, export).
-4. **CLM-only baseline.** The same continual training of the target without fusion (``lm_weight=1``) on the
-   same training blocks, into ``<out>/baseline_clm`` (resumable through its checkpoints).
-5. **Report.** ``<out>/report/``: ``results.json``, ``report.md`` (held-out bits per byte per domain of the
-   target before training, CLM-only and FuseLLM) and PNG plots; the paths are printed.
+   space), the domains it learns from, whether it also learns from the sources' own data, and its steps: the
+   target has seen only prose, the sources their domains' own data. Each model is pre-trained by fusejax
+   itself (CLM only: :class:`fusejax.train.Trainer` on :class:`fusejax.data.TokenBatches`) and saved as a
+   Hugging Face folder at its ``path``, with ``recipe.json`` holding the hash of recipe + texts; a folder whose
+   hash matches is reused, otherwise it is rebuilt (logged).
+3. **FuseLLM.** :func:`fusejax.pipeline.run` runs every stage (prepare ... eval, export) with ``run.seed``.
+4. **Seeds.** FuseLLM and CLM-only (``lm_weight=1``: the same continual training without fusion, on the same
+   rows) for every seed of :data:`SEEDS` (:func:`seed_runs`); a seed only changes the order of the training
+   blocks, so the two runs of one seed are paired. Each run scores the held-out blocks every
+   ``train.eval_every`` steps (the token-efficiency curve).
+5. **Report.** ``<out>/report/``: ``results.json``, ``report.md`` (the result in words; held-out bits per byte
+   per domain of the target before training, CLM-only, FuseLLM and their paired difference; how many tokens
+   FuseLLM needs to reach CLM-only's final score) and PNG plots; the paths are printed.
 """
 
 from __future__ import annotations
