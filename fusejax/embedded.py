@@ -284,6 +284,81 @@ def seed_runs(cfg: Config, seeds: list[int]) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------------------------- toy tasks
+
+TASKS = {"embedded_real_continuation": "multiple_choice", "embedded_code_completion": "generate_until"}
+TASK_YAML = {
+    "multiple_choice": "output_type: multiple_choice\ndoc_to_text: \"{{context}}\"\ndoc_to_choice: \"{{choices}}\"\n"
+                       "doc_to_target: \"{{label}}\"\ntarget_delimiter: \"\"\nmetric_list:\n"
+                       "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n",
+    "generate_until": "output_type: generate_until\ndoc_to_text: \"{{prompt}}\"\ndoc_to_target: \"{{target}}\"\n"
+                      "target_delimiter: \"\"\ngeneration_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 48\n"
+                      "  do_sample: false\nmetric_list:\n  - metric: exact_match\n    aggregation: mean\n"
+                      "    higher_is_better: true\n",
+}
+
+
+def heldout_documents(cfg: Config) -> dict[str, list[str]]:
+    """``{domain: texts}`` of the held-out documents of ``corpus.inputs`` (as the prepare stage splits them)."""
+    from fusejax.corpus import is_heldout
+
+    out = {}
+    for path in map(Path, cfg.corpus.inputs):
+        texts = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines()]
+        out[path.stem] = [t for i, t in enumerate(texts)
+                          if is_heldout(f"{path.name}:{i}", cfg.run.seed, cfg.corpus.holdout_fraction)]
+    return out
+
+
+def write_toy_tasks(cfg: Config, folder: Path, *, context: int = 240, continuation: int = 80,
+                    choices: int = 4) -> list[Path]:
+    """Two toy downstream tasks from the held-out documents, each a JSONL file and an lm-evaluation-harness
+    task YAML (``dataset_path: json``) in ``folder``; returns the YAML paths.
+
+    * ``embedded_real_continuation`` (multiple choice, ``acc``): the first ``context`` characters of a held-out
+      document; the choices are its real next ``continuation`` characters and the same span of
+      ``choices - 1`` other held-out documents of its domain (fixed random order, ``label`` = the real one).
+    * ``embedded_code_completion`` (``generate_until`` a newline, ``exact_match``): the text of a held-out code
+      document up to a line start (at most ``context`` characters, cut at a line start); the target is that
+      line. Three lines per document: the ones at 1/4, 1/2 and 3/4 of its lines with at least 8 non-blank
+      characters.
+    """
+    import random
+
+    docs = heldout_documents(cfg)
+    rng = random.Random(cfg.run.seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, list[dict]] = {task: [] for task in TASKS}
+    for domain in DOMAINS:
+        long = [t for t in docs.get(domain, []) if len(t) >= context + continuation]
+        for i, text in enumerate(long):
+            others = rng.sample([t for j, t in enumerate(long) if j != i], min(choices - 1, len(long) - 1))
+            options = [text[context:context + continuation]] + [t[context:context + continuation] for t in others]
+            order = list(range(len(options)))
+            rng.shuffle(order)
+            rows["embedded_real_continuation"].append(
+                {"domain": domain, "context": text[:context], "choices": [options[k] for k in order],
+                 "label": order.index(0)})
+    for text in docs.get("code", []):
+        lines = text.splitlines(keepends=True)
+        starts = [sum(map(len, lines[:k])) for k in range(len(lines))]
+        good = [k for k in range(1, len(lines)) if len(lines[k].strip()) >= 8]
+        for k in sorted({good[len(good) * q // 4] for q in (1, 2, 3)} if len(good) >= 4 else set()):
+            prompt = text[:starts[k]]
+            prompt = prompt[prompt.find("\n", max(0, len(prompt) - context - 1)) + 1:]
+            if prompt:
+                rows["embedded_code_completion"].append({"prompt": prompt, "target": lines[k].rstrip("\n")})
+    paths = []
+    for task, items in rows.items():
+        data = folder / f"{task}.jsonl"
+        data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in items), encoding="utf-8")
+        yaml_path = folder / f"{task}.yaml"
+        yaml_path.write_text(f"task: {task}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: "
+                             f"{json.dumps(str(data.resolve()))}\ntest_split: test\n" + TASK_YAML[TASKS[task]])
+        paths.append(yaml_path)
+    return paths
+
+
 # ------------------------------------------------------------------------------------------------- report
 
 
@@ -404,6 +479,10 @@ def write_report(out: Path, results: dict) -> list[Path]:
     lines += ["", f"Held-out: {held['blocks']} blocks, {held['bytes']} bytes. Seeds: {summary['seeds']}. "
               f"Wall time: {results['seconds']:.0f} s.", "", "![paired gain](gain.png)", "",
               "![token efficiency](token_efficiency.png)", ""]
+    if results.get("tasks"):
+        lines += [f"Toy downstream tasks (lm-evaluation-harness task YAMLs over held-out documents, "
+                  f"`--include_path {Path(results['tasks'][0]).parent}`): "
+                  + ", ".join(f"`{Path(t).stem}`" for t in results["tasks"]) + ".", ""]
     (folder / "report.md").write_text("\n".join(lines))
 
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -479,8 +558,9 @@ def main(config: str | Path | None = None, overrides: list[str] | None = None, *
     stages = pipeline.run(cfg, stop_after=stop_after)
     if stop_after is not None:
         return 0
+    tasks = write_toy_tasks(cfg, layout.root / "tasks")
     results = {"assets": assets, "stages": stages, "tokens_per_step": cfg.train.batch_size * cfg.train.seq_len,
-               **seed_runs(cfg, list(seeds))}
+               "tasks": [str(p) for p in tasks], **seed_runs(cfg, list(seeds))}
     results["seconds"] = time.perf_counter() - t0
     paths = write_report(layout.root, results)
     print((layout.root / "report" / "report.md").read_text())

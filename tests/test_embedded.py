@@ -106,7 +106,7 @@ def test_report_summary_paragraph_and_plots_from_results(tmp_path):
     assert json.loads((tmp_path / "report" / "results.json").read_text()) == _results()
 
 
-TINY = {"block_size": 63, "batch_size": 8, "max_chars": 6_000, "max_doc_chars": 600}
+TINY = {"block_size": 63, "batch_size": 8, "max_chars": 12_000, "max_doc_chars": 600, "fusion_stride": 2}
 
 
 def _tiny_recipes():
@@ -126,9 +126,10 @@ def test_assets_pipeline_baseline_and_report(tmp_path, monkeypatch, capsys):
     overrides = [f"run.output_dir={tmp_path / 'run'}", f"corpus.inputs=[{assets}/prose.jsonl, {assets}/code.jsonl]",
                  f"target.path={assets}/target", "corpus.block_size=31", "train.seq_len=32",
                  "corpus.holdout_fraction=0.3",
-                 "represent.k=4", "train.steps=4", "train.log_every=2"] + [f"sources.{i}.path={assets}/{n}" for i, n in enumerate(("llama", "neox", "mpt"))]
+                 "represent.k=4", "train.steps=4", "train.log_every=2", "train.eval_every=2"]
+    overrides += [f"sources.{i}.path={assets}/{n}" for i, n in enumerate(("llama", "neox", "mpt"))]
     recipes = _tiny_recipes()
-    assert embedded.main(None, overrides, recipes=recipes) == 0
+    assert embedded.main(None, overrides, recipes=recipes, seeds=(0, 1)) == 0
     from fusejax.config import load_config
     from fusejax.schema import unpack_tables
     from fusejax.store import open_store
@@ -143,9 +144,48 @@ def test_assets_pipeline_baseline_and_report(tmp_path, monkeypatch, capsys):
     for name in ("llama", "neox", "mpt"):
         assert json.loads((assets / name / "recipe.json").read_text())["recipe"]["steps"] == 3
     results = json.loads((tmp_path / "run" / "report" / "results.json").read_text())
-    for method in ("target", "clm_only", "fusellm"):
-        assert set(results["eval"][method]["domains"]) == {"prose", "code"}
-        assert 0 < results["eval"][method]["bits_per_byte"] < 20
-    assert results["eval"]["clm_only"]["bits_per_byte"] != results["eval"]["target"]["bits_per_byte"]
+    assert set(results["target"]["domains"]) == {"prose", "code"}
+    for variant in ("clm_only", "fusellm"):
+        for seed in ("0", "1"):
+            run = results["runs"][variant][seed]
+            assert set(run["eval"]["domains"]) == {"prose", "code"} and 0 < run["eval"]["bits_per_byte"] < 20
+            assert [step for step, _ in run["curve"]] == [2, 4]  # eval_every 2, then the final evaluation
+            assert run["curve"][-1][1] == run["eval"]["bits_per_byte"]
+            assert run["eval"]["bits_per_byte"] != results["target"]["bits_per_byte"]
+    runs = results["runs"]
+    assert runs["fusellm"]["0"]["eval"] != runs["fusellm"]["1"]["eval"]  # another data order
+    assert runs["clm_only"]["0"]["eval"] != runs["fusellm"]["0"]["eval"]
     assert (tmp_path / "run" / "export" / "config.json").is_file()
     assert "report.md" in capsys.readouterr().out
+
+
+def test_toy_tasks_come_from_heldout_documents_only(tmp_path):
+    import yaml
+
+    from fusejax.config import load_config
+    from fusejax.corpus import is_heldout
+
+    docs = embedded.fusion_documents(embedded.corpus_documents(60_000, 2_000), 2)
+    paths = [tmp_path / "prose.jsonl", tmp_path / "code.jsonl"]
+    embedded.write_corpus(paths, docs)
+    cfg = load_config(embedded.DEFAULT_CONFIG,
+                      [f"corpus.inputs=[{paths[0]}, {paths[1]}]", "corpus.holdout_fraction=0.3"])
+    heldout = {d: [t for i, t in enumerate(docs[d]) if is_heldout(f"{d}.jsonl:{i}", 0, 0.3)] for d in docs}
+    tasks = embedded.write_toy_tasks(cfg, tmp_path / "tasks")
+    assert [p.stem for p in tasks] == list(embedded.TASKS)
+    rows = {}
+    for path in tasks:
+        spec = yaml.safe_load(path.read_text())
+        assert spec["task"] == path.stem and spec["output_type"] == embedded.TASKS[path.stem]
+        data = spec["dataset_kwargs"]["data_files"]["test"]
+        rows[path.stem] = [json.loads(line) for line in open(data)]
+    mc = rows["embedded_real_continuation"]
+    assert len(mc) == sum(len([t for t in heldout[d] if len(t) >= 320]) for d in heldout) > 0
+    for r in mc:
+        real = r["context"] + r["choices"][r["label"]]
+        assert any(t.startswith(real) for t in heldout[r["domain"]])  # the label is the real continuation
+        assert len(r["choices"]) == 4 and len(set(r["choices"])) == 4
+    completion = rows["embedded_code_completion"]
+    assert completion
+    for r in completion:
+        assert any(r["prompt"] + r["target"] + "\n" in t for t in heldout["code"]) and r["prompt"].endswith("\n")
