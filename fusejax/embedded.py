@@ -442,8 +442,8 @@ def report_paragraph(summary: dict) -> str:
     if eff["ratio"] is None:
         return text + "FuseLLM does not reach CLM-only's final score within the run."
     missing = n - eff["ratio"]["n"]
-    return text + (f"FuseLLM reaches CLM-only's final overall score after {eff['tokens']['mean'] / 1e3:.0f}k ± "
-                   f"{eff['tokens']['std'] / 1e3:.0f}k of the {eff['clm_tokens'] / 1e3:.0f}k training tokens, "
+    return text + (f"FuseLLM reaches CLM-only's final overall score after {eff['tokens']['mean'] / 1e3:.1f}k ± "
+                   f"{eff['tokens']['std'] / 1e3:.1f}k of the {eff['clm_tokens'] / 1e3:.0f}k training tokens, "
                    f"{eff['ratio']['mean']:.2f} ± {eff['ratio']['std']:.2f}x fewer (the paper's Figure 2 measure)"
                    + (f"; on {missing} seed(s) it never does." if missing else "."))
 

@@ -16,7 +16,8 @@ def line(variant, seed, all_, prose, code, target=(3.6, 3.0, 4.0)):
             "trained": {"all": all_, "prose": prose, "code": code}}
 
 
-RESULTS = [line("clm_only", 0, 3.10, 2.9, 3.3), line("clm_only", 1, 3.20, 3.0, 3.4), line("clm_only", 2, 3.30, 3.1, 3.5),
+RESULTS = [line("clm_only", 0, 3.10, 2.9, 3.3), line("clm_only", 1, 3.20, 3.0, 3.4),
+           line("clm_only", 2, 3.30, 3.1, 3.5),
            line("fusellm", 0, 3.00, 2.8, 3.2), line("fusellm", 2, 3.40, 3.2, 3.6)]
 
 
