@@ -210,6 +210,7 @@ def plot(stats: dict[str, dict[str, Stat]], results: list[dict], variants: list[
     metrics = ["all", *sorted(m for m in stats[baseline] if m != "all")] if baseline in stats else []
     by = {(r["variant"], r["seed"]): r["trained"] for r in results}
     fig, ax = plt.subplots(figsize=(8, 4))
+    ax.use_sticky_edges = False  # a margin beyond 0, so bars that all point down do not hang from the frame
     width = 0.8 / max(1, len(variants))
     for i, v in enumerate(variants):
         xs = [g + i * width for g in range(len(metrics))]
