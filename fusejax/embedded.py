@@ -3,22 +3,29 @@
 ``python -m fusejax.embedded [CONFIG] [key=value ...]`` (CONFIG defaults to ``configs/embedded.yaml``):
 
 1. **Corpus.** Python's documentation topics (``pydoc_data``, prose) and the standard library's own source
-   (code) are written as ``prose.jsonl`` / ``code.jsonl`` at the paths of ``corpus.inputs`` (rewritten only
-   when their content changes, so later runs keep their fingerprints). The held-out documents are those of
+   (code), cut into documents of at most ``PRETRAIN["max_doc_chars"]`` characters. Every
+   ``PRETRAIN["fusion_stride"]``-th document forms the fusion corpus, written as ``prose.jsonl`` /
+   ``code.jsonl`` at the paths of ``corpus.inputs`` (rewritten only when their content changes, so later runs
+   keep their fingerprints); the others are the sources' own data, which the target never sees (the paper's
+   sources were trained on other data). The held-out documents are those of the fusion corpus with
    ``fusejax.corpus.is_heldout(doc id, run.seed, corpus.holdout_fraction)``, exactly as the prepare stage
-   splits them; nothing below trains on them.
+   splits them; no model trains on them.
 2. **Models.** For the target and each source a recipe in :data:`RECIPES` (keyed by the source's ``name``)
    gives an architecture (Llama-, GPT-NeoX- or MPT-style), a tokenizer kind trained here with the
    ``tokenizers`` library (``▁`` Metaspace BPE, ``Ġ`` byte-level BPE, or character level with ``▁`` for a
-   space), the corpus mix it learns from and its steps. Each model is pre-trained by fusejax itself (CLM only:
-   :class:`fusejax.train.Trainer` on :class:`fusejax.data.TokenBatches`) and saved as a Hugging Face folder at
-   its ``path``, with ``recipe.json`` holding the hash of recipe + corpus; a folder whose hash matches is
-   reused, otherwise it is rebuilt (logged).
-3. **FuseLLM.** :func:`fusejax.pipeline.run` runs every stage (prepare ... eval, export).
-4. **CLM-only baseline.** The same continual training of the target without fusion (``lm_weight=1``) on the
-   same training blocks, into ``<out>/baseline_clm`` (resumable through its checkpoints).
-5. **Report.** ``<out>/report/``: ``results.json``, ``report.md`` (held-out bits per byte per domain of the
-   target before training, CLM-only and FuseLLM) and PNG plots; the paths are printed.
+   space), the domains it learns from, whether it also learns from the sources' own data, and its steps: the
+   target has seen only prose, the sources their domains' own data. Each model is pre-trained by fusejax
+   itself (CLM only: :class:`fusejax.train.Trainer` on :class:`fusejax.data.TokenBatches`) and saved as a
+   Hugging Face folder at its ``path``, with ``recipe.json`` holding the hash of recipe + texts; a folder whose
+   hash matches is reused, otherwise it is rebuilt (logged).
+3. **FuseLLM.** :func:`fusejax.pipeline.run` runs every stage (prepare ... eval, export) with ``run.seed``.
+4. **Seeds.** FuseLLM and CLM-only (``lm_weight=1``: the same continual training without fusion, on the same
+   rows) for every seed of :data:`SEEDS` (:func:`seed_runs`); a seed only changes the order of the training
+   blocks, so the two runs of one seed are paired. Each run scores the held-out blocks every
+   ``train.eval_every`` steps (the token-efficiency curve).
+5. **Report.** ``<out>/report/``: ``results.json``, ``report.md`` (the result in words; held-out bits per byte
+   per domain of the target before training, CLM-only, FuseLLM and their paired difference; how many tokens
+   FuseLLM needs to reach CLM-only's final score) and PNG plots; the paths are printed.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import shutil
 import struct
 import sys
@@ -35,43 +43,45 @@ from pathlib import Path
 
 from fusejax.config import Config
 from fusejax.files import write_json
-from fusejax.schema import TENSORBOARD, RunLayout
+from fusejax.schema import SUMMARY, TENSORBOARD, RunLayout
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "embedded.yaml"
 ASSET_VERSION = 1  # bump to rebuild every cached model
 DOMAINS = ("prose", "code")
-BASELINE = "baseline_clm"  # folder of the CLM-only baseline run, beside the pipeline's folders
 
-# name -> recipe. arch: ModelConfig fields; tokenizer: (kind, vocab size); mix: corpus files it learns from.
+# name -> recipe. arch: ModelConfig fields; tokenizer: (kind, vocab size); mix: the domains it learns from;
+# own_data: whether it also learns from the documents left out of the fusion corpus (the sources' "other data",
+# as in the paper); the target learns only from the fusion corpus's training documents of its mix.
 RECIPES: dict[str, dict] = {
     "target": {"arch": {"arch": "llama", "hidden_size": 64, "intermediate_size": 172, "num_layers": 2,
                         "num_heads": 4, "max_position_embeddings": 512},
-               "tokenizer": ("byte_bpe", 512), "mix": DOMAINS, "steps": 60, "lr": 3e-3},
+               "tokenizer": ("byte_bpe", 512), "mix": ("prose",), "own_data": False, "steps": 60, "lr": 3e-3},
     "llama": {"arch": {"arch": "llama", "hidden_size": 96, "intermediate_size": 256, "num_layers": 3,
                        "num_heads": 4, "max_position_embeddings": 1024},
-              "tokenizer": ("metaspace_bpe", 1024), "mix": ("prose",), "steps": 150, "lr": 3e-3},
+              "tokenizer": ("metaspace_bpe", 1024), "mix": ("prose",), "own_data": True, "steps": 150, "lr": 3e-3},
     "neox": {"arch": {"arch": "gpt_neox", "hidden_size": 96, "intermediate_size": 384, "num_layers": 3,
                       "num_heads": 4, "max_position_embeddings": 1024, "norm": "layer", "norm_bias": True,
                       "parallel_residual": True, "mlp": "plain", "activation": "gelu", "attention_bias": True,
                       "mlp_bias": True, "rotary_dim": 8, "norm_eps": 1e-5},
-             "tokenizer": ("byte_bpe", 768), "mix": ("code",), "steps": 150, "lr": 3e-3},
+             "tokenizer": ("byte_bpe", 768), "mix": ("code",), "own_data": True, "steps": 150, "lr": 3e-3},
     "mpt": {"arch": {"arch": "mpt", "hidden_size": 96, "intermediate_size": 384, "num_layers": 3, "num_heads": 4,
                      "max_position_embeddings": 4096, "norm": "layer", "position": "alibi", "mlp": "plain",
                      "activation": "gelu", "tie_embeddings": True, "norm_eps": 1e-5},
-            "tokenizer": ("char", 0), "mix": DOMAINS, "steps": 150, "lr": 3e-3},
+            "tokenizer": ("char", 0), "mix": DOMAINS, "own_data": True, "steps": 150, "lr": 3e-3},
 }
-# shared by every recipe; max_chars per domain, each document cut at max_doc_chars (more documents to hold out)
-PRETRAIN = {"block_size": 255, "batch_size": 8, "max_chars": 150_000, "max_doc_chars": 5_000}
+# shared by every recipe. max_chars per domain of text read, cut into documents of <= max_doc_chars; every
+# fusion_stride-th document goes to the fusion corpus (corpus.inputs), the others only to sources with own_data.
+PRETRAIN = {"block_size": 255, "batch_size": 8, "max_chars": 600_000, "max_doc_chars": 2_000, "fusion_stride": 4}
 
 
 # --------------------------------------------------------------------------------------------------- corpus
 
 
 def corpus_documents(max_chars: int, max_doc_chars: int | None = None) -> dict[str, list[str]]:
-    """``{"prose": pydoc topics, "code": stdlib modules}``, sorted by name, each document cut at
-    ``max_doc_chars`` and each domain at ``max_chars`` characters in total (the last document shortened)."""
+    """``{"prose": pydoc topics, "code": stdlib modules}``, sorted by name, each text cut into documents of at
+    most ``max_doc_chars`` characters, at most ``max_chars`` characters per domain (the last one shortened)."""
     import pydoc_data.topics
 
     stdlib = Path(shutil.__file__).parent
@@ -83,31 +93,50 @@ def corpus_documents(max_chars: int, max_doc_chars: int | None = None) -> dict[s
     for domain, texts in sources.items():
         docs, left = [], max_chars
         for text in texts:
-            if left <= 0:
-                break
-            if text.strip():
-                docs.append(text[: min(left, max_doc_chars or left)])
-                left -= len(docs[-1])
+            size = max_doc_chars or len(text)
+            for start in range(0, len(text), size):
+                if left > 0 and text[start:start + size].strip():
+                    docs.append(text[start:start + min(size, left)])
+                    left -= len(docs[-1])
         out[domain] = docs
     return out
 
 
-def write_corpus(paths: list[Path], max_chars: int, max_doc_chars: int | None = None) -> dict[str, list[str]]:
-    """Write each domain's documents as jsonl to the path of ``paths`` named ``<domain>.jsonl`` (only when
-    the content differs); returns the documents by domain."""
-    docs = corpus_documents(max_chars, max_doc_chars)
+def fusion_documents(docs: dict[str, list[str]], stride: int) -> dict[str, list[str]]:
+    """Every ``stride``-th document of each domain: the fusion corpus (the others are the sources' own data)."""
+    return {d: texts[::stride] for d, texts in docs.items()}
+
+
+def write_corpus(paths: list[Path], docs: dict[str, list[str]], domains: tuple[str, ...] = DOMAINS) -> None:
+    """Write each of ``domains``' documents as jsonl to the path of ``paths`` named ``<domain>.jsonl`` (only
+    when the content differs)."""
     by_name = {p.name: p for p in paths}
-    missing = [f"{d}.jsonl" for d in DOMAINS if f"{d}.jsonl" not in by_name]
-    if missing or len(paths) != len(DOMAINS):
+    missing = [f"{d}.jsonl" for d in domains if f"{d}.jsonl" not in by_name]
+    if missing or len(paths) != len(domains):
         raise ValueError(f"corpus.inputs {[str(p) for p in paths]}: the embedded default needs exactly the files "
-                         f"{[f'{d}.jsonl' for d in DOMAINS]}")
-    for domain in DOMAINS:
+                         f"{[f'{d}.jsonl' for d in domains]}")
+    for domain in domains:
         text = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in docs[domain])
         path = by_name[f"{domain}.jsonl"]
         if not path.is_file() or path.read_text(encoding="utf-8") != text:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text, encoding="utf-8")
-    return docs
+
+
+def pretraining_texts(docs: dict[str, list[str]], recipe: dict, stride: int, seed: int,
+                      fraction: float) -> dict[str, list[str]]:
+    """``{domain: texts}`` a model of ``recipe`` may learn from: the training documents of the fusion corpus
+    (never its held-out ones: ``fusejax.corpus.is_heldout`` as the prepare stage splits them), plus, with
+    ``own_data``, every document left out of the fusion corpus."""
+    from fusejax.corpus import is_heldout
+
+    out = {}
+    for d, texts in docs.items():
+        fusion = texts[::stride]
+        out[d] = [t for i, t in enumerate(fusion) if not is_heldout(f"{d}.jsonl:{i}", seed, fraction)]
+        if recipe["own_data"]:
+            out[d] += [t for j, t in enumerate(texts) if j % stride]
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- tokenizers
@@ -144,33 +173,29 @@ def train_tokenizer(kind: str, vocab_size: int, texts: list[str]):
 # ----------------------------------------------------------------------------------------------------- models
 
 
-def _recipe_hash(recipe: dict, corpus_files: list[Path], cfg: Config) -> str:
-    payload = {"recipe": recipe, "pretrain": PRETRAIN, "version": ASSET_VERSION, "seed": cfg.run.seed,
-               "holdout": cfg.corpus.holdout_fraction,
-               "corpus": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in corpus_files}}
+def _recipe_hash(recipe: dict, texts: dict[str, list[str]]) -> str:
+    payload = {"recipe": recipe, "pretrain": PRETRAIN, "version": ASSET_VERSION,
+               "texts": hashlib.sha256(json.dumps(texts, sort_keys=True).encode()).hexdigest()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()
 
 
-def pretrain_model(name: str, recipe: dict, folder: Path, corpus_files: list[Path], docs: dict, cfg: Config,
-                   mesh) -> None:
-    """Train ``recipe``'s tokenizer and model (CLM only, training documents of its mix) and save both as a
-    Hugging Face folder at ``folder`` (work files under ``folder/.work``, removed at the end)."""
+def pretrain_model(name: str, recipe: dict, folder: Path, texts: dict[str, list[str]], seed: int, mesh) -> None:
+    """Train ``recipe``'s tokenizer (on ``texts`` of every domain) and model (CLM only, ``texts`` of its mix)
+    and save both as a Hugging Face folder at ``folder`` (work files under ``folder/.work``, removed at the end)."""
     from fusejax.config import TrainConfig
-    from fusejax.corpus import is_heldout, prepare_corpus
+    from fusejax.corpus import prepare_corpus
     from fusejax.data import TokenBatches
     from fusejax.models import ModelConfig, save_pretrained
     from fusejax.tokenizer import load_tokenizer
     from fusejax.train import Trainer, build_target
 
-    seed, fraction = cfg.run.seed, cfg.corpus.holdout_fraction
-    train_texts = [t for d in DOMAINS for i, t in enumerate(docs[d])
-                   if not is_heldout(f"{d}.jsonl:{i}", seed, fraction)]
     kind, vocab = recipe["tokenizer"]
     work = folder / ".work"
-    train_tokenizer(kind, vocab, train_texts).save_pretrained(work / "tokenizer")
+    train_tokenizer(kind, vocab, [t for d in DOMAINS for t in texts[d]]).save_pretrained(work / "tokenizer")
     tok = load_tokenizer(work / "tokenizer")
-    mix = [p for p in corpus_files if p.stem in recipe["mix"]]
-    prepare_corpus(mix, tok, work / "corpus", block_size=PRETRAIN["block_size"], holdout_fraction=fraction, seed=seed)
+    mix = [work / "corpus_text" / f"{d}.jsonl" for d in recipe["mix"]]
+    write_corpus(mix, {d: texts[d] for d in recipe["mix"]}, recipe["mix"])
+    prepare_corpus(mix, tok, work / "corpus", block_size=PRETRAIN["block_size"])
     data = TokenBatches(work / "corpus", tok, seq_len=PRETRAIN["block_size"] + 1)
     config = ModelConfig(**recipe["arch"], vocab_size=len(tok), eos_token_id=tok.eos_token_id,
                          bos_token_id=tok.bos_token_id)
@@ -188,7 +213,7 @@ def pretrain_model(name: str, recipe: dict, folder: Path, corpus_files: list[Pat
 
 
 def build_assets(cfg: Config, recipes: dict[str, dict] | None = None) -> dict[str, str]:
-    """Write the corpus and build (or reuse) the target and every source at their config paths.
+    """Write the fusion corpus and build (or reuse) the target and every source at their config paths.
 
     ``recipes``: name -> recipe (default :data:`RECIPES`); ``"target"`` and every source name need one.
     Returns ``{name: "reused" | "built"}``.
@@ -200,13 +225,15 @@ def build_assets(cfg: Config, recipes: dict[str, dict] | None = None) -> dict[st
     unknown = [name for name, _ in models if name not in recipes]
     if unknown:
         raise ValueError(f"embedded: no recipe for {unknown}; recipes exist for {sorted(recipes)}")
-    corpus_files = [Path(p) for p in cfg.corpus.inputs]
-    docs = write_corpus(corpus_files, PRETRAIN["max_chars"], PRETRAIN.get("max_doc_chars"))
+    docs = corpus_documents(PRETRAIN["max_chars"], PRETRAIN.get("max_doc_chars"))
+    write_corpus([Path(p) for p in cfg.corpus.inputs], fusion_documents(docs, PRETRAIN["fusion_stride"]))
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     out = {}
     for name, path in models:
         folder = Path(path)
-        key = _recipe_hash(recipes[name], corpus_files, cfg)
+        texts = pretraining_texts(docs, recipes[name], PRETRAIN["fusion_stride"], cfg.run.seed,
+                                  cfg.corpus.holdout_fraction)
+        key = _recipe_hash(recipes[name], texts)
         stamp = folder / "recipe.json"
         if stamp.is_file() and json.loads(stamp.read_text()).get("hash") == key:
             out[name] = "reused"
@@ -215,37 +242,121 @@ def build_assets(cfg: Config, recipes: dict[str, dict] | None = None) -> dict[st
             log.warning("embedded: %s was built from another recipe or corpus; rebuilding it", folder)
             shutil.rmtree(folder)
         t0 = time.perf_counter()
-        pretrain_model(name, recipes[name], folder, corpus_files, docs, cfg, mesh)
-        write_json(stamp, {"hash": key, "recipe": recipes[name], "seconds": time.perf_counter() - t0})
+        pretrain_model(name, recipes[name], folder, texts, cfg.run.seed, mesh)
+        write_json(stamp, {"hash": key, "recipe": recipes[name], "seconds": time.perf_counter() - t0,
+                           "chars": {d: sum(map(len, texts[d])) for d in recipes[name]["mix"]}})
         out[name] = "built"
         print(f"[embedded] {name}: pre-trained in {time.perf_counter() - t0:.0f} s -> {folder}", flush=True)
     return out
 
 
-# ---------------------------------------------------------------------------------------------- baseline
+# ------------------------------------------------------------------------------------------------ seeds
 
 
-def clm_baseline(cfg: Config) -> dict:
-    """Continual training of the target without fusion (``lm_weight=1``) on the training blocks of
-    ``<out>/corpus`` into ``<out>/baseline_clm``; same steps (one pass unless ``train.steps``), batch and
-    learning rate as the fused run. Returns its held-out :func:`fusejax.evaluation.evaluate` result."""
-    from fusejax.data import TokenBatches
-    from fusejax.evaluation import evaluate, heldout_batches
-    from fusejax.sharding import make_mesh
-    from fusejax.tokenizer import load_tokenizer
-    from fusejax.train import Trainer, build_target
+def seed_runs(cfg: Config, seeds: list[int]) -> dict:
+    """FuseLLM and CLM-only (``lm_weight=1``: the same continual training without fusion, same aligned rows)
+    for every seed of ``seeds`` (the seed changes only the order of the training blocks, so two runs of one
+    seed are paired). The FuseLLM run of ``run.seed`` is the pipeline's own (``<out>/train``, ``<out>/eval``);
+    every other run trains in ``<out>/seeds/<variant>/seed<k>`` on links to ``<out>``'s corpus and aligned
+    store (:func:`fusejax.study.train_and_eval`). Returns ``{"target": eval result, "runs": {variant: {seed:
+    {"eval": eval result, "curve": [[step, bits/byte], ...]}}}}``; the curve holds the ``train.eval_every``
+    evaluations and the final one (the eval stage's held-out blocks, ``eval.batch_size``, ``eval.max_batches``)."""
+    from fusejax.config import replace
+    from fusejax.study import train_and_eval
 
     layout = RunLayout.of(cfg)
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    tok = load_tokenizer(cfg.target.tokenizer_path)
-    tc = dataclasses.replace(cfg.train, lm_weight=1.0, schedule="hard")
-    data = TokenBatches(layout.corpus, tok, seq_len=tc.seq_len, split="train")
-    model = build_target(tc, mesh, path=cfg.target.path, rules=cfg.mesh.rules)
-    trainer = Trainer(model, data, tc, layout.root / BASELINE, mesh=mesh, seed=cfg.run.seed, config=cfg)
-    trainer.fit()
-    trainer.close()
-    return evaluate(trainer.model(), heldout_batches(cfg, tok), batch_size=cfg.eval.batch_size,
-                    max_batches=cfg.eval.max_batches)
+    variants = {"clm_only": replace(cfg, "train.lm_weight", 1.0), "fusellm": cfg}
+    out: dict = {"target": None, "runs": {v: {} for v in variants}}
+    for seed in seeds:
+        for variant, vcfg in variants.items():
+            if variant == "fusellm" and seed == cfg.run.seed:
+                run_dir, ev = layout.root, json.loads((layout.eval / "results.json").read_text())
+            else:
+                run_dir = layout.root / "seeds" / variant / f"seed{seed}"
+                ev = train_and_eval(vcfg, layout.root, run_dir, seed)
+            train_dir = RunLayout.at(run_dir).train
+            steps = json.loads((train_dir / SUMMARY).read_text())["steps"]
+            evals = read_scalars(train_dir / TENSORBOARD).get("eval/bits_per_byte", [])
+            curve = [[s, v] for s, v in evals if s < steps]
+            out["target"] = ev["target"]
+            final = [steps, ev["trained"]["bits_per_byte"]]
+            out["runs"][variant][str(seed)] = {"eval": ev["trained"], "curve": curve + [final]}
+    return out
+
+
+# --------------------------------------------------------------------------------------------- toy tasks
+
+TASKS = {"embedded_real_continuation": "multiple_choice", "embedded_code_completion": "generate_until"}
+TASK_YAML = {
+    "multiple_choice": "output_type: multiple_choice\ndoc_to_text: \"{{context}}\"\ndoc_to_choice: \"{{choices}}\"\n"
+                       "doc_to_target: \"{{label}}\"\ntarget_delimiter: \"\"\nmetric_list:\n"
+                       "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n",
+    "generate_until": "output_type: generate_until\ndoc_to_text: \"{{prompt}}\"\ndoc_to_target: \"{{target}}\"\n"
+                      "target_delimiter: \"\"\ngeneration_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 48\n"
+                      "  do_sample: false\nmetric_list:\n  - metric: exact_match\n    aggregation: mean\n"
+                      "    higher_is_better: true\n",
+}
+
+
+def heldout_documents(cfg: Config) -> dict[str, list[str]]:
+    """``{domain: texts}`` of the held-out documents of ``corpus.inputs`` (as the prepare stage splits them)."""
+    from fusejax.corpus import is_heldout
+
+    out = {}
+    for path in map(Path, cfg.corpus.inputs):
+        texts = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines()]
+        out[path.stem] = [t for i, t in enumerate(texts)
+                          if is_heldout(f"{path.name}:{i}", cfg.run.seed, cfg.corpus.holdout_fraction)]
+    return out
+
+
+def write_toy_tasks(cfg: Config, folder: Path, *, context: int = 240, continuation: int = 80,
+                    choices: int = 4) -> list[Path]:
+    """Two toy downstream tasks from the held-out documents, each a JSONL file and an lm-evaluation-harness
+    task YAML (``dataset_path: json``) in ``folder``; returns the YAML paths.
+
+    * ``embedded_real_continuation`` (multiple choice, ``acc``): the first ``context`` characters of a held-out
+      document; the choices are its real next ``continuation`` characters and the same span of
+      ``choices - 1`` other held-out documents of its domain (fixed random order, ``label`` = the real one).
+    * ``embedded_code_completion`` (``generate_until`` a newline, ``exact_match``): the text of a held-out code
+      document up to a line start (at most ``context`` characters, cut at a line start); the target is that
+      line. Three lines per document: the ones at 1/4, 1/2 and 3/4 of its lines with at least 8 non-blank
+      characters.
+    """
+    import random
+
+    docs = heldout_documents(cfg)
+    rng = random.Random(cfg.run.seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, list[dict]] = {task: [] for task in TASKS}
+    for domain in DOMAINS:
+        long = [t for t in docs.get(domain, []) if len(t) >= context + continuation]
+        for i, text in enumerate(long):
+            others = rng.sample([t for j, t in enumerate(long) if j != i], min(choices - 1, len(long) - 1))
+            options = [text[context:context + continuation]] + [t[context:context + continuation] for t in others]
+            order = list(range(len(options)))
+            rng.shuffle(order)
+            rows["embedded_real_continuation"].append(
+                {"domain": domain, "context": text[:context], "choices": [options[k] for k in order],
+                 "label": order.index(0)})
+    for text in docs.get("code", []):
+        lines = text.splitlines(keepends=True)
+        starts = [sum(map(len, lines[:k])) for k in range(len(lines))]
+        good = [k for k in range(1, len(lines)) if len(lines[k].strip()) >= 8]
+        for k in sorted({good[len(good) * q // 4] for q in (1, 2, 3)} if len(good) >= 4 else set()):
+            prompt = text[:starts[k]]
+            prompt = prompt[prompt.find("\n", max(0, len(prompt) - context - 1)) + 1:]
+            if prompt:
+                rows["embedded_code_completion"].append({"prompt": prompt, "target": lines[k].rstrip("\n")})
+    paths = []
+    for task, items in rows.items():
+        data = folder / f"{task}.jsonl"
+        data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in items), encoding="utf-8")
+        yaml_path = folder / f"{task}.yaml"
+        yaml_path.write_text(f"task: {task}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: "
+                             f"{json.dumps(str(data.resolve()))}\ntest_split: test\n" + TASK_YAML[TASKS[task]])
+        paths.append(yaml_path)
+    return paths
 
 
 # ------------------------------------------------------------------------------------------------- report
@@ -268,68 +379,174 @@ def read_scalars(tb_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: sorted(points) for tag, points in out.items()}
 
 
-def write_report(out: Path, results: dict, curves: dict[str, dict]) -> list[Path]:
-    """``report/results.json``, ``report/report.md`` and PNG plots under ``out/report``; returns their paths."""
+def tokens_to_reach(curve: list[list[float]], score: float) -> float | None:
+    """First step at which ``curve`` ([[step, bits/byte], ...] by step) is at or below ``score``, linearly
+    interpolated between evaluations; None if it never is."""
+    for (s0, v0), (s1, v1) in zip(curve, curve[1:]):
+        if v1 <= score:
+            return s0 + (s1 - s0) * (v0 - score) / (v0 - v1) if v0 > score else s0
+    return curve[0][0] if curve and curve[0][1] <= score else None
+
+
+def summarize_results(results: dict) -> dict:
+    """The report's numbers from ``results.json``: per metric (``all`` and each domain) the mean ± std over
+    seeds of CLM-only and FuseLLM, the paired delta FuseLLM - CLM-only (and in % of CLM-only), how many seeds
+    FuseLLM wins, and the tokens FuseLLM needs to reach CLM-only's final overall score (per seed, paired)."""
+    from fusejax.study import summarize
+
+    runs, tokens_per_step = results["runs"], results["tokens_per_step"]
+    seeds = sorted(set(runs["clm_only"]) & set(runs["fusellm"]), key=int)
+
+    def value(variant, seed, metric):
+        ev = runs[variant][seed]["eval"]
+        return ev["bits_per_byte"] if metric == "all" else ev["domains"][metric]["bits_per_byte"]
+
+    out: dict = {"seeds": [int(s) for s in seeds], "metrics": {}}
+    for metric in ["all", *sorted(results["target"]["domains"])]:
+        clm = [value("clm_only", s, metric) for s in seeds]
+        deltas = [value("fusellm", s, metric) - c for s, c in zip(seeds, clm)]
+        target = results["target"]["bits_per_byte" if metric == "all" else "domains"]
+        out["metrics"][metric] = {
+            "target": target if metric == "all" else target[metric]["bits_per_byte"],
+            "clm_only": dataclasses.asdict(summarize(clm)),
+            "fusellm": dataclasses.asdict(summarize([value("fusellm", s, metric) for s in seeds])),
+            "delta": dataclasses.asdict(summarize(deltas)), "deltas": deltas,
+            "delta_percent": 100 * sum(deltas) / sum(clm), "wins": sum(d < 0 for d in deltas)}
+    reach = []
+    for s in seeds:
+        clm_curve = runs["clm_only"][s]["curve"]
+        step = tokens_to_reach(runs["fusellm"][s]["curve"], clm_curve[-1][1])
+        reach.append(None if step is None else {"tokens": step * tokens_per_step,
+                                                "ratio": clm_curve[-1][0] / step if step else math.inf})
+    reached = [r for r in reach if r is not None]
+    out["efficiency"] = {"per_seed": reach, "clm_tokens": runs["clm_only"][seeds[0]]["curve"][-1][0] * tokens_per_step,
+                         "tokens": dataclasses.asdict(summarize([r["tokens"] for r in reached])) if reached else None,
+                         "ratio": dataclasses.asdict(summarize([r["ratio"] for r in reached])) if reached else None}
+    return out
+
+
+def report_paragraph(summary: dict) -> str:
+    """The result in words, with its numbers (Markdown)."""
+    m, eff, n = summary["metrics"], summary["efficiency"], len(summary["seeds"])
+
+    def gain(metric):
+        d = m[metric]
+        return (f"{d['delta']['mean']:+.4f} ± {d['delta']['std']:.4f} bits/byte ({d['delta_percent']:+.2f}%, "
+                f"FuseLLM better on {d['wins']} of {n} seeds)")
+
+    domains = [k for k in m if k != "all"]
+    text = (f"Over {n} paired data-order seeds, FuseLLM reaches {m['all']['fusellm']['mean']:.4f} held-out bits per "
+            f"byte against {m['all']['clm_only']['mean']:.4f} for CLM-only continual training on the same tokens "
+            f"(target before training: {m['all']['target']:.4f}): a paired difference of {gain('all')}. Per domain: "
+            + "; ".join(f"{d} {gain(d)}" for d in domains) + ". ")
+    if eff["ratio"] is None:
+        return text + "FuseLLM does not reach CLM-only's final score within the run."
+    missing = n - eff["ratio"]["n"]
+    return text + (f"FuseLLM reaches CLM-only's final overall score after {eff['tokens']['mean'] / 1e3:.1f}k ± "
+                   f"{eff['tokens']['std'] / 1e3:.1f}k of the {eff['clm_tokens'] / 1e3:.0f}k training tokens, "
+                   f"{eff['ratio']['mean']:.2f} ± {eff['ratio']['std']:.2f}x fewer (the paper's Figure 2 measure)"
+                   + (f"; on {missing} seed(s) it never does." if missing else "."))
+
+
+def write_report(out: Path, results: dict) -> list[Path]:
+    """``report/results.json``, ``report/report.md`` (the result in words, a table, the plots) and the PNG plots
+    ``gain.png`` (paired differences to CLM-only) and ``token_efficiency.png`` under ``out/report``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     folder = out / "report"
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "results.json", results)
-    methods = [m for m in ("target", "clm_only", "fusellm") if m in results["eval"]]
-    names = {"target": "target before training", "clm_only": "CLM-only continual training", "fusellm": "FuseLLM"}
-    domains = sorted({d for m in methods for d in results["eval"][m]["domains"]})
-    lines = ["# Embedded default: held-out bits per byte (lower is better)", "",
-             "| method | all | " + " | ".join(domains) + " | loss (nats/token) |",
-             "|---|---|" + "---|" * len(domains) + "---|"]
-    for m in methods:
-        r = results["eval"][m]
-        cells = [f"{r['bits_per_byte']:.4f}"] + [f"{r['domains'][d]['bits_per_byte']:.4f}" for d in domains]
-        lines.append(f"| {names[m]} | " + " | ".join(cells) + f" | {r['loss']:.4f} |")
-    lines += ["", f"Held-out: {results['eval'][methods[0]]['blocks']} blocks, {results['eval'][methods[0]]['bytes']} "
-              f"bytes. Wall time: {results['seconds']:.0f} s.", "", "![bits per byte](bits_per_byte.png)",
-              "![loss curves](loss_curves.png)", ""]
+    summary = summarize_results(results)
+    metrics = list(summary["metrics"])
+
+    def cell(stat):
+        return f"{stat['mean']:.4f} ± {stat['std']:.4f}"
+
+    lines = ["# Embedded default: FuseLLM vs CLM-only", "", report_paragraph(summary), "",
+             "Held-out bits per byte (lower is better), mean ± sample std over seeds; Δ: FuseLLM − CLM-only of the "
+             "same seed (same training data order).", "",
+             "| | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    rows = {"target before training": [f"{summary['metrics'][k]['target']:.4f}" for k in metrics]}
+    for key, name in (("clm_only", "CLM-only"), ("fusellm", "FuseLLM"), ("delta", "Δ (paired)")):
+        rows[name] = [cell(summary["metrics"][k][key]) for k in metrics]
+    rows["Δ % of CLM-only"] = [f"{summary['metrics'][k]['delta_percent']:+.2f}%" for k in metrics]
+    lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows.items()]
+    held = results["target"]
+    lines += ["", f"Held-out: {held['blocks']} blocks, {held['bytes']} bytes. Seeds: {summary['seeds']}. "
+              f"Wall time: {results['seconds']:.0f} s.", "", "![paired gain](gain.png)", "",
+              "![token efficiency](token_efficiency.png)", ""]
+    if results.get("tasks"):
+        lines += [f"Toy downstream tasks (lm-evaluation-harness task YAMLs over held-out documents, "
+                  f"`--include_path {Path(results['tasks'][0]).parent}`): "
+                  + ", ".join(f"`{Path(t).stem}`" for t in results["tasks"]) + ".", ""]
     (folder / "report.md").write_text("\n".join(lines))
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.8 / len(methods)
-    groups = ["all", *domains]
-    for i, m in enumerate(methods):
-        r = results["eval"][m]
-        values = [r["bits_per_byte"]] + [r["domains"][d]["bits_per_byte"] for d in domains]
-        ax.bar([g + i * width for g in range(len(groups))], values, width, label=names[m])
-    ax.set_xticks([g + width * (len(methods) - 1) / 2 for g in range(len(groups))], groups)
-    ax.set_ylabel("held-out bits per byte")
-    ax.legend()
+    for i, k in enumerate(metrics):
+        d = summary["metrics"][k]
+        ax.bar(i, d["delta"]["mean"], 0.6, yerr=d["delta"]["std"], capsize=4, color="tab:blue", alpha=0.7)
+        ax.plot([i] * len(d["deltas"]), d["deltas"], "k.", ms=6)
+        ax.annotate(f"{d['delta_percent']:+.2f}%", (i, 0), xytext=(0, 4), textcoords="offset points",
+                    ha="center", va="bottom")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(metrics)), metrics)
+    ax.set_ylabel("FuseLLM − CLM-only (bits/byte)")
+    ax.set_title("Held-out bits per byte, paired per seed (below 0: FuseLLM better)\n"
+                 "bars: mean ± std over seeds, dots: seeds, labels: % of CLM-only", fontsize=10)
+    lo = min(min(d["deltas"]) for d in summary["metrics"].values())
+    ax.set_ylim(min(lo * 1.15, -1e-3), abs(lo) * 0.25)
     fig.tight_layout()
-    fig.savefig(folder / "bits_per_byte.png", dpi=120)
+    fig.savefig(folder / "gain.png", dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for label, scalars in curves.items():
-        for tag, style in (("clm_loss", "-"), ("fusion_loss", "--")):
-            if scalars.get(tag) and any(v for _, v in scalars[tag]):  # CLM-only has no fusion term
-                steps, values = zip(*scalars[tag])
-                ax.plot(steps, values, style, label=f"{label}: {tag}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (nats/token)")
-    ax.legend()
+    seeds = [str(s) for s in summary["seeds"]]
+    tps, start = results["tokens_per_step"], [0, results["target"]["bits_per_byte"]]
+    curves = {v: np.array([[start] + results["runs"][v][s]["curve"] for s in seeds]) for v in ("clm_only", "fusellm")}
+    tokens = curves["clm_only"][0, :, 0] * tps / 1e3
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=[2, 1])
+    for v, name, color in (("clm_only", "CLM-only", "tab:gray"), ("fusellm", "FuseLLM", "tab:blue")):
+        values = curves[v][:, :, 1]
+        top.plot(tokens, values.mean(0), "o-", color=color, ms=3, label=f"{name} (mean, band: min..max over seeds)")
+        top.fill_between(tokens, values.min(0), values.max(0), color=color, alpha=0.25)
+    final = curves["clm_only"][:, -1, 1].mean()
+    top.axhline(final, color="tab:gray", ls="--", lw=0.8, label="CLM-only final score")
+    eff = summary["efficiency"]
+    if eff["tokens"] is not None:
+        top.axvline(eff["tokens"]["mean"] / 1e3, color="tab:blue", ls=":", lw=1,
+                    label=f"FuseLLM reaches it: {eff['ratio']['mean']:.2f}x fewer tokens")
+    late = curves["clm_only"][:, len(tokens) // 4:, 1]
+    top.set_ylim(min(c[:, :, 1].min() for c in curves.values()) - 0.02, late.max() + 0.05)
+    top.set_ylabel("held-out bits per byte")
+    top.legend(fontsize=8, loc="upper right")
+    delta = curves["fusellm"][:, :, 1] - curves["clm_only"][:, :, 1]
+    bottom.plot(tokens, delta.mean(0), "o-", color="tab:blue", ms=3)
+    bottom.fill_between(tokens, delta.mean(0) - delta.std(0, ddof=1 if len(seeds) > 1 else 0),
+                        delta.mean(0) + delta.std(0, ddof=1 if len(seeds) > 1 else 0), color="tab:blue", alpha=0.25)
+    bottom.axhline(0, color="black", lw=0.8)
+    bottom.set_ylabel("FuseLLM − CLM-only\n(mean ± std over seeds)")
+    bottom.set_xlabel("training tokens (thousands)")
     fig.tight_layout()
-    fig.savefig(folder / "loss_curves.png", dpi=120)
+    fig.savefig(folder / "token_efficiency.png", dpi=120)
     plt.close(fig)
-    return [folder / n for n in ("results.json", "report.md", "bits_per_byte.png", "loss_curves.png")]
+    return [folder / n for n in ("results.json", "report.md", "gain.png", "token_efficiency.png")]
 
 
 # --------------------------------------------------------------------------------------------------- main
 
 
-def main(config: str | Path | None = None, overrides: list[str] | None = None, *, recipes: dict | None = None,
-         stop_after: str | None = None) -> int:
-    """Build the assets, run the pipeline, the CLM-only baseline and the report (see the module docstring).
+SEEDS = (0, 1, 2)  # data-order seeds of FuseLLM and CLM-only (paired: same seed, same order)
 
-    ``stop_after``: the last pipeline stage to run (tests); the baseline and report need the whole pipeline.
+
+def main(config: str | Path | None = None, overrides: list[str] | None = None, *, recipes: dict | None = None,
+         stop_after: str | None = None, seeds: tuple[int, ...] = SEEDS) -> int:
+    """Build the assets, run the pipeline, FuseLLM and CLM-only for every seed and the report (see the module
+    docstring).
+
+    ``stop_after``: the last pipeline stage to run (tests); the seed runs and report need the whole pipeline.
     """
     from fusejax import pipeline
     from fusejax.config import load_config
@@ -341,14 +558,11 @@ def main(config: str | Path | None = None, overrides: list[str] | None = None, *
     stages = pipeline.run(cfg, stop_after=stop_after)
     if stop_after is not None:
         return 0
-    results = {"assets": assets, "stages": stages, "eval": {}}
-    fused = json.loads((layout.eval / "results.json").read_text())
-    results["eval"]["target"], results["eval"]["fusellm"] = fused["target"], fused["trained"]
-    results["eval"]["clm_only"] = clm_baseline(cfg)
+    tasks = write_toy_tasks(cfg, layout.root / "tasks")
+    results = {"assets": assets, "stages": stages, "tokens_per_step": cfg.train.batch_size * cfg.train.seq_len,
+               "tasks": [str(p) for p in tasks], **seed_runs(cfg, list(seeds))}
     results["seconds"] = time.perf_counter() - t0
-    curves = {"FuseLLM": read_scalars(layout.train / TENSORBOARD),
-              "CLM-only": read_scalars(layout.root / BASELINE / TENSORBOARD)}
-    paths = write_report(layout.root, results, curves)
+    paths = write_report(layout.root, results)
     print((layout.root / "report" / "report.md").read_text())
     for p in paths:
         print(f"report: {p}")

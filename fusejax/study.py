@@ -175,10 +175,10 @@ def paired_delta(results: list[dict], a: str, b: str, metric: str = "all") -> St
 
 # (title, [variants], comparison baseline for the paired delta) of each table in docs/study.md
 TABLES = (
-    ("Main table: target vs CLM-only vs FuseLLM", ["target", "clm_only", "fusellm", "ce_byte"], "clm_only"),
+    ("Main table: target vs CLM-only vs FuseLLM", ["target", "clm_only", "fusellm", "ce_token"], "clm_only"),
     ("Number of sources (the paper's Table 4)", ["only_llama", "only_neox", "only_mpt", "two_sources", "fusellm"],
      "clm_only"),
-    ("Ablations", ["fusellm", "ce_byte", "avg_ce", "exact_map", "reference_align"], "fusellm"),
+    ("Ablations", ["fusellm", "ce_token", "avg_ce", "exact_map", "reference_align"], "fusellm"),
 )
 
 
@@ -197,26 +197,35 @@ def table(stats: dict[str, dict[str, Stat]], results: list[dict], variants: list
     return rows
 
 
-def plot(stats: dict[str, dict[str, Stat]], variants: list[str], path: Path) -> None:
-    """Bar chart of mean bits per byte per domain with min..max error bars, to ``path`` (PNG)."""
+def plot(stats: dict[str, dict[str, Stat]], results: list[dict], variants: list[str], baseline: str,
+         path: Path) -> None:
+    """Bar chart of the paired delta of each variant to ``baseline`` per domain (mean ± std over seeds, one dot
+    per seed; below 0: better than ``baseline``), to ``path`` (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    variants = [v for v in variants if v in stats]
-    metrics = ["all", *sorted(m for m in stats[variants[0]] if m != "all")]
+    variants = [v for v in variants if v in stats and v not in ("target", baseline)]
+    metrics = ["all", *sorted(m for m in stats[baseline] if m != "all")] if baseline in stats else []
+    by = {(r["variant"], r["seed"]): r["trained"] for r in results}
     fig, ax = plt.subplots(figsize=(8, 4))
-    width = 0.8 / len(variants)
+    ax.use_sticky_edges = False  # a margin beyond 0, so bars that all point down do not hang from the frame
+    width = 0.8 / max(1, len(variants))
     for i, v in enumerate(variants):
-        s = [stats[v][m] for m in metrics]
-        ax.bar([g + i * width for g in range(len(metrics))], [x.mean for x in s], width, label=v,
-               yerr=[[x.mean - x.min for x in s], [x.max - x.mean for x in s]], capsize=2)
-    lo = min(stats[v][m].min for v in variants for m in metrics)
-    ax.set_ylim(bottom=lo * 0.95)
+        xs = [g + i * width for g in range(len(metrics))]
+        deltas = [[by[v, s][m] - by[baseline, s][m] for (w, s) in by if w == v and (baseline, s) in by]
+                  for m in metrics]
+        if not deltas[0]:  # no seed in common with the baseline
+            continue
+        d = [summarize(x) for x in deltas]
+        ax.bar(xs, [x.mean for x in d], width, yerr=[x.std for x in d], capsize=2, label=v, alpha=0.8)
+        for x, values in zip(xs, deltas):
+            ax.plot([x] * len(values), values, "k.", ms=3)
+    ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks([g + width * (len(variants) - 1) / 2 for g in range(len(metrics))], metrics)
-    ax.set_ylabel("held-out bits per byte (lower is better)")
-    ax.legend(fontsize=8)
+    ax.set_ylabel(f"Δ held-out bits/byte vs {baseline}\n(paired per seed; below 0: better)")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -233,8 +242,8 @@ def write_docs(results: list[dict], docs: Path, notes: str = "") -> Path:
              "baseline run with the same seed (same data order), mean ± std. Lower is better.", ""]
     for i, (title, variants, baseline) in enumerate(TABLES):
         lines += [f"## {title}", "", *table(stats, results, variants, baseline), ""]
-        if any(v in stats for v in variants):
-            plot(stats, variants, folder / f"table{i}.png")
+        if baseline in stats and any(v in stats for v in variants if v not in ("target", baseline)):
+            plot(stats, results, variants, baseline, folder / f"table{i}.png")
             lines += [f"![{title}](table{i}.png)", ""]
     path = folder / "results.md"
     path.write_text("\n".join(lines + [notes]))
@@ -330,7 +339,8 @@ def same_arch(seeds: list[int], out: Path, config: Path = SAME_ARCH_CONFIG) -> l
 
     def record(variant: str, seed: int, target: dict, trained: dict) -> None:
         with results_file.open("a") as f:
-            f.write(json.dumps({"variant": variant, "seed": seed, "target": _bpb(target), "trained": _bpb(trained)}) + "\n")
+            line = {"variant": variant, "seed": seed, "target": _bpb(target), "trained": _bpb(trained)}
+            f.write(json.dumps(line) + "\n")
         log.info("same-arch: %s seed %d: %s", variant, seed, _bpb(trained))
 
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)

@@ -28,19 +28,33 @@ def test_tokenizer_kinds_round_trip_and_have_their_marker(kind, marker, tmp_path
         assert len(ids) == len(TEXT)
 
 
-def test_corpus_has_both_domains_within_the_cap(tmp_path):
-    paths = [tmp_path / "prose.jsonl", tmp_path / "code.jsonl"]
-    docs = embedded.write_corpus(paths, 5_000)
+def test_corpus_documents_fusion_split_and_pretraining_texts(tmp_path):
+    from fusejax.corpus import is_heldout
+
+    docs = embedded.corpus_documents(20_000, 700)
     for domain in embedded.DOMAINS:
-        assert sum(map(len, docs[domain])) == 5_000
-        lines = (tmp_path / f"{domain}.jsonl").read_text().splitlines()
-        assert [json.loads(line)["text"] for line in lines] == docs[domain]
+        assert sum(map(len, docs[domain])) == 20_000 and max(map(len, docs[domain])) <= 700
     assert "def " in "".join(docs["code"])
+    fusion = embedded.fusion_documents(docs, 3)
+    assert fusion["prose"] == docs["prose"][::3]
+    paths = [tmp_path / "prose.jsonl", tmp_path / "code.jsonl"]
+    embedded.write_corpus(paths, fusion)
+    for domain in embedded.DOMAINS:
+        lines = (tmp_path / f"{domain}.jsonl").read_text().splitlines()
+        assert [json.loads(line)["text"] for line in lines] == fusion[domain]
     mtime = paths[0].stat().st_mtime_ns
-    embedded.write_corpus(paths, 5_000)
+    embedded.write_corpus(paths, fusion)
     assert paths[0].stat().st_mtime_ns == mtime  # unchanged content is not rewritten
     with pytest.raises(ValueError, match="prose.jsonl"):
-        embedded.write_corpus([tmp_path / "a.jsonl"], 5_000)
+        embedded.write_corpus([tmp_path / "a.jsonl"], fusion)
+    heldout = {t for d in embedded.DOMAINS for i, t in enumerate(fusion[d]) if is_heldout(f"{d}.jsonl:{i}", 0, 0.3)}
+    assert heldout
+    for own_data in (False, True):
+        texts = embedded.pretraining_texts(docs, {"own_data": own_data}, 3, 0, 0.3)
+        seen = {t for d in embedded.DOMAINS for t in texts[d]}
+        assert not seen & heldout  # no model learns from a held-out document
+        everything = {t for d in embedded.DOMAINS for t in docs[d]}
+        assert seen | heldout == (everything if own_data else {t for d in fusion for t in fusion[d]})
 
 
 def test_read_scalars_reads_tensorboardx_events(tmp_path):
@@ -53,20 +67,46 @@ def test_read_scalars_reads_tensorboardx_events(tmp_path):
     assert embedded.read_scalars(tmp_path) == {"clm_loss": [(1, 1.5), (2, 0.5), (3, 0.25)]}
 
 
-def test_report_files(tmp_path):
-    def res(bpb):
+def test_tokens_to_reach_interpolates_between_evaluations():
+    curve = [[0, 4.0], [10, 3.0], [20, 2.0], [30, 1.5]]
+    assert embedded.tokens_to_reach(curve, 2.5) == pytest.approx(15.0)
+    assert embedded.tokens_to_reach(curve, 3.0) == pytest.approx(10.0)
+    assert embedded.tokens_to_reach(curve, 5.0) == 0
+    assert embedded.tokens_to_reach(curve, 1.0) is None
+
+
+def _results():
+    def ev(bpb, code, prose):
         return {"loss": 2 * bpb, "bits_per_byte": bpb, "tokens": 10, "bytes": 30, "blocks": 2,
-                "domains": {"code": {"bits_per_byte": bpb + 0.5}, "prose": {"bits_per_byte": bpb - 0.5}}}
+                "domains": {"code": {"bits_per_byte": code}, "prose": {"bits_per_byte": prose}}}
 
-    results = {"eval": {"target": res(3.0), "clm_only": res(2.5), "fusellm": res(2.25)}, "seconds": 1.0}
-    paths = embedded.write_report(tmp_path, results, {"FuseLLM": {"clm_loss": [(1, 3.0), (2, 2.0)]}})
+    def run(final, code, prose, curve):
+        return {"eval": ev(final, code, prose), "curve": [[10, curve[0]], [20, curve[1]], [30, final]]}
+
+    return {"target": ev(4.0, 4.5, 3.5), "tokens_per_step": 100, "seconds": 1.0,
+            "runs": {"clm_only": {"0": run(3.0, 3.2, 2.8, (3.6, 3.3)), "1": run(3.1, 3.3, 2.9, (3.7, 3.4))},
+                     "fusellm": {"0": run(2.9, 3.0, 2.8, (3.5, 3.0)), "1": run(3.0, 3.2, 2.8, (3.6, 3.2))}}}
+
+
+def test_report_summary_paragraph_and_plots_from_results(tmp_path):
+    summary = embedded.summarize_results(_results())
+    all_ = summary["metrics"]["all"]
+    assert all_["deltas"] == pytest.approx([-0.1, -0.1]) and all_["wins"] == 2
+    assert all_["delta_percent"] == pytest.approx(-100 * 0.2 / 6.1)
+    assert summary["metrics"]["prose"]["deltas"] == pytest.approx([0.0, -0.1])
+    assert summary["metrics"]["prose"]["wins"] == 1
+    # seed 0: CLM-only ends at 3.0, FuseLLM passes 3.0 at step 20; seed 1: 3.1, reached at step 25
+    assert [r["tokens"] for r in summary["efficiency"]["per_seed"]] == pytest.approx([2000, 2500])
+    assert summary["efficiency"]["ratio"]["mean"] == pytest.approx((30 / 20 + 30 / 25) / 2)
+    paths = embedded.write_report(tmp_path, _results())
     assert all(p.is_file() and p.stat().st_size > 0 for p in paths)
-    table = (tmp_path / "report" / "report.md").read_text()
-    assert "| FuseLLM | 2.2500 | 2.7500 | 1.7500 | 4.5000 |" in table
-    assert "| target before training | 3.0000 |" in table
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "FuseLLM better on 2 of 2 seeds" in report and "1.35 ± 0.21x fewer" in report
+    assert "| Δ (paired) | -0.1000 ± 0.0000 |" in report
+    assert json.loads((tmp_path / "report" / "results.json").read_text()) == _results()
 
 
-TINY = {"block_size": 63, "batch_size": 8, "max_chars": 6_000, "max_doc_chars": 600}
+TINY = {"block_size": 63, "batch_size": 8, "max_chars": 12_000, "max_doc_chars": 600, "fusion_stride": 2}
 
 
 def _tiny_recipes():
@@ -86,9 +126,10 @@ def test_assets_pipeline_baseline_and_report(tmp_path, monkeypatch, capsys):
     overrides = [f"run.output_dir={tmp_path / 'run'}", f"corpus.inputs=[{assets}/prose.jsonl, {assets}/code.jsonl]",
                  f"target.path={assets}/target", "corpus.block_size=31", "train.seq_len=32",
                  "corpus.holdout_fraction=0.3",
-                 "represent.k=4", "train.steps=4", "train.log_every=2"] + [f"sources.{i}.path={assets}/{n}" for i, n in enumerate(("llama", "neox", "mpt"))]
+                 "represent.k=4", "train.steps=4", "train.log_every=2", "train.eval_every=2"]
+    overrides += [f"sources.{i}.path={assets}/{n}" for i, n in enumerate(("llama", "neox", "mpt"))]
     recipes = _tiny_recipes()
-    assert embedded.main(None, overrides, recipes=recipes) == 0
+    assert embedded.main(None, overrides, recipes=recipes, seeds=(0,)) == 0  # as many runs as before: fast
     from fusejax.config import load_config
     from fusejax.schema import unpack_tables
     from fusejax.store import open_store
@@ -103,9 +144,46 @@ def test_assets_pipeline_baseline_and_report(tmp_path, monkeypatch, capsys):
     for name in ("llama", "neox", "mpt"):
         assert json.loads((assets / name / "recipe.json").read_text())["recipe"]["steps"] == 3
     results = json.loads((tmp_path / "run" / "report" / "results.json").read_text())
-    for method in ("target", "clm_only", "fusellm"):
-        assert set(results["eval"][method]["domains"]) == {"prose", "code"}
-        assert 0 < results["eval"][method]["bits_per_byte"] < 20
-    assert results["eval"]["clm_only"]["bits_per_byte"] != results["eval"]["target"]["bits_per_byte"]
+    assert set(results["target"]["domains"]) == {"prose", "code"}
+    for variant in ("clm_only", "fusellm"):
+        run = results["runs"][variant]["0"]
+        assert set(run["eval"]["domains"]) == {"prose", "code"} and 0 < run["eval"]["bits_per_byte"] < 20
+        assert [step for step, _ in run["curve"]] == [2, 4]  # eval_every 2, then the final evaluation
+        assert run["curve"][-1][1] == run["eval"]["bits_per_byte"]
+        assert run["eval"]["bits_per_byte"] != results["target"]["bits_per_byte"]
+    assert results["runs"]["clm_only"]["0"]["eval"] != results["runs"]["fusellm"]["0"]["eval"]
+    assert (tmp_path / "run" / "tasks" / "embedded_code_completion.yaml").is_file()
     assert (tmp_path / "run" / "export" / "config.json").is_file()
     assert "report.md" in capsys.readouterr().out
+
+
+def test_toy_tasks_come_from_heldout_documents_only(tmp_path):
+    import yaml
+
+    from fusejax.config import load_config
+    from fusejax.corpus import is_heldout
+
+    docs = embedded.fusion_documents(embedded.corpus_documents(60_000, 2_000), 2)
+    paths = [tmp_path / "prose.jsonl", tmp_path / "code.jsonl"]
+    embedded.write_corpus(paths, docs)
+    cfg = load_config(embedded.DEFAULT_CONFIG,
+                      [f"corpus.inputs=[{paths[0]}, {paths[1]}]", "corpus.holdout_fraction=0.3"])
+    heldout = {d: [t for i, t in enumerate(docs[d]) if is_heldout(f"{d}.jsonl:{i}", 0, 0.3)] for d in docs}
+    tasks = embedded.write_toy_tasks(cfg, tmp_path / "tasks")
+    assert [p.stem for p in tasks] == list(embedded.TASKS)
+    rows = {}
+    for path in tasks:
+        spec = yaml.safe_load(path.read_text())
+        assert spec["task"] == path.stem and spec["output_type"] == embedded.TASKS[path.stem]
+        data = spec["dataset_kwargs"]["data_files"]["test"]
+        rows[path.stem] = [json.loads(line) for line in open(data)]
+    mc = rows["embedded_real_continuation"]
+    assert len(mc) == sum(len([t for t in heldout[d] if len(t) >= 320]) for d in heldout) > 0
+    for r in mc:
+        real = r["context"] + r["choices"][r["label"]]
+        assert any(t.startswith(real) for t in heldout[r["domain"]])  # the label is the real continuation
+        assert len(r["choices"]) == 4 and len(set(r["choices"])) == 4
+    completion = rows["embedded_code_completion"]
+    assert completion
+    for r in completion:
+        assert any(r["prompt"] + r["target"] + "\n" in t for t in heldout["code"]) and r["prompt"].endswith("\n")

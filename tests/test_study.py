@@ -16,7 +16,8 @@ def line(variant, seed, all_, prose, code, target=(3.6, 3.0, 4.0)):
             "trained": {"all": all_, "prose": prose, "code": code}}
 
 
-RESULTS = [line("clm_only", 0, 3.10, 2.9, 3.3), line("clm_only", 1, 3.20, 3.0, 3.4), line("clm_only", 2, 3.30, 3.1, 3.5),
+RESULTS = [line("clm_only", 0, 3.10, 2.9, 3.3), line("clm_only", 1, 3.20, 3.0, 3.4),
+           line("clm_only", 2, 3.30, 3.1, 3.5),
            line("fusellm", 0, 3.00, 2.8, 3.2), line("fusellm", 2, 3.40, 3.2, 3.6)]
 
 
@@ -66,7 +67,7 @@ def test_write_docs_tables_and_plots(tmp_path):
 def test_write_docs_marks_tables_without_runs(tmp_path):
     text = study.write_docs(RESULTS[:3], tmp_path).read_text()  # clm_only only
     assert text.count("(no finished runs yet)") == 2  # sources and ablation tables
-    assert (tmp_path / "study" / "table0.png").exists() and not (tmp_path / "study" / "table2.png").exists()
+    assert not (tmp_path / "study" / "table0.png").exists()  # nothing to compare with clm_only
 
 
 # ------------------------------------------------------------------ same-architecture comparison (tiny models)
