@@ -40,3 +40,15 @@ def jax_compile_cache(tmp_path_factory):
     yield
     jax.config.update("jax_compilation_cache_dir", old[0])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+
+
+# The longest modules first: `make test` gives each of two workers a whole module at a time (--dist loadfile), so a
+# long module collected last would run alone at the end while the other worker idles.
+LONGEST_FIRST = ("test_reliability", "test_embedded", "test_train", "test_chat_toy", "test_generation", "test_plan",
+                 "test_multihost", "test_stages_e2e", "test_attention", "test_harness", "test_align_real",
+                 "test_represent", "test_align_stage", "test_families")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: the rest keep their order
