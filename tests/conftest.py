@@ -1,6 +1,9 @@
 """Test set-up: 8 fake CPU devices and an offline Hugging Face hub, fixed before JAX is first imported."""
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 # XLA_OPT: the tests compile hundreds of small programs; XLA:CPU's backend optimisations (LLVM) cost more
 # compile time than they save at these sizes (about 30% of a compile-heavy module's time)
@@ -12,8 +15,14 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-from pathlib import Path  # noqa: E402
+# One persistent JAX compilation cache per test run, shared by the pytest-xdist workers and the processes tests
+# start (they inherit the environment the first process sets here): the many tests that build the same tiny
+# models and trainers compile each program once. Removed when the run ends.
+if "FUSEJAX_TESTS_JAX_CACHE" not in os.environ:
+    os.environ["FUSEJAX_TESTS_JAX_CACHE"] = tempfile.mkdtemp(prefix="fusejax-tests-jax-cache-")
+JAX_CACHE = Path(os.environ["FUSEJAX_TESTS_JAX_CACHE"])
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(JAX_CACHE))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pytest  # noqa: E402
 
@@ -28,20 +37,6 @@ def shared_data() -> Path:
     return SHARED_DATA.resolve()
 
 
-@pytest.fixture(scope="module")
-def jax_compile_cache(tmp_path_factory):
-    """A persistent JAX compilation cache for one test module, so trainers with identical programs compile
-    once. Use with ``pytestmark = pytest.mark.usefixtures("jax_compile_cache")``."""
-    import jax
-
-    old = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    yield
-    jax.config.update("jax_compilation_cache_dir", old[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
-
-
 # The longest modules first: `make test` gives each of two workers a whole module at a time (--dist loadfile), so a
 # long module collected last would run alone at the end while the other worker idles.
 LONGEST_FIRST = ("test_reliability", "test_embedded", "test_train", "test_chat_toy", "test_generation", "test_plan",
@@ -52,3 +47,8 @@ LONGEST_FIRST = ("test_reliability", "test_embedded", "test_train", "test_chat_t
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: the rest keep their order
+
+
+def pytest_sessionfinish(session):
+    if not hasattr(session.config, "workerinput"):  # the controller (or a run without xdist), after every worker
+        shutil.rmtree(JAX_CACHE, ignore_errors=True)

@@ -322,7 +322,6 @@ def target_model(run_dir):
     return root / "target"
 
 
-@pytest.mark.usefixtures("jax_compile_cache")
 def test_on_the_fly_training_equals_the_stored_path_and_resumes_exactly(
         run_dir, aligned, target_model, tmp_path, monkeypatch):
     """3 steps of `fusejax train` on the aligned store, and on the fly: 2 steps in 2 worker processes, then

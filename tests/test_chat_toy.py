@@ -11,7 +11,6 @@ from fusejax import chat_toy, pipeline, stages
 from fusejax.config import ConfigError, load_config, replace
 from fusejax.tokenizer import load_tokenizer
 
-pytestmark = pytest.mark.usefixtures("jax_compile_cache")
 
 TINY = {name: {**recipe, "steps": 0, "arch": {**recipe["arch"], "hidden_size": 32, "intermediate_size": 32}}
         for name, recipe in chat_toy.RECIPES.items()}

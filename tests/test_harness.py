@@ -38,8 +38,6 @@ CONTEXT = 64  # max_position_embeddings: lm-eval's context length on both backen
 TOL = 1e-4
 NO_DEFAULT_TASKS = (None, None, False, None)  # TaskManager.__init__ defaults without lm-eval's 14k own tasks
 
-pytestmark = pytest.mark.usefixtures("jax_compile_cache")  # shared with the command line's process
-
 
 def _texts():
     rows = [json.loads(line) for name in ("choice", "text", "gen") for line in open(DATA / f"{name}.jsonl")]

@@ -28,9 +28,6 @@ LLAMA2_7B = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "voca
              "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}
 
 
-pytestmark = pytest.mark.usefixtures("jax_compile_cache")  # trainers with identical programs compile once
-
-
 def model_folder(tmp_path, config):
     folder = tmp_path / "model"
     folder.mkdir()

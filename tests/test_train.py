@@ -39,9 +39,6 @@ TC = TrainConfig(steps=4, batch_size=8, seq_len=T, lr=1e-2, b1=0.8, b2=0.9, weig
                  loss_chunk=T // 2)  # two chunks: the reference below takes the dense logits
 
 
-pytestmark = pytest.mark.usefixtures("jax_compile_cache")  # trainers with identical programs compile once
-
-
 def fresh_params(seed=0, config=MODEL):
     """A new tiny model and a numpy copy of its parameters (the trainer may donate the model's arrays)."""
     model = Transformer(config, rngs=nnx.Rngs(seed))
