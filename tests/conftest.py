@@ -6,8 +6,9 @@ import tempfile
 from pathlib import Path
 
 # XLA_OPT: the tests compile hundreds of small programs; XLA:CPU's backend optimisations (LLVM) cost more
-# compile time than they save at these sizes (about 30% of a compile-heavy module's time)
-XLA_OPT = "--xla_backend_optimization_level=0"
+# compile time than they save at these sizes (about 30% of a compile-heavy module's time), and its fusion
+# emitters take about 3x the compile time of the elemental emitter on a tiny train step
+XLA_OPT = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count=8 {XLA_OPT}"
 ).strip()
