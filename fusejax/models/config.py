@@ -376,24 +376,34 @@ def _rope_scaling(r: _Reader, params: dict[str, Any], field: str, aliases: Mappi
     return RopeScaling(rope_type, **values)
 
 
-def _llama(r: _Reader, *, head_dim: int | None = None, norm_eps: float = 1e-6, **rope) -> dict[str, Any]:
-    """The fields every Llama-style family shares; ``head_dim``, ``norm_eps``: the family's defaults; ``rope``:
-    options of :func:`_rope`."""
+def _read_sizes(r: _Reader, *, kv_heads: int | None, head_dim: int | None, max_positions: int,
+                norm_eps: float) -> dict[str, Any]:
+    """The size fields every Llama- and Gemma-style config.json names alike (:func:`_write_sizes` writes them);
+    the keyword arguments are the family's defaults for absent fields (None: the number of heads for
+    ``kv_heads``, hidden_size // num_attention_heads for ``head_dim``)."""
     hidden, heads = r.get("hidden_size", types=int), r.get("num_attention_heads", types=int)
-    head_dim = r.get("head_dim", head_dim, int) or hidden // heads
     return dict(
-        arch="llama",
         vocab_size=r.get("vocab_size", types=int),
         hidden_size=hidden,
         intermediate_size=r.get("intermediate_size", types=int),
         num_layers=r.get("num_hidden_layers", types=int),
         num_heads=heads,
-        num_kv_heads=r.get("num_key_value_heads", heads, int),
-        head_dim=head_dim,
-        max_position_embeddings=r.get("max_position_embeddings", 2048, int),
-        norm="rms",
+        num_kv_heads=r.get("num_key_value_heads", kv_heads or heads, int),
+        head_dim=r.get("head_dim", head_dim, int) or hidden // heads,
+        max_position_embeddings=r.get("max_position_embeddings", max_positions, int),
         norm_eps=r.get("rms_norm_eps", norm_eps, float),
-        **_rope(r, head_dim, 1.0, "rope_theta", "partial_rotary_factor", **rope),
+    )
+
+
+def _llama(r: _Reader, *, head_dim: int | None = None, norm_eps: float = 1e-6, **rope) -> dict[str, Any]:
+    """The fields every Llama-style family shares; ``head_dim``, ``norm_eps``: the family's defaults; ``rope``:
+    options of :func:`_rope`."""
+    sizes = _read_sizes(r, kv_heads=None, head_dim=head_dim, max_positions=2048, norm_eps=norm_eps)
+    return dict(
+        arch="llama",
+        **sizes,
+        norm="rms",
+        **_rope(r, sizes["head_dim"], 1.0, "rope_theta", "partial_rotary_factor", **rope),
         mlp="gated",
         activation=r.activation("hidden_act", "silu"),
         tie_embeddings=r.get("tie_word_embeddings", False, bool),
@@ -457,24 +467,17 @@ def _gemma(r: _Reader, *, max_positions: int, pattern: int) -> dict[str, Any]:
     the family's max_position_embeddings; ``pattern``: without ``layer_types``, every pattern-th layer is global)."""
     if r.config.get("use_bidirectional_attention"):
         raise r.unsupported("use_bidirectional_attention", r.config["use_bidirectional_attention"], " (only false)")
-    layers = r.get("num_hidden_layers", types=int)
+    sizes = _read_sizes(r, kv_heads=4, head_dim=256, max_positions=max_positions, norm_eps=1e-6)
     layer_types = r.get("layer_types", None, list)
     if layer_types is None:
-        layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+        layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                       for i in range(sizes["num_layers"])]
     if not set(layer_types) <= set(LAYER_TYPES):
         raise r.unsupported("layer_types", layer_types, f" (each one of {LAYER_TYPES})")
     return dict(
         arch="gemma",
-        vocab_size=r.get("vocab_size", types=int),
-        hidden_size=r.get("hidden_size", types=int),
-        intermediate_size=r.get("intermediate_size", types=int),
-        num_layers=layers,
-        num_heads=r.get("num_attention_heads", types=int),
-        num_kv_heads=r.get("num_key_value_heads", 4, int),
-        head_dim=r.get("head_dim", 256, int),
-        max_position_embeddings=r.get("max_position_embeddings", max_positions, int),
+        **sizes,
         norm="rms_plus_one",
-        norm_eps=r.get("rms_norm_eps", 1e-6, float),
         softmax_scale=r.get("query_pre_attn_scalar", 256, float) ** -0.5,
         mlp="gated",
         activation=r.activation("hidden_activation", "gelu_pytorch_tanh"),
