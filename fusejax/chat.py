@@ -11,9 +11,10 @@ role headers and special tokens.
 Assistant tokens are found by character offsets, whatever the template: each message's content (or, for
 templates that ``trim`` it, its stripped content) is looked for in the rendered text after the previous one;
 a template that drops a message's content is an error. The tokens whose characters overlap an assistant
-message's content are that message's span; losses score only the positions that predict them
-(:func:`scored_positions`), and the alignment pairs tokens span by span (:mod:`fusejax.align`), so template
-tokens are never aligned to content tokens.
+message's content are that message's span; losses score only the positions that predict them and the token right
+after each span, the template's end of turn, so that a model learns to stop (:func:`scored_positions`). The
+alignment pairs tokens span by span (:mod:`fusejax.align`), so template tokens are never aligned to content
+tokens.
 """
 
 from __future__ import annotations
@@ -124,11 +125,13 @@ def encode(tok, messages: list[dict[str, str]], where: str = "conversation") -> 
     return np.asarray(enc["input_ids"], np.int64), np.asarray(spans, np.int64).reshape(-1, 2)
 
 
-def scored_positions(length: int, spans: np.ndarray) -> np.ndarray:
-    """``[length]`` bool: position t is scored when token t + 1 is in an assistant span (t predicts it)."""
+def scored_positions(length: int, spans: np.ndarray, *, end_of_turn: bool = True) -> np.ndarray:
+    """``[length]`` bool: position t is scored when token t + 1 is in an assistant span (t predicts it) or, with
+    ``end_of_turn``, is the token right after one (the template's end of turn: ``<|im_end|>``, ``<|eot_id|>``...;
+    none when the span ends the text). ``end_of_turn=False``: content tokens only (the sources' CE)."""
     out = np.zeros(length, bool)
     for a, b in spans:
-        out[max(a - 1, 0):b - 1] = True
+        out[max(a - 1, 0):b - 1 + int(end_of_turn and b < length)] = True
     return out
 
 
