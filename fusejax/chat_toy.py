@@ -210,6 +210,7 @@ def main(config: str | Path | None = None, overrides: list[str] | None = None, *
     """Build the assets, run the pairwise fusion and merge, the multi-source fusion and the report; returns
     the results (also in ``<out>/report/results.json``). ``recipes``, ``max_topics``: see :func:`build_assets`."""
     from fusejax import pipeline
+    from fusejax.stages import pair_merge_config
 
     cfg = load_config(config or DEFAULT_CONFIG, overrides or [])
     if not cfg.run.pairwise:
@@ -224,9 +225,11 @@ def main(config: str | Path | None = None, overrides: list[str] | None = None, *
     models["target"] = target
     for s in cfg.sources:
         models[f"pair {s.name}"] = (str(layout.pair(s.name) / "export"), *target[1:])
-    models["pairwise + merge"] = (stages["merge"]["path"], *target[1:])
+    models["pairwise + merge"] = (str(layout.merge), *target[1:])
     models["one run, all sources"] = (str(RunLayout.of(multi).export), *target[1:])
-    results = {"assets": assets, "merge": stages["merge"], "eval": heldout_bits_per_byte(cfg, models)}
+    merge = config_to_dict(pair_merge_config(cfg).merge)
+    results = {"assets": assets, "stages": stages, "merge": {**merge, "path": str(layout.merge)},
+               "eval": heldout_bits_per_byte(cfg, models)}
     print(write_report(layout.root, results).read_text())
     return results
 

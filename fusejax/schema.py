@@ -227,21 +227,25 @@ def empty_rows(n: int, layout: dict[str, tuple[tuple[int, ...], np.dtype]]) -> d
 
 @dataclasses.dataclass(frozen=True)
 class RunLayout:
-    """Where each stage of a run writes, under ``root`` (``run.output_dir``); ``export`` may lie elsewhere."""
+    """Where each stage of a run writes, under ``root`` (``run.output_dir``); ``export`` and ``merge`` (the
+    merged model of ``fusejax merge``) may lie elsewhere."""
 
     root: Path
     export: Path
+    merge: Path
 
     @classmethod
     def at(cls, root: str | os.PathLike) -> RunLayout:
-        """The layout of a run folder ``root`` with the export inside it (the default)."""
-        return cls(root=Path(root), export=Path(root) / "export")
+        """The layout of a run folder ``root`` with the export and the merge inside it (the default)."""
+        return cls(root=Path(root), export=Path(root) / "export", merge=Path(root) / "merge")
 
     @classmethod
     def of(cls, cfg: Config) -> RunLayout:
         """The layout of the run configured by ``cfg`` (a :class:`fusejax.config.Config`)."""
         layout = cls.at(cfg.run.output_dir)
-        return dataclasses.replace(layout, export=Path(cfg.export.path)) if cfg.export.path else layout
+        if cfg.export.path:
+            layout = dataclasses.replace(layout, export=Path(cfg.export.path))
+        return dataclasses.replace(layout, merge=Path(cfg.merge.path)) if cfg.merge.path else layout
 
     @property
     def corpus(self) -> Path:

@@ -63,12 +63,15 @@ PIPELINE: tuple[Stage, ...] = (
           "export", ("export",), after=("train",)),
 )
 STAGE_NAMES = tuple(s.name for s in PIPELINE)
+# `fusejax merge`; with run.pairwise, `fusejax run` runs it after the pairs, skipped while its inputs are unchanged
+MERGE = Stage("merge", "fusejax.merging:run", "merge models of one architecture in parameter space (docs/merging.md)",
+              "merge", ("merge",), paths=lambda cfg: [p for p in (*cfg.merge.models, cfg.merge.base) if p])
 
 # subcommand -> ("module:function", help): every pipeline stage, then the other commands
 COMMANDS: dict[str, tuple[str, str]] = {
     **{s.name: (s.fn, s.help) for s in PIPELINE},
     "plan": ("fusejax.plan:run", "per-device memory and shardings of the train step, without allocating the model"),
-    "merge": ("fusejax.merging:run", "merge models of one architecture in parameter space (docs/merging.md)"),
+    MERGE.name: (MERGE.fn, MERGE.help),
     "generate": ("fusejax.generation:run", "complete prompts with a model (generate.prompts -> generate.output)"),
     "run": ("fusejax.pipeline:run", "every stage in order, skipping finished ones (see docs/pipeline.md)"),
 }

@@ -39,9 +39,10 @@ def test_toy_chat_fusion(tmp_path):
     assert (out / "report" / "report.md").read_text().count("|") > 7 * 5
     cfg = load_config(chat_toy.DEFAULT_CONFIG, overrides)
     assert chat_toy.build_assets(cfg, TINY, max_topics=12) == {"target": "reused", "alpha": "reused", "beta": "reused"}
-    again = pipeline.run(cfg)  # every pair's stages are finished: skipped, then merged again
-    assert all(set(again[n].values()) == {"skipped"} for n in ("alpha", "beta"))
-    assert again["merge"] == results["merge"]
+    assert results["stages"]["merge"] == "ran"
+    again = pipeline.run(cfg)  # every pair's stages and the merge are finished: skipped
+    assert again == {"alpha": dict.fromkeys(stages.STAGE_NAMES, "skipped"),
+                     "beta": dict.fromkeys(stages.STAGE_NAMES, "skipped"), "merge": "skipped"}
 
 
 def test_pair_configs():
