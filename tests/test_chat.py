@@ -319,3 +319,41 @@ def test_saved_dataset_gives_the_same_blocks_as_jsonl(toks, tmp_path):
         blocks.append([(bytes(r["text"]), tuple(r["span"]), int(r["n_tokens"]))
                        for r in map(store.row, range(len(store)))])
     assert blocks[0] == blocks[1] and len(blocks[0]) >= 3
+
+
+def test_turns_longer_than_the_block_are_cut_or_dropped(toks, tmp_path, caplog):
+    """A long answer is cut to the longest prefix with which its turn fits (the template's end kept); a turn
+    whose prompt alone does not fit is dropped; both counted in the summary and one warning line."""
+    folder, template = toks["meta"]
+    tok = chat.chat_tokenizer(folder, template, "target")
+    long_answer, long_question = topics["while"][:1500], "Why? " * 300
+    records = [
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is while?"},
+                      {"role": "assistant", "content": long_answer}, {"role": "user", "content": "Thanks."},
+                      {"role": "assistant", "content": "You are welcome."}]},
+        {"messages": [{"role": "user", "content": long_question}, {"role": "assistant", "content": "Because."},
+                      {"role": "user", "content": "And for?"}, {"role": "assistant", "content": "It loops."}]},
+    ]
+    block_size = 120
+
+    def n_tokens(messages):  # the target's rendering, tokenized independently of fusejax.chat
+        return len(tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"])
+
+    with caplog.at_level("WARNING", logger="fusejax.corpus"):
+        summary = prepare_corpus(write_jsonl(tmp_path / "chat.jsonl", records), folder, tmp_path / "corpus",
+                                 block_size=block_size, fmt="chat", chat_template=template)
+    assert summary["cut_turns"] == 1 and summary["dropped_turns"] == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "1 turn(s) too long" in warnings[0] and "1 turn(s) whose prompt" in warnings[0]
+    store = open_store(tmp_path / "corpus")
+    blocks = {(r["doc_id"].split(":")[-1], tuple(r["span"])): r for r in map(store.row, range(len(store)))}
+    assert sorted(blocks) == [("0", (1, 3)), ("0", (3, 5)), ("1", (2, 4))]  # the turn of the long question dropped
+    cut = chat.block_messages(blocks["0", (1, 3)]["text"])
+    answer = cut[-1]["content"]
+    assert cut[:-1] == records[0]["messages"][:2] and long_answer.startswith(answer) and answer.strip()
+    longer = cut[:-1] + [{"role": "assistant", "content": long_answer[:len(answer) + 1]}]
+    assert n_tokens(cut) <= block_size < n_tokens(longer)  # the longest prefix that fits
+    assert tok.apply_chat_template(cut, tokenize=False).endswith(answer + "<|im_end|>\n")  # the end of turn kept
+    assert blocks["0", (1, 3)]["n_bytes"] == len(answer.encode()) and blocks["0", (1, 3)]["n_tokens"] == n_tokens(cut)
+    for key in (("0", (3, 5)), ("1", (2, 4))):  # the other turns as they were
+        assert n_tokens(chat.block_messages(blocks[key]["text"])) <= block_size
