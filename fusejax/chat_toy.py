@@ -166,9 +166,11 @@ def build_assets(cfg: Config, recipes: dict[str, dict] | None = None, max_topics
 
 
 def multi_config(cfg: Config) -> Config:
-    """``cfg`` as one multi-source fusion (no ``run.pairwise``) in ``<output_dir>/multi``."""
+    """``cfg`` as one multi-source fusion (no ``run.pairwise``) in ``<output_dir>/multi``, reading the pairs'
+    corpus store."""
     raw = config_to_dict(cfg)
-    raw["run"].update(output_dir=str(Path(cfg.run.output_dir) / MULTI), pairwise=False, pairwise_target=False)
+    raw["run"].update(output_dir=str(Path(cfg.run.output_dir) / MULTI), pairwise=False, pairwise_target=False,
+                      corpus_dir=str(RunLayout.of(cfg).corpus))
     raw["export"]["path"] = None
     return load_config(data=raw)
 
@@ -182,10 +184,9 @@ def heldout_bits_per_byte(cfg: Config, models: dict[str, tuple[str, str | None, 
     from fusejax.sharding import make_mesh
 
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    corpus = RunLayout.of(cfg).pair(cfg.sources[0].name) / "corpus" if cfg.run.pairwise else RunLayout.of(cfg).corpus
     out = {}
     for name, (path, tokenizer, template) in models.items():
-        data = TokenBatches(corpus, tokenizer or path, seq_len=2 * cfg.train.seq_len, split="heldout",
+        data = TokenBatches(RunLayout.of(cfg).corpus, tokenizer or path, seq_len=2 * cfg.train.seq_len, split="heldout",
                             chat_template=template)
         result = evaluate(load_pretrained(path, mesh=mesh), data, batch_size=cfg.eval.batch_size, domains=[])
         out[name] = {key: result[key] for key in ("bits_per_byte", "loss", "tokens", "bytes", "blocks")}

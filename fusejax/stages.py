@@ -80,7 +80,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def pair_configs(cfg: Config) -> list[tuple[str, Config]]:
     """``run.pairwise``: ``(source name, config)`` of each pair, the whole pipeline for that source alone (and,
     with ``run.pairwise_target``, the target as a source named "target") in ``RunLayout.pair(name)``, with
-    its export there."""
+    its export there; every pair reads the run's corpus store (``run.corpus_dir``: the first pair prepares it,
+    the others find it complete with the same fingerprint and skip the stage)."""
     layout = RunLayout.of(cfg)
     if cfg.run.pairwise_target and any(s.name == "target" for s in cfg.sources):
         raise ConfigError("run.pairwise_target adds a source named 'target'; rename the source called 'target'")
@@ -89,7 +90,8 @@ def pair_configs(cfg: Config) -> list[tuple[str, Config]]:
     out = []
     for source in raw["sources"]:
         pair = copy.deepcopy(raw)
-        pair["run"].update(output_dir=str(layout.pair(source["name"])), pairwise=False, pairwise_target=False)
+        pair["run"].update(output_dir=str(layout.pair(source["name"])), pairwise=False, pairwise_target=False,
+                           corpus_dir=str(layout.corpus))
         pair["sources"] = [source, itself] if cfg.run.pairwise_target else [source]
         pair["export"]["path"] = None
         out.append((source["name"], load_config(data=pair)))

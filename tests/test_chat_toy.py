@@ -4,11 +4,13 @@ and the report of held-out assistant bits per byte."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
 from fusejax import chat_toy, pipeline, stages
 from fusejax.config import ConfigError, load_config, replace
+from fusejax.schema import RunLayout
 from fusejax.tokenizer import load_tokenizer
 
 
@@ -54,6 +56,7 @@ def test_pair_configs():
         assert pair.run.output_dir == f"out/pairs/{name}" and not pair.run.pairwise
         assert [s.name for s in pair.sources] == [name, "target"] and pair.sources[1].path == cfg.target.path
         assert pair.train == cfg.train and pair.corpus == cfg.corpus
+        assert RunLayout.of(pair).corpus == Path("out/corpus")  # one corpus store for every pair
     merge = stages.pair_merge_config(cfg).merge
     assert merge.models == ("out/pairs/alpha/export", "out/pairs/beta/export")
     assert merge.base == cfg.target.path and merge.dtype == "bfloat16" and merge.method == "sce"

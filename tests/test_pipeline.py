@@ -147,6 +147,20 @@ def test_pairwise_merge_is_skipped_until_its_inputs_change(setup):
     assert len(list((tmp / "out" / "stale").glob("merge-*"))) == 3 and (merged / "done.txt").is_file()
 
 
+def test_pairs_share_one_corpus_prepared_once_and_resumed(setup):
+    cfg, fake, tmp = setup
+    cfg = replace(replace(cfg, "run.pairwise", True), "sources.1", {"name": "b", "path": str(tmp / "b")})
+    assert [stages.RunLayout.of(pair).corpus for _, pair in stages.pair_configs(cfg)] == [tmp / "out" / "corpus"] * 2
+    fake.fail = "prepare"
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(cfg, validate_first=False)
+    fake.calls.clear()
+    outcome = pipeline.run(cfg, validate_first=False)
+    assert outcome["a"]["prepare"] == "resumed" and outcome["b"]["prepare"] == "skipped"
+    assert fake.calls == ORDER + ORDER[1:] + ["merge"]  # prepared once, for the first pair
+    assert not (tmp / "out" / "pairs" / "a" / "corpus").exists()
+
+
 def test_interrupted_stage_is_resumed_not_moved(setup):
     cfg, fake, tmp = setup
     fake.fail = "train"
