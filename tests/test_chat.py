@@ -257,6 +257,13 @@ def test_assistant_only_loss_mask(chat_run, tmp_path):
     for b in range(len(rows["input_ids"])):
         text = tok.decode(rows["labels"][b][rows["loss_mask"][b] == 1])
         assert "<|im_start|>" not in text and "User:" not in text and "<|start_header_id|>" not in text
+    # training and evaluation score the content tokens and each end of turn, found from the rendered text
+    for b, p in enumerate(tokens.positions):
+        messages = chat.block_messages(tokens.store.row(int(p))["text"])
+        text = tok.apply_chat_template(messages, tokenize=False)
+        owner, ends = overlaps_content(tok, text, messages, int(plain["attention_mask"][b].sum()))
+        assert sorted(np.flatnonzero(plain["loss_mask"][b])) == sorted([*(np.flatnonzero(owner >= 0) - 1),
+                                                                        *(i - 1 for i in ends.values())])
 
 
 GOOD = conversation("if")
