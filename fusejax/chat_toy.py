@@ -198,7 +198,8 @@ def write_report(out: Path, results: dict) -> Path:
     folder = out / "report"
     write_json(folder / "results.json", results)
     lines = ["# Toy chat fusion (FuseChat style)", "",
-             "Held-out conversations, assistant tokens only (each model renders them with its own chat template).",
+             "Held-out conversations, assistant tokens and ends of turn only (each model renders them with its own "
+             "chat template).",
              "", "| model | bits per byte | loss per token | tokens | bytes |", "|---|---|---|---|---|"]
     lines += [f"| {name} | {r['bits_per_byte']:.4f} | {r['loss']:.4f} | {r['tokens']} | {r['bytes']} |"
               for name, r in results["eval"].items()]

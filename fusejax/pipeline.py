@@ -145,15 +145,15 @@ def _run_stage(cfg: Config, stage: Stage, fp: str, main: bool) -> str:
     else:
         outcome = "resumed" if folder.exists() else "ran"
     _say(main, f"{stage.name}: {outcome.replace('ran', 'running')} -> {folder}")
+    started = time.time()
     if main:
         _write_record(folder, {"stage": stage.name, "fingerprint": fp, "status": "running",
-                               "started": time.time(), "finished": None})
-    stages.resolve(stage.fn)(cfg)
+                               "started": started, "finished": None})
+    stages.resolve(stage.fn)(cfg)  # (the merge replaces its whole folder, this record included)
     barrier(f"pipeline-{stage.name}")
     if main:
-        started = read_record(folder) or {}
         _write_record(folder, {"stage": stage.name, "fingerprint": fp, "status": "complete",
-                               "started": started.get("started"), "finished": time.time()})
+                               "started": started, "finished": time.time()})
     return outcome
 
 

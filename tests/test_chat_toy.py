@@ -42,6 +42,8 @@ def test_toy_chat_fusion(tmp_path):
     cfg = load_config(chat_toy.DEFAULT_CONFIG, overrides)
     assert chat_toy.build_assets(cfg, TINY, max_topics=12) == {"target": "reused", "alpha": "reused", "beta": "reused"}
     assert results["stages"]["merge"] == "ran"
+    record = json.loads((out / "merge" / "stage.json").read_text())  # written again after the merge's own folder
+    assert record["status"] == "complete" and record["started"] <= record["finished"]
     again = pipeline.run(cfg)  # every pair's stages and the merge are finished: skipped
     assert again == {"alpha": dict.fromkeys(stages.STAGE_NAMES, "skipped"),
                      "beta": dict.fromkeys(stages.STAGE_NAMES, "skipped"), "merge": "skipped"}
