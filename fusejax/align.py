@@ -357,7 +357,7 @@ class BlockAligner:
                                      f"template renders now")
                 stats = self._align_chat(n, a, s, src, src_spans, top_ids, top_logits, ce, vmap, tgt, tgt_spans,
                                          table_ids, table_logits, token_ce, seq_ce)
-                ce = ce[chat.scored_positions(src.size, src_spans)]
+                ce = ce[chat.scored_positions(src.size, src_spans, end_of_turn=False)]
             else:
                 partner = align_tokens(s, src, t, tgt, mode=self.mode)
                 ids, logits, stats = _project(s, t, src, tgt.astype(np.int64), top_ids, top_logits, partner, vmap,
@@ -376,22 +376,30 @@ class BlockAligner:
         """Source ``n``'s column ``a`` of a chat block's tables, filled span by span: the content tokens of each
         assistant message are aligned to the target's content tokens of the same message (DTW on the *predicted*
         tokens), and the source row predicting a token is copied to the target position predicting its partner;
-        an unpaired or unmatched position gets the one-hot of the token it predicts. Template positions stay
-        empty (they are never scored). ``token_ce``: the partner's CE, else ``seq_ce``: the source's mean CE over
-        its assistant tokens."""
+        the target's end-of-turn token (right after the span) is paired with the source's, if it has one. A
+        pair passes the match test as content tokens do (same spelling, or the vocabulary map); an unpaired or
+        unmatched position gets the one-hot of the token it predicts. Template positions stay empty (they are
+        never scored). ``token_ce``: the partner's CE, else ``seq_ce``: the source's mean CE over its assistant
+        content tokens."""
         t, stats = self.target, AlignStats()
-        scored = chat.scored_positions(src.size, src_spans)
+        scored = chat.scored_positions(src.size, src_spans, end_of_turn=False)
         seq_ce[n] = ce[scored].mean() if scored.any() else 0.0
-        for (ta, tb), (sa, sb) in zip(tgt_spans, src_spans):
-            ta, sa = max(ta, 1), max(sa, 1)  # a first token of the text has no position predicting it
-            if ta >= tb or sa >= sb:
-                continue
-            partner = align_tokens(s, src[sa:sb], t, tgt[ta:tb], mode=self.mode)
+
+        def fill(ta: int, tb: int, sa: int, sb: int, partner: np.ndarray) -> AlignStats:
+            """Target positions predicting tokens [ta, tb) from the source rows predicting tokens [sa, sb)."""
             ids, logits, part = _project(s, t, src[sa:sb], tgt[ta:tb].astype(np.int64), top_ids[sa - 1:sb - 1],
                                          top_logits[sa - 1:sb - 1], partner, vmap, "reference", self.mode, None)
             table_ids[ta - 1:tb - 1, a], table_logits[ta - 1:tb - 1, a] = ids, logits
             token_ce[ta - 1:tb - 1, a] = np.where(partner >= 0, ce[sa - 1 + np.maximum(partner, 0)], seq_ce[n])
-            stats += part
+            return part
+
+        for (ta, tb), (sa, sb) in zip(tgt_spans, src_spans):
+            if tb < tgt.size:  # the end of turn (before the next span's content: adjacent spans keep theirs)
+                has_end = sb < src.size
+                stats += fill(tb, tb + 1, sb, sb + has_end, np.array([0 if has_end else -1]))
+            ta, sa = max(ta, 1), max(sa, 1)  # a first token of the text has no position predicting it
+            if ta < tb and sa < sb:
+                stats += fill(ta, tb, sa, sb, align_tokens(s, src[sa:sb], t, tgt[ta:tb], mode=self.mode))
         return stats
 
 
@@ -428,9 +436,10 @@ def run(cfg: Config) -> dict:
     * ``byte_ce`` [S] float32: the sum of the source's token CE over the block / UTF-8 bytes of the block;
     * ``n_bytes`` int32, ``split`` uint8 (from the corpus), ``skip`` bool: a source had non-finite logits;
     * ``align_counts`` [S, 5] int32: AlignStats counts (positions, one_to_one, matched, fallback, empty);
-    * a chat corpus: ``scored`` [T] bool, the positions predicting assistant tokens (the only ones trained
-      on); the tables are filled there only (:meth:`BlockAligner._align_chat`), and ``seq_ce`` / ``byte_ce``
-      are taken over those positions and the assistant bytes.
+    * a chat corpus: ``scored`` [T] bool, the positions predicting assistant content tokens and each turn's
+      end-of-turn token (the only ones trained on); the tables are filled there only
+      (:meth:`BlockAligner._align_chat`), and ``seq_ce`` / ``byte_ce`` are taken over the content positions and
+      the assistant bytes.
 
     ``align.use_vocab_map`` uses the maps of ``fusejax vocab-map`` (``soft``; built here when missing), else
     ``hard``. JAX process i of n writes a contiguous slice of the blocks; a rerun resumes; top-k stores built

@@ -11,9 +11,10 @@ role headers and special tokens.
 Assistant tokens are found by character offsets, whatever the template: each message's content (or, for
 templates that ``trim`` it, its stripped content) is looked for in the rendered text after the previous one;
 a template that drops a message's content is an error. The tokens whose characters overlap an assistant
-message's content are that message's span; losses score only the positions that predict them
-(:func:`scored_positions`), and the alignment pairs tokens span by span (:mod:`fusejax.align`), so template
-tokens are never aligned to content tokens.
+message's content are that message's span; losses score only the positions that predict them and the token right
+after each span, the template's end of turn, so that a model learns to stop (:func:`scored_positions`). The
+alignment pairs tokens span by span (:mod:`fusejax.align`), so template tokens are never aligned to content
+tokens.
 """
 
 from __future__ import annotations
@@ -124,11 +125,13 @@ def encode(tok, messages: list[dict[str, str]], where: str = "conversation") -> 
     return np.asarray(enc["input_ids"], np.int64), np.asarray(spans, np.int64).reshape(-1, 2)
 
 
-def scored_positions(length: int, spans: np.ndarray) -> np.ndarray:
-    """``[length]`` bool: position t is scored when token t + 1 is in an assistant span (t predicts it)."""
+def scored_positions(length: int, spans: np.ndarray, *, end_of_turn: bool = True) -> np.ndarray:
+    """``[length]`` bool: position t is scored when token t + 1 is in an assistant span (t predicts it) or, with
+    ``end_of_turn``, is the token right after one (the template's end of turn: ``<|im_end|>``, ``<|eot_id|>``...;
+    none when the span ends the text). ``end_of_turn=False``: content tokens only (the sources' CE)."""
     out = np.zeros(length, bool)
     for a, b in spans:
-        out[max(a - 1, 0):b - 1] = True
+        out[max(a - 1, 0):b - 1 + int(end_of_turn and b < length)] = True
     return out
 
 
@@ -142,25 +145,48 @@ def system_prefix(messages: list[dict[str, str]]) -> int:
     return next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
 
 
-def split_conversation(messages: list[dict[str, str]], tok, block_size: int, where: str) -> list[tuple[int, int]]:
+def split_conversation(messages: list[dict[str, str]], tok, block_size: int, where: str
+                       ) -> tuple[list[tuple[int, int, list[dict[str, str]]]], dict[str, int]]:
     """Cut a conversation at turn boundaries into runs of messages that render to <= ``block_size`` tokens of
-    ``tok``; a run repeats the conversation's leading system messages and ends with an assistant message.
-    Returns ``[(first, end)]`` message index ranges (after the system prefix). A turn that does not fit alone
-    is an error naming ``where``."""
+    ``tok``; a run repeats the conversation's leading system messages and ends with an assistant message. A turn
+    (the messages up to and including its assistant answer) that does not fit alone is cut: its last assistant
+    message keeps the longest prefix of its content (in characters) with which the turn fits, the template's
+    end of turn included; a turn whose prompt does not fit even with a one-character answer is dropped.
+    Returns ``([(first, end, run messages)], {"cut_turns": n, "dropped_turns": n})``: ``[first, end)`` the
+    message index range after the system prefix."""
     head = system_prefix(messages)
     ends = [i + 1 for i in range(head, len(messages)) if messages[i]["role"] == "assistant"
             and (i + 1 == len(messages) or messages[i + 1]["role"] != "assistant")]
-    runs, first = [], head
+
+    def fits(run: list[dict[str, str]]) -> bool:
+        return len(encode(tok, messages[:head] + run, where)[0]) <= block_size
+
+    runs, counts, first = [], {"cut_turns": 0, "dropped_turns": 0}, head
     while ends:
         end = None
         for e in ends:  # the longest run that fits
-            if len(encode(tok, messages[:head] + messages[first:e], where)[0]) > block_size:
+            if not fits(messages[first:e]):
                 break
             end = e
-        if end is None:
-            raise ValueError(f"{where}: messages {first}..{ends[0] - 1} render to more than corpus.block_size="
-                             f"{block_size} tokens; raise block_size")
-        runs.append((first, end))
+        if end is not None:
+            runs.append((first, end, messages[:head] + messages[first:end]))
+        else:  # the first turn alone is too long: cut its answer, or drop it
+            end = ends[0]
+            turn = messages[first:end]
+            content = turn[-1]["content"]
+
+            def answered(c: int) -> list[dict[str, str]]:
+                return turn[:-1] + [{"role": "assistant", "content": content[:c]}]
+
+            lo, hi = len(content) - len(content.lstrip()) + 1, len(content)  # the shortest answer, the whole
+            if fits(answered(lo)):
+                while hi - lo > 1:  # fits(answered(lo)) and not fits(answered(hi))
+                    mid = (lo + hi) // 2
+                    lo, hi = (mid, hi) if fits(answered(mid)) else (lo, mid)
+                runs.append((first, end, messages[:head] + answered(lo)))
+                counts["cut_turns"] += 1
+            else:
+                counts["dropped_turns"] += 1
         first = end
         ends = [e for e in ends if e > first]
-    return runs
+    return runs, counts

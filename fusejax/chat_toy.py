@@ -166,9 +166,11 @@ def build_assets(cfg: Config, recipes: dict[str, dict] | None = None, max_topics
 
 
 def multi_config(cfg: Config) -> Config:
-    """``cfg`` as one multi-source fusion (no ``run.pairwise``) in ``<output_dir>/multi``."""
+    """``cfg`` as one multi-source fusion (no ``run.pairwise``) in ``<output_dir>/multi``, reading the pairs'
+    corpus store."""
     raw = config_to_dict(cfg)
-    raw["run"].update(output_dir=str(Path(cfg.run.output_dir) / MULTI), pairwise=False, pairwise_target=False)
+    raw["run"].update(output_dir=str(Path(cfg.run.output_dir) / MULTI), pairwise=False, pairwise_target=False,
+                      corpus_dir=str(RunLayout.of(cfg).corpus))
     raw["export"]["path"] = None
     return load_config(data=raw)
 
@@ -182,10 +184,9 @@ def heldout_bits_per_byte(cfg: Config, models: dict[str, tuple[str, str | None, 
     from fusejax.sharding import make_mesh
 
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    corpus = RunLayout.of(cfg).pair(cfg.sources[0].name) / "corpus" if cfg.run.pairwise else RunLayout.of(cfg).corpus
     out = {}
     for name, (path, tokenizer, template) in models.items():
-        data = TokenBatches(corpus, tokenizer or path, seq_len=2 * cfg.train.seq_len, split="heldout",
+        data = TokenBatches(RunLayout.of(cfg).corpus, tokenizer or path, seq_len=2 * cfg.train.seq_len, split="heldout",
                             chat_template=template)
         result = evaluate(load_pretrained(path, mesh=mesh), data, batch_size=cfg.eval.batch_size, domains=[])
         out[name] = {key: result[key] for key in ("bits_per_byte", "loss", "tokens", "bytes", "blocks")}
@@ -197,7 +198,8 @@ def write_report(out: Path, results: dict) -> Path:
     folder = out / "report"
     write_json(folder / "results.json", results)
     lines = ["# Toy chat fusion (FuseChat style)", "",
-             "Held-out conversations, assistant tokens only (each model renders them with its own chat template).",
+             "Held-out conversations, assistant tokens and ends of turn only (each model renders them with its own "
+             "chat template).",
              "", "| model | bits per byte | loss per token | tokens | bytes |", "|---|---|---|---|---|"]
     lines += [f"| {name} | {r['bits_per_byte']:.4f} | {r['loss']:.4f} | {r['tokens']} | {r['bytes']} |"
               for name, r in results["eval"].items()]
@@ -210,6 +212,7 @@ def main(config: str | Path | None = None, overrides: list[str] | None = None, *
     """Build the assets, run the pairwise fusion and merge, the multi-source fusion and the report; returns
     the results (also in ``<out>/report/results.json``). ``recipes``, ``max_topics``: see :func:`build_assets`."""
     from fusejax import pipeline
+    from fusejax.stages import pair_merge_config
 
     cfg = load_config(config or DEFAULT_CONFIG, overrides or [])
     if not cfg.run.pairwise:
@@ -224,9 +227,11 @@ def main(config: str | Path | None = None, overrides: list[str] | None = None, *
     models["target"] = target
     for s in cfg.sources:
         models[f"pair {s.name}"] = (str(layout.pair(s.name) / "export"), *target[1:])
-    models["pairwise + merge"] = (stages["merge"]["path"], *target[1:])
+    models["pairwise + merge"] = (str(layout.merge), *target[1:])
     models["one run, all sources"] = (str(RunLayout.of(multi).export), *target[1:])
-    results = {"assets": assets, "merge": stages["merge"], "eval": heldout_bits_per_byte(cfg, models)}
+    merge = config_to_dict(pair_merge_config(cfg).merge)
+    results = {"assets": assets, "stages": stages, "merge": {**merge, "path": str(layout.merge)},
+               "eval": heldout_bits_per_byte(cfg, models)}
     print(write_report(layout.root, results).read_text())
     return results
 

@@ -96,6 +96,8 @@ class RunConfig:
         "<output_dir>/pairs/<name>, then merge their exports (merge section; base: the target)")
     pairwise_target: bool = opt(False, "with run.pairwise: each pair also fuses the target's own distribution "
                                        "(the target as a second source named 'target')")
+    corpus_dir: str | None = opt(None, "the corpus store (stage prepare); null: <output_dir>/corpus. run.pairwise: "
+                                       "every pair reads this one (prepared once)")
 
 
 @section

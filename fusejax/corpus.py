@@ -482,7 +482,8 @@ def prepare_corpus(
     store as it stands (see :func:`corpus_totals`).
 
     ``fmt="chat"``: conversations (:mod:`fusejax.chat`; ``chat_template``: a Jinja file for a tokenizer without
-    one), see :func:`_chat_blocks`.
+    one), see :func:`_chat_blocks`; the summary adds this process's ``"cut_turns"`` and ``"dropped_turns"`` (turns
+    longer than the block: answer cut, or dropped), also logged as one warning line.
     """
     from fusejax.tokenizer import load_tokenizer, tokenizer_fingerprint
 
@@ -508,7 +509,10 @@ def prepare_corpus(
     }
     if fmt == "chat":
         meta["chat_template"] = chat.template_hash(tok)
-        blocks = _chat_blocks(found, tok, block_size, holdout_fraction, seed, process_index, num_processes)
+        blocks, cut = _chat_blocks(found, tok, block_size, holdout_fraction, seed, process_index, num_processes)
+        if cut["cut_turns"] or cut["dropped_turns"]:
+            log.warning("corpus.block_size=%d: %d turn(s) too long had their answer cut to fit, %d turn(s) whose "
+                        "prompt alone does not fit were dropped", block_size, cut["cut_turns"], cut["dropped_turns"])
         with StoreWriter(out_dir, kind=CORPUS_KIND, meta=meta, fields=CORPUS_FIELDS, rows_per_shard=rows_per_shard,
                          process_index=process_index) as writer:
             done = writer.completed_ids()
@@ -516,7 +520,7 @@ def prepare_corpus(
                 raise StoreError(f"{out_dir}: its blocks were cut from other conversations")
             for bid, fields in blocks[len(done):]:
                 writer.add(bid, **fields)
-        return {"documents": len({f["doc_id"] for _, f in blocks}), "skipped": {}, **corpus_totals(out_dir),
+        return {"documents": len({f["doc_id"] for _, f in blocks}), "skipped": {}, **cut, **corpus_totals(out_dir),
                 "resumed_blocks": len(done)}
     skipped: Counter[str] = Counter()
     documents = 0
@@ -568,13 +572,14 @@ def prepare_corpus(
 
 
 def _chat_blocks(found: list[_Input], tok, block_size: int, holdout_fraction: float, seed: int,
-                 process_index: int, num_processes: int) -> list[tuple[int, dict]]:
+                 process_index: int, num_processes: int) -> tuple[list[tuple[int, dict]], Counter[str]]:
     """Every block of this process's conversations as ``(block id, store fields)``, all checked before a row is
-    written: a block is a run of messages cut at turn boundaries (:func:`fusejax.chat.split_conversation`),
-    ``text`` their JSON, ``span`` their message range, ``n_tokens`` the rendered tokens, ``n_bytes`` the UTF-8
-    bytes of the assistant content. Inputs are ``.jsonl`` files or ``save_to_disk`` datasets; a bad record is
-    an error naming its file and line or row (no skipping: a conversation is kept whole or not at all)."""
-    blocks, ordinal = [], -1
+    written, and the counts of turns cut and dropped to fit ``block_size``: a block is a run of messages cut at
+    turn boundaries (:func:`fusejax.chat.split_conversation`), ``text`` their JSON (a cut answer stored cut),
+    ``span`` their message range, ``n_tokens`` the rendered tokens, ``n_bytes`` the UTF-8 bytes of the assistant
+    content. Inputs are ``.jsonl`` files or ``save_to_disk`` datasets; a bad record is an error naming its file
+    and line or row (no skipping: a conversation is kept whole or not at all)."""
+    blocks, ordinal, counts = [], -1, Counter({"cut_turns": 0, "dropped_turns": 0})
     for inp in found:
         if inp.fmt not in ("jsonl", "hf_disk"):
             raise ValueError(f"corpus input {inp.path}: corpus.format chat reads .jsonl files and datasets "
@@ -589,15 +594,15 @@ def _chat_blocks(found: list[_Input], tok, block_size: int, holdout_fraction: fl
                 raise ValueError(f"{record.where}: {record.value} (expected one JSON conversation per line)")
             messages = chat.messages_of(record.value, record.where)
             split = SPLITS.index("heldout" if is_heldout(record.doc_id, seed, holdout_fraction) else "train")
-            head = messages[:chat.system_prefix(messages)]
-            for first, end in chat.split_conversation(messages, tok, block_size, record.where):
-                part = head + messages[first:end]
+            runs, cut = chat.split_conversation(messages, tok, block_size, record.where)
+            counts.update(cut)
+            for first, end, part in runs:
                 data = json.dumps(part, ensure_ascii=False).encode("utf-8")
                 blocks.append((block_id(record.doc_id, first, end), dict(
                     doc_id=record.doc_id, span=np.array([first, end], np.int64), text=data,
                     n_tokens=len(chat.encode(tok, part, record.where)[0]), n_bytes=chat.assistant_bytes(part),
                     split=split)))
-    return blocks
+    return blocks, counts
 
 
 def corpus_totals(out_dir: str | os.PathLike) -> dict[str, int]:

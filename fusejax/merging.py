@@ -42,6 +42,7 @@ import numpy as np
 from fusejax.config import Config
 from fusejax.files import TEMP_PREFIX, atomic_write
 from fusejax.models.hf_io import CONFIG_NAME, INDEX_NAME, CheckpointFiles, write_safetensors
+from fusejax.schema import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ def run(cfg: Config) -> dict | None:
     """The ``fusejax merge`` command: the ``merge`` section of ``cfg`` (output ``merge.path``, default
     ``<run.output_dir>/merge``). With several processes, process 0 merges and the others return None."""
     m = cfg.merge
-    out = m.path or Path(cfg.run.output_dir) / "merge"
+    out = RunLayout.of(cfg).merge
     if jax.process_index() != 0:
         return None
     return merge(list(m.models), out, method=m.method, base=m.base, weights=m.weights or None, density=m.density,

@@ -92,11 +92,11 @@ def _file_stats(paths, seen: dict) -> list:
     return out
 
 
-def fingerprints(cfg: Config) -> dict[str, str]:
-    """The fingerprint (sha256 hex) of every stage for ``cfg``, in stage order."""
+def fingerprints(cfg: Config, pipeline: tuple[Stage, ...] = PIPELINE) -> dict[str, str]:
+    """The fingerprint (sha256 hex) of every stage of ``pipeline`` for ``cfg``, in stage order."""
     out: dict[str, str] = {}
     seen: dict = {}
-    for stage in PIPELINE:
+    for stage in pipeline:
         payload = {
             "stage": stage.name,
             "config": {key: _section(cfg, key) for key in stage.sections},
@@ -145,15 +145,15 @@ def _run_stage(cfg: Config, stage: Stage, fp: str, main: bool) -> str:
     else:
         outcome = "resumed" if folder.exists() else "ran"
     _say(main, f"{stage.name}: {outcome.replace('ran', 'running')} -> {folder}")
+    started = time.time()
     if main:
         _write_record(folder, {"stage": stage.name, "fingerprint": fp, "status": "running",
-                               "started": time.time(), "finished": None})
-    stages.resolve(stage.fn)(cfg)
+                               "started": started, "finished": None})
+    stages.resolve(stage.fn)(cfg)  # (the merge replaces its whole folder, this record included)
     barrier(f"pipeline-{stage.name}")
     if main:
-        started = read_record(folder) or {}
         _write_record(folder, {"stage": stage.name, "fingerprint": fp, "status": "complete",
-                               "started": started.get("started"), "finished": time.time()})
+                               "started": started, "finished": time.time()})
     return outcome
 
 
@@ -182,8 +182,10 @@ def run(cfg: Config, *, validate_first: bool = True, stop_after: str | None = No
 def run_pairwise(cfg: Config, *, validate_first: bool = True, stop_after: str | None = None) -> dict:
     """``run.pairwise``: the whole pipeline once per source (:func:`fusejax.stages.pair_configs`; each pair
     skips or resumes its stages as :func:`run` does, so an interrupted run resumes per source), then, unless
-    ``stop_after``, ``fusejax merge`` of the pairs' exports (:func:`fusejax.stages.pair_merge_config`). Every
-    pair's config is validated before any runs. Returns ``{source name: run's outcome, "merge": summary}``."""
+    ``stop_after``, the stage :data:`fusejax.stages.MERGE` of the pairs' exports
+    (:func:`fusejax.stages.pair_merge_config`), skipped or redone like any stage (its fingerprint: the ``merge``
+    section and the files of the exports and the base). Every pair's config is validated before any runs.
+    Returns ``{source name: run's outcome, "merge": "skipped" | "resumed" | "ran" | "redone"}``."""
     from fusejax.distributed import is_main_process
 
     pairs = stages.pair_configs(cfg)
@@ -191,13 +193,15 @@ def run_pairwise(cfg: Config, *, validate_first: bool = True, stop_after: str | 
     if validate_first:
         for _, pair in pairs:
             validate(pair, raise_error=True)
+    main = is_main_process()
     outcome: dict = {}
     for name, pair in pairs:
-        _say(is_main_process(), f"pair {name}: {pair.run.output_dir}")
+        _say(main, f"pair {name}: {pair.run.output_dir}")
         outcome[name] = run(pair, validate_first=False, stop_after=stop_after)
     if merge_cfg is not None:
-        _say(is_main_process(), f"merge ({cfg.merge.method}) of {len(pairs)} pairs")
-        outcome["merge"] = stages.resolve(stages.COMMANDS["merge"][0])(merge_cfg)
+        _say(main, f"merge ({cfg.merge.method}) of {len(pairs)} pairs")
+        fp = fingerprints(merge_cfg, (stages.MERGE,))[stages.MERGE.name]
+        outcome["merge"] = _run_stage(merge_cfg, stages.MERGE, fp, main)
     return outcome
 
 

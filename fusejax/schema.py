@@ -227,25 +227,25 @@ def empty_rows(n: int, layout: dict[str, tuple[tuple[int, ...], np.dtype]]) -> d
 
 @dataclasses.dataclass(frozen=True)
 class RunLayout:
-    """Where each stage of a run writes, under ``root`` (``run.output_dir``); ``export`` may lie elsewhere."""
+    """Where each stage of a run writes, under ``root`` (``run.output_dir``); the ``corpus`` store, the
+    ``export`` and the ``merge`` (the merged model of ``fusejax merge``) may lie elsewhere."""
 
     root: Path
+    corpus: Path
     export: Path
+    merge: Path
 
     @classmethod
     def at(cls, root: str | os.PathLike) -> RunLayout:
-        """The layout of a run folder ``root`` with the export inside it (the default)."""
-        return cls(root=Path(root), export=Path(root) / "export")
+        """The layout of a run folder ``root`` with everything inside it (the default)."""
+        root = Path(root)
+        return cls(root=root, corpus=root / "corpus", export=root / "export", merge=root / "merge")
 
     @classmethod
     def of(cls, cfg: Config) -> RunLayout:
         """The layout of the run configured by ``cfg`` (a :class:`fusejax.config.Config`)."""
-        layout = cls.at(cfg.run.output_dir)
-        return dataclasses.replace(layout, export=Path(cfg.export.path)) if cfg.export.path else layout
-
-    @property
-    def corpus(self) -> Path:
-        return self.root / "corpus"
+        placed = {"corpus": cfg.run.corpus_dir, "export": cfg.export.path, "merge": cfg.merge.path}
+        return dataclasses.replace(cls.at(cfg.run.output_dir), **{k: Path(p) for k, p in placed.items() if p})
 
     @property
     def represent(self) -> Path:

@@ -63,12 +63,15 @@ PIPELINE: tuple[Stage, ...] = (
           "export", ("export",), after=("train",)),
 )
 STAGE_NAMES = tuple(s.name for s in PIPELINE)
+# `fusejax merge`; with run.pairwise, `fusejax run` runs it after the pairs, skipped while its inputs are unchanged
+MERGE = Stage("merge", "fusejax.merging:run", "merge models of one architecture in parameter space (docs/merging.md)",
+              "merge", ("merge",), paths=lambda cfg: [p for p in (*cfg.merge.models, cfg.merge.base) if p])
 
 # subcommand -> ("module:function", help): every pipeline stage, then the other commands
 COMMANDS: dict[str, tuple[str, str]] = {
     **{s.name: (s.fn, s.help) for s in PIPELINE},
     "plan": ("fusejax.plan:run", "per-device memory and shardings of the train step, without allocating the model"),
-    "merge": ("fusejax.merging:run", "merge models of one architecture in parameter space (docs/merging.md)"),
+    MERGE.name: (MERGE.fn, MERGE.help),
     "generate": ("fusejax.generation:run", "complete prompts with a model (generate.prompts -> generate.output)"),
     "run": ("fusejax.pipeline:run", "every stage in order, skipping finished ones (see docs/pipeline.md)"),
 }
@@ -77,7 +80,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def pair_configs(cfg: Config) -> list[tuple[str, Config]]:
     """``run.pairwise``: ``(source name, config)`` of each pair, the whole pipeline for that source alone (and,
     with ``run.pairwise_target``, the target as a source named "target") in ``RunLayout.pair(name)``, with
-    its export there."""
+    its export there; every pair reads the run's corpus store (``run.corpus_dir``: the first pair prepares it,
+    the others find it complete with the same fingerprint and skip the stage)."""
     layout = RunLayout.of(cfg)
     if cfg.run.pairwise_target and any(s.name == "target" for s in cfg.sources):
         raise ConfigError("run.pairwise_target adds a source named 'target'; rename the source called 'target'")
@@ -86,7 +90,8 @@ def pair_configs(cfg: Config) -> list[tuple[str, Config]]:
     out = []
     for source in raw["sources"]:
         pair = copy.deepcopy(raw)
-        pair["run"].update(output_dir=str(layout.pair(source["name"])), pairwise=False, pairwise_target=False)
+        pair["run"].update(output_dir=str(layout.pair(source["name"])), pairwise=False, pairwise_target=False,
+                           corpus_dir=str(layout.corpus))
         pair["sources"] = [source, itself] if cfg.run.pairwise_target else [source]
         pair["export"]["path"] = None
         out.append((source["name"], load_config(data=pair)))

@@ -24,6 +24,7 @@ DEEPSEEK = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}U
             "{% elif m['role'] == 'assistant' %}Assistant: {{ m['content'] }}{{ eos_token }}"
             "{% else %}{{ m['content'] }}\n\n{% endif %}{% endfor %}")
 DROPS = "{% for m in messages %}<{{ m['role'] }}>{% endfor %}"  # renders no content at all
+EOT = {"meta": "<|im_end|>", "bytes": None, "llama3": "<|eot_id|>", "deepseek-v4": None}  # None: the EOS token
 KEYS = ("assignment", "if", "while", "for", "with", "try", "class", "function")
 
 
@@ -65,10 +66,11 @@ def toks(tmp_path_factory, request):
 
 def overlaps_content(tok, text: str, messages, ids_len: int):
     """Brute force: per token, the index of the assistant message whose content (as found in the rendered
-    text, stripped) its characters overlap, else -1."""
+    text, stripped) its characters overlap, else -1; and per assistant message, the index of the first token
+    that starts at or after the content's end (its end of turn; None when no token does)."""
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     assert len(enc["input_ids"]) == ids_len
-    owner = np.full(ids_len, -1)
+    owner, ends = np.full(ids_len, -1), {}
     cursor = 0
     for n, m in enumerate(messages):
         needle = m["content"] if m["content"] in text[cursor:] else m["content"].strip()
@@ -78,7 +80,8 @@ def overlaps_content(tok, text: str, messages, ids_len: int):
             for i, (s, e) in enumerate(enc["offset_mapping"]):
                 if e > s and e > at and s < cursor:
                     owner[i] = n
-    return owner
+            ends[n] = next((i for i, (s, e) in enumerate(enc["offset_mapping"]) if e > s and s >= cursor), None)
+    return owner, ends
 
 
 @pytest.mark.parametrize("name", ["meta", "bytes", "llama3", "deepseek-v4"])
@@ -89,14 +92,40 @@ def test_assistant_spans(toks, name):
     messages = chat.messages_of(conversation("while"), "x")
     ids, spans = chat.encode(tok, messages)
     text = tok.apply_chat_template(messages, tokenize=False)
-    owner = overlaps_content(tok, text, messages, len(ids))
+    owner, ends = overlaps_content(tok, text, messages, len(ids))
     assert [(a, b) for a, b in spans] == [(np.flatnonzero(owner == n)[0], np.flatnonzero(owner == n)[-1] + 1)
                                           for n in (2, 4)]
     for (a, b), n in zip(spans, (2, 4)):
         assert messages[n]["content"].strip() in tok.decode(ids[a:b])
         assert ids[a:b].tolist() != []
+    content = chat.scored_positions(len(ids), spans, end_of_turn=False)
+    assert np.array_equal(content[:-1], owner[1:] >= 0) and not content[-1]
+    # the end of turn: the token that follows each assistant content in the rendered text is scored as well
+    assert set(ends) == {2, 4} and None not in ends.values()
     scored = chat.scored_positions(len(ids), spans)
-    assert np.array_equal(scored[:-1], owner[1:] >= 0) and not scored[-1]
+    assert np.array_equal(np.flatnonzero(scored & ~content), [ends[2] - 1, ends[4] - 1])
+    eot = EOT[name] or tok.eos_token
+    for n in (2, 4):
+        assert text[:text.index(eot, text.index(messages[n]["content"].strip()))].rstrip().endswith(
+            messages[n]["content"].strip()), "the template's end of turn follows the content"
+        assert eot.startswith(tok.decode(ids[ends[n]])) and tok.decode(ids[ends[n]])
+    if name == "llama3":
+        assert tok.convert_ids_to_tokens(int(ids[ends[4]])) == "<|eot_id|>"
+
+
+def test_nothing_scored_after_the_last_message_when_the_template_adds_nothing(toks, tmp_path):
+    """A template that ends with the last message's content: the first assistant message's end of turn is the
+    separator the template puts there, the last one has none."""
+    bare = tmp_path / "bare.jinja"
+    bare.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% if not loop.last %}\n{% endif %}"
+                    "{% endfor %}")
+    tok = chat.chat_tokenizer(toks["meta"][0], str(bare), "bare")
+    messages = chat.messages_of(conversation("while"), "x")
+    messages[-1]["content"] = messages[-1]["content"].strip()
+    ids, spans = chat.encode(tok, messages)
+    assert spans[-1, 1] == len(ids)
+    scored, content = chat.scored_positions(len(ids), spans), chat.scored_positions(len(ids), spans, end_of_turn=False)
+    assert np.flatnonzero(scored & ~content).tolist() == [spans[0, 1] - 1]
 
 
 def test_sharegpt_is_the_same_conversation():
@@ -107,17 +136,19 @@ def test_sharegpt_is_the_same_conversation():
 
 @pytest.fixture(scope="module")
 def chat_run(toks, tmp_path_factory):
-    """A chat corpus cut for the target (first tokenizer), and fake top-k stores of the others that name, in
-    each row's first logit, the source position it was taken at."""
+    """A chat corpus cut for the target (first tokenizer), and fake top-k stores of the sources (the target
+    itself as "self", the others) that name, in each row's first logit, the source position it was taken at."""
     root = tmp_path_factory.mktemp("chat")
-    target, sources = "meta", [n for n in ("bytes", "llama3") if n in toks]  # DeepSeek-V4: spans only (time)
+    target = "meta"
+    models = {"self": toks[target], **{n: toks[n] for n in ("bytes", "llama3") if n in toks}}  # DeepSeek-V4: spans
+    sources = list(models)
     data = write_jsonl(root / "chat.jsonl", [conversation(k) for k in KEYS])
     out = root / "run"
     prepare_corpus(data, toks[target][0], out / "corpus", block_size=200, fmt="chat", chat_template=toks[target][1],
                    holdout_fraction=0.25, seed=1)
     corpus = open_store(out / "corpus")
     for n, name in enumerate(sources):
-        tok = chat.chat_tokenizer(*toks[name], name)
+        tok = chat.chat_tokenizer(*models[name], name)
         meta = format_meta("topk", source=name, tokenizer_fingerprint=tokenizer_fingerprint(tok),
                            vocab_size=len(tok), k=3, logits_dtype="float32", corpus=corpus.meta,
                            eos_appended=False, chat_template=chat.template_hash(tok))
@@ -137,7 +168,7 @@ def chat_run(toks, tmp_path_factory):
         "run": {"output_dir": str(out)},
         "corpus": {"format": "chat", "block_size": 200},
         "target": {"tokenizer": toks[target][0], "chat_template": toks[target][1]},
-        "sources": [{"name": s, "tokenizer": toks[s][0], "chat_template": toks[s][1]} for s in sources],
+        "sources": [{"name": s, "tokenizer": models[s][0], "chat_template": models[s][1]} for s in sources],
         "represent": {"k": 3, "logits_dtype": "float32"},
         "align": {"use_vocab_map": False},
     })
@@ -163,10 +194,11 @@ def test_corpus_cut_at_turn_boundaries(chat_run):
 
 def test_aligned_chat_rows(chat_run):
     """Every filled table row of a source comes from a source position predicting a token of the same
-    assistant message; positions predicting template tokens are never scored and have empty tables."""
+    assistant message, or the end of turn of the same message (when spelled alike, else the one-hot of the
+    target's); positions predicting template tokens are never scored and have empty tables."""
     cfg, corpus = chat_run
     aligner = align.BlockAligner(cfg, maps="require", verify=False)
-    copied = total = 0
+    copied = total = ends_copied = 0
     for p in range(4):
         row = aligner.row(p)
         messages = chat.block_messages(corpus.row(p)["text"])
@@ -177,13 +209,29 @@ def test_aligned_chat_rows(chat_run):
         ids, logits = unpack_tables(row["table_counts"], row["table_ids"], row["table_logits"], 3)
         assert (ids[~scored] == -1).all() and (ids[scored, :, 0] >= 0).all()
         tgt_owner = np.searchsorted(tgt_spans[:, 1], np.arange(len(tgt_ids)), side="right")  # message of a token
-        for n, vocab in enumerate(aligner.vocabs):
+        tgt_end = {int(b): m for m, b in enumerate(tgt_spans[:, 1]) if b < len(tgt_ids)}  # end of turn -> message
+        assert len(tgt_end) == len(tgt_spans) and scored[[b - 1 for b in tgt_end]].all()  # ChatML: <|im_end|>
+        for n, (name, vocab) in enumerate(zip(aligner.names, aligner.vocabs)):
             src_ids, src_spans = chat.encode(vocab.tok, messages)
             src_owner = np.searchsorted(src_spans[:, 1], np.arange(len(src_ids)), side="right")
+            # the per-source CE (MinCE / AvgCE) is over the positions predicting content tokens only
+            content = [j for j in range(len(src_ids) - 1) if any(a <= j + 1 < b for a, b in src_spans)]
+            assert row["seq_ce"][n] == pytest.approx(np.mean(content))  # the fake CE of position j is j
+            assert row["byte_ce"][n] == pytest.approx(np.sum(content) / corpus.row(p)["n_bytes"])
             for t in np.flatnonzero(scored):
                 total += 1
-                if logits[t, n, 1] == -1:  # copied from the source position its first logit names
-                    j = int(logits[t, n, 0])
+                j = int(logits[t, n, 0])
+                if name == "self":  # the target's own rendering: every position is its own partner
+                    assert j == t and row["token_ce"][t, n] == t
+                if t + 1 in tgt_end:  # the end of turn: the source's own, if spelled alike, else the target's
+                    m = tgt_end[t + 1]
+                    if logits[t, n, 1] == -1:
+                        ends_copied += 1
+                        assert j + 1 == src_spans[m, 1] and vocab.texts[src_ids[j + 1]] == \
+                            aligner.target.texts[tgt_ids[t + 1]]
+                    else:
+                        assert ids[t, n, 0] == tgt_ids[t + 1] and logits[t, n, 0] == 1
+                elif logits[t, n, 1] == -1:  # copied from the source position its first logit names
                     copied += 1
                     assert src_spans[src_owner[j + 1], 0] <= j + 1 < src_spans[src_owner[j + 1], 1]
                     assert src_owner[j + 1] == tgt_owner[t + 1]
@@ -191,6 +239,7 @@ def test_aligned_chat_rows(chat_run):
                         aligner.target.tok.decode(tgt_ids[t + 1]).strip() in vocab.tok.decode(src_ids[j + 1])
                     assert row["token_ce"][t, n] == j  # the CE of the partner's position
     assert copied > 0.1 * total  # exact spellings only (no vocab map), across very different tokenizers
+    assert ends_copied >= 4  # at least the target's own ends of turn ("self")
 
 
 def test_assistant_only_loss_mask(chat_run, tmp_path):
@@ -208,6 +257,13 @@ def test_assistant_only_loss_mask(chat_run, tmp_path):
     for b in range(len(rows["input_ids"])):
         text = tok.decode(rows["labels"][b][rows["loss_mask"][b] == 1])
         assert "<|im_start|>" not in text and "User:" not in text and "<|start_header_id|>" not in text
+    # training and evaluation score the content tokens and each end of turn, found from the rendered text
+    for b, p in enumerate(tokens.positions):
+        messages = chat.block_messages(tokens.store.row(int(p))["text"])
+        text = tok.apply_chat_template(messages, tokenize=False)
+        owner, ends = overlaps_content(tok, text, messages, int(plain["attention_mask"][b].sum()))
+        assert sorted(np.flatnonzero(plain["loss_mask"][b])) == sorted([*(np.flatnonzero(owner >= 0) - 1),
+                                                                        *(i - 1 for i in ends.values())])
 
 
 GOOD = conversation("if")
@@ -270,3 +326,41 @@ def test_saved_dataset_gives_the_same_blocks_as_jsonl(toks, tmp_path):
         blocks.append([(bytes(r["text"]), tuple(r["span"]), int(r["n_tokens"]))
                        for r in map(store.row, range(len(store)))])
     assert blocks[0] == blocks[1] and len(blocks[0]) >= 3
+
+
+def test_turns_longer_than_the_block_are_cut_or_dropped(toks, tmp_path, caplog):
+    """A long answer is cut to the longest prefix with which its turn fits (the template's end kept); a turn
+    whose prompt alone does not fit is dropped; both counted in the summary and one warning line."""
+    folder, template = toks["meta"]
+    tok = chat.chat_tokenizer(folder, template, "target")
+    long_answer, long_question = topics["while"][:1500], "Why? " * 300
+    records = [
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is while?"},
+                      {"role": "assistant", "content": long_answer}, {"role": "user", "content": "Thanks."},
+                      {"role": "assistant", "content": "You are welcome."}]},
+        {"messages": [{"role": "user", "content": long_question}, {"role": "assistant", "content": "Because."},
+                      {"role": "user", "content": "And for?"}, {"role": "assistant", "content": "It loops."}]},
+    ]
+    block_size = 120
+
+    def n_tokens(messages):  # the target's rendering, tokenized independently of fusejax.chat
+        return len(tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"])
+
+    with caplog.at_level("WARNING", logger="fusejax.corpus"):
+        summary = prepare_corpus(write_jsonl(tmp_path / "chat.jsonl", records), folder, tmp_path / "corpus",
+                                 block_size=block_size, fmt="chat", chat_template=template)
+    assert summary["cut_turns"] == 1 and summary["dropped_turns"] == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "1 turn(s) too long" in warnings[0] and "1 turn(s) whose prompt" in warnings[0]
+    store = open_store(tmp_path / "corpus")
+    blocks = {(r["doc_id"].split(":")[-1], tuple(r["span"])): r for r in map(store.row, range(len(store)))}
+    assert sorted(blocks) == [("0", (1, 3)), ("0", (3, 5)), ("1", (2, 4))]  # the turn of the long question dropped
+    cut = chat.block_messages(blocks["0", (1, 3)]["text"])
+    answer = cut[-1]["content"]
+    assert cut[:-1] == records[0]["messages"][:2] and long_answer.startswith(answer) and answer.strip()
+    longer = cut[:-1] + [{"role": "assistant", "content": long_answer[:len(answer) + 1]}]
+    assert n_tokens(cut) <= block_size < n_tokens(longer)  # the longest prefix that fits
+    assert tok.apply_chat_template(cut, tokenize=False).endswith(answer + "<|im_end|>\n")  # the end of turn kept
+    assert blocks["0", (1, 3)]["n_bytes"] == len(answer.encode()) and blocks["0", (1, 3)]["n_tokens"] == n_tokens(cut)
+    for key in (("0", (3, 5)), ("1", (2, 4))):  # the other turns as they were
+        assert n_tokens(chat.block_messages(blocks[key]["text"])) <= block_size

@@ -4,11 +4,13 @@ and the report of held-out assistant bits per byte."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
 from fusejax import chat_toy, pipeline, stages
 from fusejax.config import ConfigError, load_config, replace
+from fusejax.schema import RunLayout
 from fusejax.tokenizer import load_tokenizer
 
 
@@ -39,9 +41,12 @@ def test_toy_chat_fusion(tmp_path):
     assert (out / "report" / "report.md").read_text().count("|") > 7 * 5
     cfg = load_config(chat_toy.DEFAULT_CONFIG, overrides)
     assert chat_toy.build_assets(cfg, TINY, max_topics=12) == {"target": "reused", "alpha": "reused", "beta": "reused"}
-    again = pipeline.run(cfg)  # every pair's stages are finished: skipped, then merged again
-    assert all(set(again[n].values()) == {"skipped"} for n in ("alpha", "beta"))
-    assert again["merge"] == results["merge"]
+    assert results["stages"]["merge"] == "ran"
+    record = json.loads((out / "merge" / "stage.json").read_text())  # written again after the merge's own folder
+    assert record["status"] == "complete" and record["started"] <= record["finished"]
+    again = pipeline.run(cfg)  # every pair's stages and the merge are finished: skipped
+    assert again == {"alpha": dict.fromkeys(stages.STAGE_NAMES, "skipped"),
+                     "beta": dict.fromkeys(stages.STAGE_NAMES, "skipped"), "merge": "skipped"}
 
 
 def test_pair_configs():
@@ -53,6 +58,7 @@ def test_pair_configs():
         assert pair.run.output_dir == f"out/pairs/{name}" and not pair.run.pairwise
         assert [s.name for s in pair.sources] == [name, "target"] and pair.sources[1].path == cfg.target.path
         assert pair.train == cfg.train and pair.corpus == cfg.corpus
+        assert RunLayout.of(pair).corpus == Path("out/corpus")  # one corpus store for every pair
     merge = stages.pair_merge_config(cfg).merge
     assert merge.models == ("out/pairs/alpha/export", "out/pairs/beta/export")
     assert merge.base == cfg.target.path and merge.dtype == "bfloat16" and merge.method == "sce"

@@ -21,7 +21,7 @@ class FakeStages:
 
     def __init__(self, monkeypatch):
         self.calls, self.fail = [], None
-        by_fn = {s.fn: s for s in stages.PIPELINE}
+        by_fn = {s.fn: s for s in (*stages.PIPELINE, stages.MERGE)}
 
         def resolve(spec):
             stage = by_fn[spec]
@@ -120,6 +120,45 @@ def test_weights_changed_to_the_same_size_and_mtime_change_the_fingerprint(tmp_p
     assert {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in times} == {
         p: (st.st_size, st.st_mtime_ns) for p, st in times.items()}
     assert pipeline.fingerprints(cfg)["represent"] != before["represent"]
+
+
+def test_pairwise_merge_is_skipped_until_its_inputs_change(setup):
+    """run.pairwise: the merge of the pairs' exports runs once, then is skipped; a merge setting, a pair's export
+    redone or an exported file edited by hand redo it (the old merge moved aside)."""
+    cfg, fake, tmp = setup
+    cfg = replace(cfg, "run.pairwise", True)
+    assert pipeline.run(cfg, validate_first=False) == {"a": dict.fromkeys(ORDER, "ran"), "merge": "ran"}
+    assert fake.calls == ORDER + ["merge"]
+    merged = tmp / "out" / "merge"
+    assert json.loads((merged / "stage.json").read_text())["status"] == "complete"
+    fake.calls.clear()
+    assert pipeline.run(cfg, validate_first=False) == {"a": dict.fromkeys(ORDER, "skipped"), "merge": "skipped"}
+    assert fake.calls == []
+    denser = replace(cfg, "merge.density", 0.5)
+    assert pipeline.run(denser, validate_first=False)["merge"] == "redone" and fake.calls == ["merge"]
+    fake.calls.clear()
+    changed = replace(denser, "align.fallback", "reference")  # the pair's align, train, eval and export redone
+    assert pipeline.run(changed, validate_first=False)["merge"] == "redone"
+    assert fake.calls == ["align", "train", "eval", "export", "merge"]
+    fake.calls.clear()
+    (tmp / "out" / "pairs" / "a" / "export" / "done.txt").write_text("edited")
+    assert pipeline.run(changed, validate_first=False) == {"a": dict.fromkeys(ORDER, "skipped"), "merge": "redone"}
+    assert fake.calls == ["merge"] and pipeline.run(changed, validate_first=False)["merge"] == "skipped"
+    assert len(list((tmp / "out" / "stale").glob("merge-*"))) == 3 and (merged / "done.txt").is_file()
+
+
+def test_pairs_share_one_corpus_prepared_once_and_resumed(setup):
+    cfg, fake, tmp = setup
+    cfg = replace(replace(cfg, "run.pairwise", True), "sources.1", {"name": "b", "path": str(tmp / "b")})
+    assert [stages.RunLayout.of(pair).corpus for _, pair in stages.pair_configs(cfg)] == [tmp / "out" / "corpus"] * 2
+    fake.fail = "prepare"
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(cfg, validate_first=False)
+    fake.calls.clear()
+    outcome = pipeline.run(cfg, validate_first=False)
+    assert outcome["a"]["prepare"] == "resumed" and outcome["b"]["prepare"] == "skipped"
+    assert fake.calls == ORDER + ORDER[1:] + ["merge"]  # prepared once, for the first pair
+    assert not (tmp / "out" / "pairs" / "a" / "corpus").exists()
 
 
 def test_interrupted_stage_is_resumed_not_moved(setup):
