@@ -31,8 +31,9 @@ Cutting: the document is tokenized once with character offsets; a block ends whe
 inside a character (tokens whose offsets overlap are not separated). Characters no token's offsets cover
 (whitespace that byte-level tokenizers trim from offsets) go to the next block, whose first token they
 usually lead. Blocks cover the document exactly: block ``k`` is ``text[start_k:end_k]``,
-``end_k = start_{k+1}``, the last one ends at the end of the text. Among the last ``boundary_window`` token boundaries before the limit (at most half the block),
-a cut right after a newline is preferred, then one next to whitespace, the latest one in each class.
+``end_k = start_{k+1}``, the last one ends at the end of the text. Among the last ``boundary_window`` token
+boundaries before the limit (at most half the block), a cut right after a newline is preferred, then one next
+to whitespace, the latest one in each class.
 Each block is then tokenized on its own (tokenization is not concatenation-stable); if it has more than
 ``block_size`` tokens the cut moves back by the excess and is retried. ``n_tokens`` is that count.
 

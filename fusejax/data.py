@@ -254,7 +254,8 @@ class TokenBatches:
             tokenizer = chat.chat_tokenizer(tokenizer, chat_template, "target")
         self.tokenizer, self.seq_len = tokenizer, seq_len
         codes = [np.asarray(shard.column("split")) for shard in self.store.shards]
-        self.positions = np.flatnonzero(np.concatenate(codes) == SPLITS.index(split)) if codes else np.zeros(0, np.int64)
+        split_codes = np.concatenate(codes) if codes else np.zeros(0, np.int64)
+        self.positions = np.flatnonzero(split_codes == SPLITS.index(split))
         self.num_rows = len(self.positions)
         if self.num_rows == 0:
             raise ValueError(f"{corpus_path}: no {split!r} blocks")

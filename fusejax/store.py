@@ -662,7 +662,8 @@ class StoreWriter:
             values = [vals[k] for _, vals in self._buffer]
             if f.ragged:
                 lengths = np.array([len(v) for v in values], dtype=np.int64)
-                contents[f"{f.name}.offsets.npy"] = _npy_bytes(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+                offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+                contents[f"{f.name}.offsets.npy"] = _npy_bytes(offsets)
                 data = np.concatenate(values) if values else np.zeros((0, *f.shape), f.np_dtype)
                 data = data.reshape(int(lengths.sum()), *f.shape)  # (not -1: a shape may hold no element)
             else:

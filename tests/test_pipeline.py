@@ -230,7 +230,7 @@ def test_a_good_config_has_no_problems(folders):
 
 def test_validation_lists_every_problem_at_once(folders, tmp_path):
     cfg = _cfg(folders, f"corpus.inputs=[{tmp_path / 'missing.txt'}]", f"sources.0.path={folders / 'bad'}",
-               f"sources.1.name=t", f"sources.1.path={tmp_path / 'nowhere'}", "train.seq_len=20",
+               "sources.1.name=t", f"sources.1.path={tmp_path / 'nowhere'}", "train.seq_len=20",
                "represent.k=200", "train.batch_size=4")
     with pytest.raises(ConfigError) as err:
         pipeline.validate(cfg, raise_error=True, n_devices=8)
