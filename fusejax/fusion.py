@@ -227,22 +227,12 @@ def fused_loss(
     present = jnp.any(valid, axis=-1)  # [B,T,S]
     any_present = jnp.any(present, axis=-1)  # [B,T]
     fused = mask & any_present
-    probs = _masked_softmax(row_logits / temperature, valid)  # [B,T,S,k]
-
-    # source weights per position
     ce = jnp.asarray(source_ce).astype(f32)
     if ce.ndim == 2:
         ce = ce[:, None, :]
     ce = jnp.broadcast_to(ce, (b, t, num_sources))
     reward = jnp.exp(-ce)
-    if fusion == "min_ce":
-        key = jnp.where(present, ce, jnp.inf)
-        best = present & (key == jnp.min(key, axis=-1, keepdims=True))
-        weights = (best & (jnp.cumsum(best, axis=-1) == 1)).astype(f32)  # first best: lowest index
-    elif fusion == "avg_ce":
-        weights = _masked_softmax(reward, present)
-    else:
-        weights = _masked_softmax(-ce, present)
+    probs, weights = source_teachers(ids, row_logits, ce, fusion=fusion, temperature=temperature)
 
     # λ per position
     if soft_weighting:
@@ -294,6 +284,43 @@ def fused_loss(
         "fused_tokens": n_fused,
     }
     return loss, metrics
+
+
+def source_teachers(table_ids, table_logits, source_ce, *, fusion: str = "min_ce",
+                    temperature=1.0) -> tuple[jax.Array, jax.Array]:
+    """Each source's teacher row and its fusion weight (module docstring): ``(probs [..., S, k], weights [..., S])``
+    float32 from ``table_ids`` / ``table_logits [..., S, k]`` (-1 padded ids) and ``source_ce [..., S]``. The
+    fused teacher is ``sum_s weights[s] · probs[s]``; a source whose row is empty has weight 0."""
+    valid = jnp.asarray(table_ids) >= 0
+    present = jnp.any(valid, axis=-1)
+    ce = jnp.asarray(source_ce, jnp.float32)
+    probs = _masked_softmax(jnp.asarray(table_logits, jnp.float32) / temperature, valid)
+    if fusion == "min_ce":
+        key = jnp.where(present, ce, jnp.inf)
+        best = present & (key == jnp.min(key, axis=-1, keepdims=True))
+        weights = (best & (jnp.cumsum(best, axis=-1) == 1)).astype(jnp.float32)  # first best: lowest index
+    elif fusion == "avg_ce":
+        weights = _masked_softmax(jnp.exp(-ce), present)
+    else:
+        weights = _masked_softmax(-ce, present)
+    return probs, weights
+
+
+def fused_topk(table_ids, table_logits, source_ce, *, top: int, **options) -> tuple[np.ndarray, np.ndarray]:
+    """The ``top`` most probable tokens of the fused teacher (:func:`source_teachers`; ``options``: ``fusion``,
+    ``temperature``), an id that several sources give counted once with their probabilities added: ``(ids
+    [..., top] int32 -1 padded, probs [..., top] float32)``, most probable first."""
+    probs, weights = source_teachers(table_ids, table_logits, source_ce, **options)
+    ids = np.asarray(table_ids).reshape(*np.shape(table_ids)[:-2], -1)  # [..., S·k]
+    mass = np.asarray(weights[..., None] * probs).reshape(ids.shape)
+    same = ids[..., :, None] == ids[..., None, :]
+    total = np.where(same, mass[..., None, :], 0).sum(-1)  # each entry: the mass of every entry with its id
+    first = (ids >= 0) & ~(same & np.tri(ids.shape[-1], k=-1, dtype=bool)).any(-1)
+    score = np.where(first & (total > 0), total, -1.0)
+    order = np.argsort(-score, axis=-1, kind="stable")[..., :top]
+    keep = np.take_along_axis(score, order, -1) > 0
+    return (np.where(keep, np.take_along_axis(ids, order, -1), -1).astype(np.int32),
+            np.where(keep, np.take_along_axis(score, order, -1), 0).astype(np.float32))
 
 
 def _weighted_ce(coef, lse, picked):

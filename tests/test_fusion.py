@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fusejax.fusion import chunked_fusion_loss, fusion_loss, lm_weight_schedule
+from fusejax.fusion import FUSIONS, chunked_fusion_loss, fused_topk, fusion_loss, lm_weight_schedule
 from fusejax.models import ModelConfig
 from fusejax.models.transformer import head_logits
 from fusejax.sharding import make_mesh
@@ -208,6 +208,26 @@ def test_min_ce_ties_go_to_the_lowest_source_index():
     _, metrics = check((logits, labels, mask, ids, tlogits, ce), fusion="min_ce")
     weight = np.asarray(metrics["source_weight"]) * float(metrics["scored_tokens"])
     assert np.allclose(weight, [6, 4 + 5, 0])  # example 1 (6 scored, all tied) -> source 0; examples 0, 2 -> source 1
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_fused_topk_is_the_naive_teacher(fusion):
+    _, labels, _, ids, tlogits, ce = make_batch(5, token_level=True)
+    # the naive reference's gradient at a uniform student with λ = 0 is (q - P) / (positions with a source)
+    present = (ids >= 0).any(axis=(-2, -1))
+    uniform = np.zeros((*labels.shape, V_PAD), np.float32)
+    grad = naive_fusion(uniform, np.zeros_like(labels), np.ones(labels.shape, bool), ids, tlogits, ce, fusion=fusion,
+                        lm_weight=0.0, temperature=0.7)[3]
+    teacher = np.where(present[..., None], 1 / V_PAD - grad * present.sum(), 0.0)  # [B,T,V]
+    got_ids, got_p = fused_topk(ids, tlogits, ce, top=5, fusion=fusion, temperature=0.7)
+    assert got_ids.shape == got_p.shape == (*labels.shape, 5)
+    for b, t in np.ndindex(labels.shape):
+        n = min(5, int((teacher[b, t] > 1e-9).sum()))
+        want = np.argsort(-teacher[b, t], kind="stable")[:n]
+        assert got_ids[b, t, :n].tolist() == want.tolist() and np.all(got_ids[b, t, n:] == -1)
+        np.testing.assert_allclose(got_p[b, t, :n], teacher[b, t, want], atol=1e-5)
+        assert np.all(got_p[b, t, n:] == 0)
+    assert not present.all() and present.any()
 
 
 def test_position_with_no_source_only_carries_clm():
