@@ -253,14 +253,21 @@ def build_assets(cfg: Config, recipes: dict[str, dict] | None = None) -> dict[st
 # ------------------------------------------------------------------------------------------------ seeds
 
 
+def seed_run_dir(cfg: Config, variant: str, seed: int) -> Path:
+    """The run folder of ``variant`` ("clm_only" or "fusellm") with data-order ``seed``: ``<out>`` for the
+    pipeline's own FuseLLM run (``run.seed``), else ``<out>/seeds/<variant>/seed<k>``."""
+    root = RunLayout.of(cfg).root
+    return root if variant == "fusellm" and seed == cfg.run.seed else root / "seeds" / variant / f"seed{seed}"
+
+
 def seed_runs(cfg: Config, seeds: list[int]) -> dict:
     """FuseLLM and CLM-only (``lm_weight=1``: the same continual training without fusion, same aligned rows)
     for every seed of ``seeds`` (the seed changes only the order of the training blocks, so two runs of one
     seed are paired). The FuseLLM run of ``run.seed`` is the pipeline's own (``<out>/train``, ``<out>/eval``);
-    every other run trains in ``<out>/seeds/<variant>/seed<k>`` on links to ``<out>``'s corpus and aligned
-    store (:func:`fusejax.study.train_and_eval`). Returns ``{"target": eval result, "runs": {variant: {seed:
-    {"eval": eval result, "curve": [[step, bits/byte], ...]}}}}``; the curve holds the ``train.eval_every``
-    evaluations and the final one (the eval stage's held-out blocks, ``eval.batch_size``, ``eval.max_batches``)."""
+    every other run trains in its :func:`seed_run_dir` on links to ``<out>``'s corpus and aligned store
+    (:func:`fusejax.study.train_and_eval`). Returns ``{"target": eval result, "runs": {variant: {seed: {"eval":
+    eval result, "curve": [[step, bits/byte], ...]}}}}``; the curve holds the ``train.eval_every`` evaluations
+    and the final one (the eval stage's held-out blocks, ``eval.batch_size``, ``eval.max_batches``)."""
     from fusejax.config import replace
     from fusejax.study import train_and_eval
 
@@ -269,10 +276,10 @@ def seed_runs(cfg: Config, seeds: list[int]) -> dict:
     out: dict = {"target": None, "runs": {v: {} for v in variants}}
     for seed in seeds:
         for variant, vcfg in variants.items():
-            if variant == "fusellm" and seed == cfg.run.seed:
-                run_dir, ev = layout.root, json.loads((layout.eval / "results.json").read_text())
+            run_dir = seed_run_dir(cfg, variant, seed)
+            if run_dir == layout.root:
+                ev = json.loads((layout.eval / "results.json").read_text())
             else:
-                run_dir = layout.root / "seeds" / variant / f"seed{seed}"
                 ev = train_and_eval(vcfg, layout.root, run_dir, seed)
             train_dir = RunLayout.at(run_dir).train
             steps = json.loads((train_dir / SUMMARY).read_text())["steps"]
@@ -287,14 +294,13 @@ def seed_runs(cfg: Config, seeds: list[int]) -> dict:
 # --------------------------------------------------------------------------------------------- toy tasks
 
 TASKS = {"embedded_real_continuation": "multiple_choice", "embedded_code_completion": "generate_until"}
+TASK_METRIC = {"multiple_choice": "acc", "generate_until": "exact_match"}  # output type -> metric (higher: better)
 TASK_YAML = {
     "multiple_choice": "output_type: multiple_choice\ndoc_to_text: \"{{context}}\"\ndoc_to_choice: \"{{choices}}\"\n"
-                       "doc_to_target: \"{{label}}\"\ntarget_delimiter: \"\"\nmetric_list:\n"
-                       "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n",
+                       "doc_to_target: \"{{label}}\"\ntarget_delimiter: \"\"\n",
     "generate_until": "output_type: generate_until\ndoc_to_text: \"{{prompt}}\"\ndoc_to_target: \"{{target}}\"\n"
                       "target_delimiter: \"\"\ngeneration_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 48\n"
-                      "  do_sample: false\nmetric_list:\n  - metric: exact_match\n    aggregation: mean\n"
-                      "    higher_is_better: true\n",
+                      "  do_sample: false\n",
 }
 
 
@@ -354,9 +360,49 @@ def write_toy_tasks(cfg: Config, folder: Path, *, context: int = 240, continuati
         data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in items), encoding="utf-8")
         yaml_path = folder / f"{task}.yaml"
         yaml_path.write_text(f"task: {task}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: "
-                             f"{json.dumps(str(data.resolve()))}\ntest_split: test\n" + TASK_YAML[TASKS[task]])
+                             f"{json.dumps(str(data.resolve()))}\ntest_split: test\n" + TASK_YAML[TASKS[task]]
+                             + f"metric_list:\n  - metric: {TASK_METRIC[TASKS[task]]}\n    aggregation: mean\n"
+                             "    higher_is_better: true\n")
         paths.append(yaml_path)
     return paths
+
+
+def score_toy_tasks(cfg: Config, tasks: list[Path], seeds: list[int]) -> dict:
+    """The toy tasks ``tasks`` (task YAMLs in one folder, :func:`write_toy_tasks`) scored through the lm-eval
+    backend (:func:`fusejax.harness.run_tasks`: greedy, ``eval.batch_size``, ``run.seed``) on the target
+    before training and on the final checkpoint of CLM-only and FuseLLM for every seed of ``seeds``
+    (:func:`seed_run_dir`), one model in memory at a time; the compiled programs are shared (same shapes).
+
+    Returns ``{"metric": {task: metric}, "examples": {task: count}, "target": {task: score}, "runs": {variant:
+    {seed: {task: score}}}, "seconds", "cpu_seconds"}`` (the time the scoring took), or ``{"skipped": reason}``
+    when lm-eval is not installed (it is the ``eval`` extra).
+    """
+    from fusejax.checkpoint import load_trained
+    from fusejax.evaluation import _harness
+    from fusejax.models import load_pretrained
+    from fusejax.tokenizer import load_tokenizer
+
+    try:
+        harness = _harness()
+    except ImportError as e:
+        return {"skipped": str(e)}
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    names = [p.stem for p in tasks]
+    manager = harness.task_manager(names, str(tasks[0].parent))
+    tok = load_tokenizer(cfg.target.tokenizer_path)
+
+    def score(model) -> dict[str, float]:
+        res = harness.run_tasks(model, tok, names, manager, batch_size=cfg.eval.batch_size, seed=cfg.run.seed)
+        return {t: res["results"][t][f"{TASK_METRIC[TASKS[t]]},none"] for t in names}
+
+    out = {"metric": {t: TASK_METRIC[TASKS[t]] for t in names},
+           "examples": {p.stem: len(p.with_suffix(".jsonl").read_text().splitlines()) for p in tasks},
+           "target": score(load_pretrained(cfg.target.path)), "runs": {}}
+    for variant in ("clm_only", "fusellm"):
+        for seed in seeds:
+            model = load_trained(RunLayout.at(seed_run_dir(cfg, variant, seed)).train)[0]
+            out["runs"].setdefault(variant, {})[str(seed)] = score(model)
+    return {**out, "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0}
 
 
 # ------------------------------------------------------------------------------------------------- report
@@ -422,6 +468,16 @@ def summarize_results(results: dict) -> dict:
     out["efficiency"] = {"per_seed": reach, "clm_tokens": runs["clm_only"][seeds[0]]["curve"][-1][0] * tokens_per_step,
                          "tokens": dataclasses.asdict(summarize([r["tokens"] for r in reached])) if reached else None,
                          "ratio": dataclasses.asdict(summarize([r["ratio"] for r in reached])) if reached else None}
+    toy = results.get("toy_tasks", {})
+    out["tasks"] = {}
+    for task, metric in toy.get("metric", {}).items():
+        clm = [toy["runs"]["clm_only"][s][task] for s in seeds]
+        deltas = [toy["runs"]["fusellm"][s][task] - c for s, c in zip(seeds, clm)]
+        out["tasks"][task] = {
+            "metric": metric, "examples": toy["examples"][task], "target": toy["target"][task],
+            "clm_only": dataclasses.asdict(summarize(clm)),
+            "fusellm": dataclasses.asdict(summarize([toy["runs"]["fusellm"][s][task] for s in seeds])),
+            "delta": dataclasses.asdict(summarize(deltas)), "deltas": deltas, "wins": sum(d > 0 for d in deltas)}
     return out
 
 
@@ -446,6 +502,22 @@ def report_paragraph(summary: dict) -> str:
                    f"{eff['tokens']['std'] / 1e3:.1f}k of the {eff['clm_tokens'] / 1e3:.0f}k training tokens, "
                    f"{eff['ratio']['mean']:.2f} ± {eff['ratio']['std']:.2f}x fewer (the paper's Figure 2 measure)"
                    + (f"; on {missing} seed(s) it never does." if missing else "."))
+
+
+def tasks_paragraph(summary: dict) -> str:
+    """The toy tasks' paired differences in words: whether each exceeds the seed spread (Markdown)."""
+    parts = []
+    for task, d in summary["tasks"].items():
+        delta, n = d["delta"], d["delta"]["n"]
+        if n < 2:
+            verdict = "one seed, so no seed spread to compare with"
+        elif abs(delta["mean"]) > 2 * delta["std"]:
+            verdict = "more than twice the paired seed spread"
+        else:
+            verdict = "within twice the paired seed spread, so not a measured difference"
+        parts.append(f"`{task}` ({d['metric']} over {d['examples']} examples, one example = "
+                     f"{1 / max(d['examples'], 1):.3f}) {delta['mean']:+.3f} ± {delta['std']:.3f}: {verdict}")
+    return "On the toy tasks, FuseLLM − CLM-only is " + "; ".join(parts) + "."
 
 
 def write_report(out: Path, results: dict) -> list[Path]:
@@ -479,10 +551,22 @@ def write_report(out: Path, results: dict) -> list[Path]:
     lines += ["", f"Held-out: {held['blocks']} blocks, {held['bytes']} bytes. Seeds: {summary['seeds']}. "
               f"Wall time: {results['seconds']:.0f} s.", "", "![paired gain](gain.png)", "",
               "![token efficiency](token_efficiency.png)", ""]
-    if results.get("tasks"):
-        lines += [f"Toy downstream tasks (lm-evaluation-harness task YAMLs over held-out documents, "
-                  f"`--include_path {Path(results['tasks'][0]).parent}`): "
-                  + ", ".join(f"`{Path(t).stem}`" for t in results["tasks"]) + ".", ""]
+    toy = results.get("toy_tasks")
+    if toy:
+        lines += ["## Toy downstream tasks", "", "lm-evaluation-harness tasks over the held-out documents, run "
+                  "through fusejax's lm-eval backend on the final models (task YAMLs: `--include_path "
+                  f"{Path(toy['paths'][0]).parent}`; higher is better).", ""]
+    if toy and "skipped" in toy:
+        lines += [f"Skipped: {toy['skipped']}.", ""]
+    elif toy:
+        lines += [tasks_paragraph(summary), "",
+                  "| task (metric, examples) | target before training | CLM-only | FuseLLM | Δ (paired) | "
+                  "FuseLLM better |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {task} ({d['metric']}, {d['examples']}) | {d['target']:.4f} | {cell(d['clm_only'])} | "
+                  f"{cell(d['fusellm'])} | {cell(d['delta'])} | {d['wins']} of {d['delta']['n']} seeds |"
+                  for task, d in summary["tasks"].items()]
+        lines += ["", f"Scoring took {toy['seconds']:.0f} s ({toy['cpu_seconds']:.0f} s of CPU time).", ""]
     (folder / "report.md").write_text("\n".join(lines))
 
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -560,7 +644,8 @@ def main(config: str | Path | None = None, overrides: list[str] | None = None, *
         return 0
     tasks = write_toy_tasks(cfg, layout.root / "tasks")
     results = {"assets": assets, "stages": stages, "tokens_per_step": cfg.train.batch_size * cfg.train.seq_len,
-               "tasks": [str(p) for p in tasks], **seed_runs(cfg, list(seeds))}
+               **seed_runs(cfg, list(seeds))}
+    results["toy_tasks"] = {"paths": [str(p) for p in tasks], **score_toy_tasks(cfg, tasks, list(seeds))}
     results["seconds"] = time.perf_counter() - t0
     paths = write_report(layout.root, results)
     print((layout.root / "report" / "report.md").read_text())

@@ -2,6 +2,7 @@
 assets + pipeline end to end on tiny recipes."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,7 +84,11 @@ def _results():
     def run(final, code, prose, curve):
         return {"eval": ev(final, code, prose), "curve": [[10, curve[0]], [20, curve[1]], [30, final]]}
 
-    return {"target": ev(4.0, 4.5, 3.5), "tokens_per_step": 100, "seconds": 1.0,
+    toy = {"paths": ["/x/tasks/mc.yaml", "/x/tasks/gen.yaml"], "metric": {"mc": "acc", "gen": "exact_match"},
+           "examples": {"mc": 20, "gen": 10}, "target": {"mc": 0.25, "gen": 0.0}, "seconds": 3.0, "cpu_seconds": 5.0,
+           "runs": {"clm_only": {"0": {"mc": 0.40, "gen": 0.1}, "1": {"mc": 0.45, "gen": 0.2}},
+                    "fusellm": {"0": {"mc": 0.60, "gen": 0.1}, "1": {"mc": 0.70, "gen": 0.3}}}}
+    return {"target": ev(4.0, 4.5, 3.5), "tokens_per_step": 100, "seconds": 1.0, "toy_tasks": toy,
             "runs": {"clm_only": {"0": run(3.0, 3.2, 2.8, (3.6, 3.3)), "1": run(3.1, 3.3, 2.9, (3.7, 3.4))},
                      "fusellm": {"0": run(2.9, 3.0, 2.8, (3.5, 3.0)), "1": run(3.0, 3.2, 2.8, (3.6, 3.2))}}}
 
@@ -104,6 +109,30 @@ def test_report_summary_paragraph_and_plots_from_results(tmp_path):
     assert "FuseLLM better on 2 of 2 seeds" in report and "1.35 ± 0.21x fewer" in report
     assert "| Δ (paired) | -0.1000 ± 0.0000 |" in report
     assert json.loads((tmp_path / "report" / "results.json").read_text()) == _results()
+    # toy tasks: paired deltas (higher is better), and whether they exceed twice the paired seed spread
+    mc, gen = summary["tasks"]["mc"], summary["tasks"]["gen"]
+    assert mc["deltas"] == pytest.approx([0.2, 0.25]) and mc["wins"] == 2 and mc["target"] == 0.25
+    assert gen["deltas"] == pytest.approx([0.0, 0.1]) and gen["wins"] == 1
+    assert "| mc (acc, 20) | 0.2500 | 0.4250 ± 0.0354 | 0.6500 ± 0.0707 | 0.2250 ± 0.0354 | 2 of 2 seeds |" in report
+    assert "`mc` (acc over 20 examples, one example = 0.050) +0.225 ± 0.035: more than twice" in report
+    assert "`gen` (exact_match over 10 examples, one example = 0.100) +0.050 ± 0.071: within twice" in report
+    assert "--include_path /x/tasks" in report
+
+
+def test_report_says_why_the_toy_tasks_were_skipped(tmp_path, monkeypatch):
+    from fusejax import evaluation
+
+    def missing():
+        raise ImportError("eval.tasks needs lm-evaluation-harness, which is not installed: pip install fusejax[eval]")
+
+    monkeypatch.setattr(evaluation, "_harness", missing)
+    results = {**_results(), "toy_tasks": {"paths": ["/x/tasks/mc.yaml"],
+                                           **embedded.score_toy_tasks(None, [Path("/x/tasks/mc.yaml")], [0])}}
+    assert embedded.summarize_results(results)["tasks"] == {}
+    embedded.write_report(tmp_path, results)
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "Skipped: eval.tasks needs lm-evaluation-harness, which is not installed: pip install fusejax[eval]." \
+        in report and "| mc" not in report
 
 
 TINY = {"block_size": 63, "batch_size": 8, "max_chars": 12_000, "max_doc_chars": 600, "fusion_stride": 2}
@@ -152,9 +181,42 @@ def test_assets_pipeline_baseline_and_report(tmp_path, monkeypatch, capsys):
         assert run["curve"][-1][1] == run["eval"]["bits_per_byte"]
         assert run["eval"]["bits_per_byte"] != results["target"]["bits_per_byte"]
     assert results["runs"]["clm_only"]["0"]["eval"] != results["runs"]["fusellm"]["0"]["eval"]
-    assert (tmp_path / "run" / "tasks" / "embedded_code_completion.yaml").is_file()
     assert (tmp_path / "run" / "export" / "config.json").is_file()
     assert "report.md" in capsys.readouterr().out
+    # the toy tasks, scored through the lm-eval backend: the target's multiple-choice accuracy is recomputed
+    # with transformers (PyTorch) on its folder
+    toy, tasks = results["toy_tasks"], tmp_path / "run" / "tasks"
+    assert toy["paths"] == [str(tasks / f"{t}.yaml") for t in embedded.TASKS] and min(toy["examples"].values()) > 0
+    assert set(toy["runs"]) == {"clm_only", "fusellm"} and all(set(r) == {"0"} for r in toy["runs"].values())
+    for scores in [toy["target"], *(r["0"] for r in toy["runs"].values())]:
+        assert scores.keys() == embedded.TASKS.keys() and all(0 <= v <= 1 for v in scores.values())
+    mc = "embedded_real_continuation"
+    assert toy["target"][mc] == pytest.approx(_choice_accuracy(assets / "target", tasks / f"{mc}.jsonl"))
+    assert f"| {mc} (acc, {toy['examples'][mc]}) |" in (tmp_path / "run" / "report" / "report.md").read_text()
+
+
+def _choice_accuracy(folder, data):
+    """Accuracy of the transformers model in ``folder`` on a multiple-choice JSONL file: the choice with the
+    highest summed log-probability, its tokens split off the whole text as lm-eval does (a context's trailing
+    spaces moved to the continuation)."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    rows = [json.loads(line) for line in open(data)]
+    right = 0
+    for row in rows:
+        context = row["context"].rstrip()
+        scores = []
+        for choice in row["choices"]:
+            whole = tok(row["context"] + choice)["input_ids"]
+            n = len(tok(context)["input_ids"])
+            with torch.no_grad():
+                logp = model(torch.tensor([whole])).logits[0].log_softmax(-1)
+            scores.append(sum(float(logp[i - 1, whole[i]]) for i in range(n, len(whole))))
+        right += int(np.argmax(scores)) == row["label"]
+    return right / len(rows)
 
 
 def test_toy_tasks_come_from_heldout_documents_only(tmp_path):
