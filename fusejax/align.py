@@ -475,3 +475,44 @@ def run(cfg: Config) -> dict:
     write_json(RunLayout.of(cfg).aligned_summary, summary)
     save_resolved(cfg, path)
     return summary
+
+
+def explain(cfg: Config, position: int = 0) -> dict:
+    """One corpus block's alignment, for reading (the Colab notebook shows it as a table): the block at
+    ``position`` of the run's corpus store aligned as :meth:`BlockAligner.row` aligns it (plain-text corpora;
+    the top-k stores of ``fusejax represent`` and, with ``align.use_vocab_map``, the vocabulary maps are needed).
+
+    Returns ``{"sources": [S] names, "target": [T] target token strings, "paired": [T][S] the string of the
+    source token paired 1-to-1 with each target position (None: no 1-to-1 partner), "table_ids" [T, S, k]
+    int32 / "table_logits" [T, S, k] float32 (row t: each source's top-k for the token after t, in target ids,
+    -1 padded), "source_ce" [S] or [T, S] float32 (the CE that ``train.ce_level`` and ``train.ce_unit`` have the
+    fusion compare)}``; :func:`fusejax.fusion.fused_topk` of the tables gives the fused teacher.
+    """
+    from fusejax.schema import unpack_tables
+
+    aligner = BlockAligner(cfg, maps="require")
+    if aligner.chat:
+        raise ValueError(f"explain: {aligner.corpus.path} is a chat corpus; only plain-text blocks are explained")
+    row = aligner.row(position)
+    tgt, t, k, S = row["input_ids"], aligner.target, aligner.k, len(aligner.names)
+    table_ids, table_logits = np.full((tgt.size, S, k), -1, np.int32), np.zeros((tgt.size, S, k), np.float32)
+    token_ce, paired = np.zeros((tgt.size, S), np.float32), [[None] * S for _ in range(tgt.size)]
+    aligned = [n for n in range(S) if n not in aligner.copied]
+    table_ids[:, aligned], table_logits[:, aligned] = unpack_tables(row["table_counts"], row["table_ids"],
+                                                                    row["table_logits"], k)
+    token_ce[:, aligned] = row["token_ce"]
+    for n, (name, s, store) in enumerate(zip(aligner.names, aligner.vocabs, aligner.stores)):
+        top = source_row(store, row["id"], name, k)
+        if n in aligner.copied:
+            partner = np.arange(tgt.size)
+            table_ids[:, n], table_logits[:, n], token_ce[:, n] = top["topk_ids"], top["topk_logits"], top["token_ce"]
+        else:
+            partner = align_tokens(s, np.asarray(top["input_ids"], np.int64), t, tgt, mode=aligner.mode)
+        for i, j in enumerate(partner.tolist()):
+            paired[i][n] = s.tokens[top["input_ids"][j]] if j >= 0 else None
+    if cfg.train.ce_level == "token":
+        source_ce = token_ce
+    else:
+        source_ce = row["byte_ce"] if cfg.train.ce_unit == "byte" else row["seq_ce"]
+    return {"sources": list(aligner.names), "target": [t.tokens[i] for i in tgt.tolist()], "paired": paired,
+            "table_ids": table_ids, "table_logits": table_logits, "source_ce": np.asarray(source_ce, np.float32)}

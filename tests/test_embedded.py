@@ -1,6 +1,8 @@
 """The embedded default: corpus, the three tokenizer kinds, TensorBoard reading, the report, and (slow) the
 assets + pipeline end to end on tiny recipes."""
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -148,17 +150,28 @@ def _tiny_recipes():
     return recipes
 
 
-@pytest.mark.slow
-def test_assets_pipeline_baseline_and_report(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(embedded, "PRETRAIN", TINY)
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """``embedded.main`` on tiny recipes and one seed: (folder holding assets/ and run/, overrides, stdout)."""
+    tmp_path = tmp_path_factory.mktemp("embedded")
     assets = tmp_path / "assets"
     overrides = [f"run.output_dir={tmp_path / 'run'}", f"corpus.inputs=[{assets}/prose.jsonl, {assets}/code.jsonl]",
                  f"target.path={assets}/target", "corpus.block_size=31", "train.seq_len=32",
                  "corpus.holdout_fraction=0.3",
                  "represent.k=4", "train.steps=4", "train.log_every=2", "train.eval_every=2"]
     overrides += [f"sources.{i}.path={assets}/{n}" for i, n in enumerate(("llama", "neox", "mpt"))]
-    recipes = _tiny_recipes()
-    assert embedded.main(None, overrides, recipes=recipes, seeds=(0,)) == 0  # as many runs as before: fast
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as monkeypatch, contextlib.redirect_stdout(out):
+        monkeypatch.setattr(embedded, "PRETRAIN", TINY)
+        assert embedded.main(None, overrides, recipes=_tiny_recipes(), seeds=(0,)) == 0  # as many runs as before
+    return tmp_path, overrides, out.getvalue()
+
+
+@pytest.mark.slow
+def test_assets_pipeline_baseline_and_report(demo, monkeypatch):
+    tmp_path, overrides, stdout = demo
+    assets, recipes = tmp_path / "assets", _tiny_recipes()
+    monkeypatch.setattr(embedded, "PRETRAIN", TINY)
     from fusejax.config import load_config
     from fusejax.schema import unpack_tables
     from fusejax.store import open_store
@@ -182,7 +195,7 @@ def test_assets_pipeline_baseline_and_report(tmp_path, monkeypatch, capsys):
         assert run["eval"]["bits_per_byte"] != results["target"]["bits_per_byte"]
     assert results["runs"]["clm_only"]["0"]["eval"] != results["runs"]["fusellm"]["0"]["eval"]
     assert (tmp_path / "run" / "export" / "config.json").is_file()
-    assert "report.md" in capsys.readouterr().out
+    assert "report.md" in stdout
     # the toy tasks, scored through the lm-eval backend: the target's multiple-choice accuracy is recomputed
     # with transformers (PyTorch) on its folder
     toy, tasks = results["toy_tasks"], tmp_path / "run" / "tasks"
@@ -249,3 +262,65 @@ def test_toy_tasks_come_from_heldout_documents_only(tmp_path):
     assert completion
     for r in completion:
         assert any(r["prompt"] + r["target"] + "\n" in t for t in heldout["code"]) and r["prompt"].endswith("\n")
+
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "launch" / "colab.ipynb"
+
+
+@pytest.mark.slow
+def test_colab_notebook_runs_step_by_step(demo, monkeypatch):
+    """Every code cell of the Colab notebook but the install ones, in order, with the tiny settings of ``demo``
+    and on its run folder (each stage finds its work done, the models their compiled programs: quick), with a
+    stand-in for IPython.display that records what the notebook shows."""
+    import sys
+    import types
+
+    from fusejax.schema import unpack_tables
+    from fusejax.store import open_store
+
+    tmp_path, overrides, _ = demo
+    monkeypatch.setattr(embedded, "PRETRAIN", TINY)
+    monkeypatch.chdir(tmp_path)
+    shown = []
+    display = types.ModuleType("IPython.display")
+    display.display = lambda *objs: shown.extend(objs)
+    display.Markdown = lambda text: ("markdown", text)
+    display.Image = lambda path: ("image", Path(path))
+    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(display=display))
+    monkeypatch.setitem(sys.modules, "IPython.display", display)
+    cells = [c for c in json.loads(NOTEBOOK.read_text())["cells"] if c["cell_type"] == "code"]
+    settings = {"OUT": str(tmp_path / "run"), "SEEDS": [0], "OVERRIDES": overrides, "RECIPES": _tiny_recipes(),
+                "POSITION": 0}
+    namespace, skipped = {}, 0
+    for cell in cells:
+        source, tags = "".join(cell["source"]), cell["metadata"].get("tags", [])
+        assert not any(line.startswith("!") for line in source.splitlines()), "a shell line outside the install cells"
+        if "install" in tags:
+            skipped += 1
+            continue
+        if "parameters" in tags:  # the notebook's settings, replaced by the tiny ones
+            defined = {}
+            exec(compile(source, cell["id"], "exec"), defined)
+            assert defined.keys() - {"__builtins__"} == settings.keys()
+            namespace.update(settings)
+            continue
+        exec(compile(source, cell["id"], "exec"), namespace)
+    assert skipped == 2
+    images = [x[1] for x in shown if x[0] == "image"]
+    assert [p.name for p in images] == ["gain.png", "token_efficiency.png"] and all(p.is_file() for p in images)
+    markdown = [x[1] for x in shown if x[0] == "markdown"]
+    assert any("## Toy downstream tasks" in text for text in markdown)
+    # the alignment table: one row per target token (up to 24), a column per source, the fused top-3
+    (alignment,) = [text for text in markdown if text.startswith("| target token |")]
+    header, _, *rows = alignment.splitlines()
+    assert header == "| target token | llama | neox | mpt | next target token | fused top-3 (min_ce) |"
+    ex = namespace["ex"]
+    assert len(rows) == min(24, len(ex["target"]))
+    # explain against the aligned store: the same tables and CE, as many 1-to-1 partners as the store counted
+    row = open_store(tmp_path / "run" / "aligned").row(0)
+    assert len(ex["target"]) == len(row["input_ids"]) and ex["sources"] == ["llama", "neox", "mpt"]
+    ids, logits = unpack_tables(row["table_counts"], row["table_ids"], row["table_logits"], 4)
+    np.testing.assert_array_equal(ex["table_ids"], ids)
+    np.testing.assert_array_equal(ex["table_logits"], logits)
+    np.testing.assert_array_equal(ex["source_ce"], row["byte_ce"])  # configs/embedded.yaml: MinCE on CE per byte
+    assert [sum(p[n] is not None for p in ex["paired"]) for n in range(3)] == row["align_counts"][:, 1].tolist()
