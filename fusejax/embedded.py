@@ -299,7 +299,7 @@ TASK_YAML = {
     "multiple_choice": "output_type: multiple_choice\ndoc_to_text: \"{{context}}\"\ndoc_to_choice: \"{{choices}}\"\n"
                        "doc_to_target: \"{{label}}\"\ntarget_delimiter: \"\"\n",
     "generate_until": "output_type: generate_until\ndoc_to_text: \"{{prompt}}\"\ndoc_to_target: \"{{target}}\"\n"
-                      "target_delimiter: \"\"\ngeneration_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 48\n"
+                      "target_delimiter: \"\"\ngeneration_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 16\n"
                       "  do_sample: false\n",
 }
 
@@ -316,18 +316,19 @@ def heldout_documents(cfg: Config) -> dict[str, list[str]]:
     return out
 
 
-def write_toy_tasks(cfg: Config, folder: Path, *, context: int = 240, continuation: int = 80,
-                    choices: int = 4) -> list[Path]:
+def write_toy_tasks(cfg: Config, folder: Path, *, context: int = 240, continuation: int = 80, choices: int = 4,
+                    per_document: int = 2) -> list[Path]:
     """Two toy downstream tasks from the held-out documents, each a JSONL file and an lm-evaluation-harness
     task YAML (``dataset_path: json``) in ``folder``; returns the YAML paths.
 
-    * ``embedded_real_continuation`` (multiple choice, ``acc``): the first ``context`` characters of a held-out
-      document; the choices are its real next ``continuation`` characters and the same span of
-      ``choices - 1`` other held-out documents of its domain (fixed random order, ``label`` = the real one).
+    * ``embedded_real_continuation`` (multiple choice, ``acc``): ``context`` characters of a held-out document;
+      the choices are its real next ``continuation`` characters and ``choices - 1`` continuations of other
+      held-out documents of its domain (fixed random order, ``label`` = the real one). A document gives one
+      question per ``context + continuation`` characters from its start, at most ``per_document``.
     * ``embedded_code_completion`` (``generate_until`` a newline, ``exact_match``): the text of a held-out code
-      document up to a line start (at most ``context`` characters, cut at a line start); the target is that
-      line. Three lines per document: the ones at 1/4, 1/2 and 3/4 of its lines with at least 8 non-blank
-      characters.
+      document up to the last space of a line (at most ``context`` characters before the line, cut at a line
+      start); the target is the rest of the line (its last word). Three lines per document: the ones at 1/4,
+      1/2 and 3/4 of its lines with at least 8 non-blank characters, if they hold a space after the indentation.
     """
     import random
 
@@ -335,25 +336,29 @@ def write_toy_tasks(cfg: Config, folder: Path, *, context: int = 240, continuati
     rng = random.Random(cfg.run.seed)
     folder.mkdir(parents=True, exist_ok=True)
     rows: dict[str, list[dict]] = {task: [] for task in TASKS}
+    size = context + continuation
     for domain in DOMAINS:
-        long = [t for t in docs.get(domain, []) if len(t) >= context + continuation]
-        for i, text in enumerate(long):
-            others = rng.sample([t for j, t in enumerate(long) if j != i], min(choices - 1, len(long) - 1))
-            options = [text[context:context + continuation]] + [t[context:context + continuation] for t in others]
+        windows = [(i, text[a:a + context], text[a + context:a + size])
+                   for i, text in enumerate(docs.get(domain, []))
+                   for a in range(0, min(len(text) - size + 1, per_document * size), size)]
+        for i, prefix, real in windows:
+            others = [w[2] for w in windows if w[0] != i]
+            options = [real] + rng.sample(others, min(choices - 1, len(others)))
             order = list(range(len(options)))
             rng.shuffle(order)
             rows["embedded_real_continuation"].append(
-                {"domain": domain, "context": text[:context], "choices": [options[k] for k in order],
-                 "label": order.index(0)})
+                {"domain": domain, "context": prefix, "choices": [options[k] for k in order], "label": order.index(0)})
     for text in docs.get("code", []):
         lines = text.splitlines(keepends=True)
         starts = [sum(map(len, lines[:k])) for k in range(len(lines))]
         good = [k for k in range(1, len(lines)) if len(lines[k].strip()) >= 8]
         for k in sorted({good[len(good) * q // 4] for q in (1, 2, 3)} if len(good) >= 4 else set()):
+            line = lines[k].rstrip("\n")
+            cut = line.rfind(" ", len(line) - len(line.lstrip()) + 1)
             prompt = text[:starts[k]]
             prompt = prompt[prompt.find("\n", max(0, len(prompt) - context - 1)) + 1:]
-            if prompt:
-                rows["embedded_code_completion"].append({"prompt": prompt, "target": lines[k].rstrip("\n")})
+            if prompt and cut > 0 and line[cut:].strip():
+                rows["embedded_code_completion"].append({"prompt": prompt + line[:cut], "target": line[cut:]})
     paths = []
     for task, items in rows.items():
         data = folder / f"{task}.jsonl"

@@ -253,15 +253,18 @@ def test_toy_tasks_come_from_heldout_documents_only(tmp_path):
         data = spec["dataset_kwargs"]["data_files"]["test"]
         rows[path.stem] = [json.loads(line) for line in open(data)]
     mc = rows["embedded_real_continuation"]
-    assert len(mc) == sum(len([t for t in heldout[d] if len(t) >= 320]) for d in heldout) > 0
+    assert len(mc) == sum(min(len(t) // 320, 2) for d in heldout for t in heldout[d]) > len(heldout["code"])
     for r in mc:
         real = r["context"] + r["choices"][r["label"]]
-        assert any(t.startswith(real) for t in heldout[r["domain"]])  # the label is the real continuation
+        assert any(real in t for t in heldout[r["domain"]])  # the label is the real continuation
+        assert not any(r["context"] + c in t for c in r["choices"] if c != r["choices"][r["label"]]
+                       for t in heldout[r["domain"]])
         assert len(r["choices"]) == 4 and len(set(r["choices"])) == 4
     completion = rows["embedded_code_completion"]
     assert completion
-    for r in completion:
-        assert any(r["prompt"] + r["target"] + "\n" in t for t in heldout["code"]) and r["prompt"].endswith("\n")
+    for r in completion:  # the last word of a line
+        assert any(r["prompt"] + r["target"] + "\n" in t for t in heldout["code"]) and "\n" not in r["target"]
+        assert r["target"].startswith(" ") and " " not in r["target"][1:] and r["target"].strip()
 
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "launch" / "colab.ipynb"
