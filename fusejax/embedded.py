@@ -514,7 +514,9 @@ def tasks_paragraph(summary: dict) -> str:
     parts = []
     for task, d in summary["tasks"].items():
         delta, n = d["delta"], d["delta"]["n"]
-        if n < 2:
+        if not any(d["deltas"]):
+            verdict = "the same score on every seed"
+        elif n < 2:
             verdict = "one seed, so no seed spread to compare with"
         elif abs(delta["mean"]) > 2 * delta["std"]:
             verdict = "more than twice the paired seed spread"

@@ -86,10 +86,11 @@ def _results():
     def run(final, code, prose, curve):
         return {"eval": ev(final, code, prose), "curve": [[10, curve[0]], [20, curve[1]], [30, final]]}
 
-    toy = {"paths": ["/x/tasks/mc.yaml", "/x/tasks/gen.yaml"], "metric": {"mc": "acc", "gen": "exact_match"},
-           "examples": {"mc": 20, "gen": 10}, "target": {"mc": 0.25, "gen": 0.0}, "seconds": 3.0, "cpu_seconds": 5.0,
-           "runs": {"clm_only": {"0": {"mc": 0.40, "gen": 0.1}, "1": {"mc": 0.45, "gen": 0.2}},
-                    "fusellm": {"0": {"mc": 0.60, "gen": 0.1}, "1": {"mc": 0.70, "gen": 0.3}}}}
+    toy = {"paths": ["/x/tasks/mc.yaml", "/x/tasks/gen.yaml", "/x/tasks/same.yaml"],
+           "metric": {"mc": "acc", "gen": "exact_match", "same": "acc"}, "examples": {"mc": 20, "gen": 10, "same": 5},
+           "target": {"mc": 0.25, "gen": 0.0, "same": 0.2}, "seconds": 3.0, "cpu_seconds": 5.0,
+           "runs": {"clm_only": {"0": {"mc": 0.4, "gen": 0.1, "same": 0.2}, "1": {"mc": 0.45, "gen": 0.2, "same": 0.4}},
+                    "fusellm": {"0": {"mc": 0.6, "gen": 0.1, "same": 0.2}, "1": {"mc": 0.7, "gen": 0.3, "same": 0.4}}}}
     return {"target": ev(4.0, 4.5, 3.5), "tokens_per_step": 100, "seconds": 1.0, "toy_tasks": toy,
             "runs": {"clm_only": {"0": run(3.0, 3.2, 2.8, (3.6, 3.3)), "1": run(3.1, 3.3, 2.9, (3.7, 3.4))},
                      "fusellm": {"0": run(2.9, 3.0, 2.8, (3.5, 3.0)), "1": run(3.0, 3.2, 2.8, (3.6, 3.2))}}}
@@ -118,6 +119,7 @@ def test_report_summary_paragraph_and_plots_from_results(tmp_path):
     assert "| mc (acc, 20) | 0.2500 | 0.4250 ± 0.0354 | 0.6500 ± 0.0707 | 0.2250 ± 0.0354 | 2 of 2 seeds |" in report
     assert "`mc` (acc over 20 examples, one example = 0.050) +0.225 ± 0.035: more than twice" in report
     assert "`gen` (exact_match over 10 examples, one example = 0.100) +0.050 ± 0.071: within twice" in report
+    assert "`same` (acc over 5 examples, one example = 0.200) +0.000 ± 0.000: the same score on every seed." in report
     assert "--include_path /x/tasks" in report
 
 
