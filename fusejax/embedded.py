@@ -383,12 +383,12 @@ def score_toy_tasks(cfg: Config, tasks: list[Path], seeds: list[int]) -> dict:
     when lm-eval is not installed (it is the ``eval`` extra).
     """
     from fusejax.checkpoint import load_trained
-    from fusejax.evaluation import _harness
+    from fusejax.evaluation import harness_module
     from fusejax.models import load_pretrained
     from fusejax.tokenizer import load_tokenizer
 
     try:
-        harness = _harness()
+        harness = harness_module()
     except ImportError as e:
         return {"skipped": str(e)}
     t0, cpu0 = time.perf_counter(), time.process_time()

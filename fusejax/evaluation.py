@@ -141,7 +141,7 @@ def run(cfg: Config) -> dict:
     ``<out>/eval/tasks.json`` in the same shape."""
     layout = RunLayout.of(cfg)
     if cfg.eval.tasks:  # before any model is loaded: fail fast
-        harness = _harness()
+        harness = harness_module()
         manager = harness.task_manager(cfg.eval.tasks, cfg.eval.include_path)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     rules = cfg.mesh.rules
@@ -167,7 +167,7 @@ def run(cfg: Config) -> dict:
     return results
 
 
-def _harness():
+def harness_module():
     """The ``fusejax.harness`` module; ImportError saying how to install lm-eval when it is missing."""
     try:
         from fusejax import harness

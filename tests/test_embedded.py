@@ -129,7 +129,7 @@ def test_report_says_why_the_toy_tasks_were_skipped(tmp_path, monkeypatch):
     def missing():
         raise ImportError("eval.tasks needs lm-evaluation-harness, which is not installed: pip install fusejax[eval]")
 
-    monkeypatch.setattr(evaluation, "_harness", missing)
+    monkeypatch.setattr(evaluation, "harness_module", missing)
     results = {**_results(), "toy_tasks": {"paths": ["/x/tasks/mc.yaml"],
                                            **embedded.score_toy_tasks(None, [Path("/x/tasks/mc.yaml")], [0])}}
     assert embedded.summarize_results(results)["tasks"] == {}
