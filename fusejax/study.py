@@ -178,7 +178,7 @@ TABLES = (
     ("Main table: target vs CLM-only vs FuseLLM", ["target", "clm_only", "fusellm", "ce_token"], "clm_only"),
     ("Number of sources (the paper's Table 4)", ["only_llama", "only_neox", "only_mpt", "two_sources", "fusellm"],
      "clm_only"),
-    ("Ablations", ["fusellm", "ce_token", "avg_ce", "exact_map", "reference_align"], "fusellm"),
+    ("Ablations", ["fusellm", "ce_token", "avg_ce", "mined_map", "lambda_09", "reference_align"], "fusellm"),
 )
 
 
