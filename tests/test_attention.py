@@ -142,8 +142,10 @@ def test_cudnn_refuses_what_it_cannot_serve(overrides, reason):
         test_models._tiny(**{"dtype": "bfloat16", "attention_impl": "cudnn", **overrides})
 
 
-def test_cudnn_needs_a_gpu():
-    with pytest.raises(ValueError, match=re.escape("attention_impl='cudnn' needs a GPU; jax.default_backend() is")):
+def test_cudnn_needs_a_gpu(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    with pytest.raises(ValueError, match=re.escape("attention_impl='cudnn' needs a GPU; jax.default_backend() is "
+                                                   "'tpu'")):
         attention_impl(test_models._tiny(dtype="bfloat16", attention_impl="cudnn"), 8)
 
 
@@ -170,8 +172,8 @@ def test_cudnn_arguments_are_the_explicit_paths(name, monkeypatch):
     _assert_half_close(_at_tokens(out["cudnn"][1]), _at_tokens(out["explicit"][1]), name)
 
 
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a GPU (run with "
-                    "JAX_PLATFORMS=cuda where tests/conftest.py lets it)")
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a GPU (and "
+                    "tests/conftest.py sets JAX_PLATFORMS=cpu)")
 @pytest.mark.parametrize("name", CUDNN_CASES)
 def test_cudnn_agrees_with_explicit_on_gpu(name):
     """On a GPU: cuDNN flash attention and the explicit path, both in bfloat16, agree in logits at the real
