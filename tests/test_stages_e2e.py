@@ -1,8 +1,11 @@
 """Every stage through the `fusejax` command on tiny models: prepare -> represent -> vocab-map -> align ->
 train -> export, with three sources of different families and tokenizers (the target is one of them), saved by
-transformers; the export loads in transformers with our logits."""
+transformers; the export loads in transformers with our logits. The tokenizers are tiny ones trained on the
+corpus, or the real ones of ../shared/data where it is present (a 128k vocabulary: Llama 3 for the target,
+Llama 2 and DeepSeek-V4 for the sources)."""
 
 import json
+import shutil
 
 import numpy as np
 import pydoc_data.topics
@@ -17,7 +20,9 @@ from fusejax.schema import unpack_tables
 from fusejax.store import open_store
 from tiny import bpe_tokenizer, read_events
 
-TEXTS = [t for _, t in sorted(pydoc_data.topics.topics.items()) if len(t) > 600][:5]
+# five documents of 779-1000 characters (about 200 tokens each with the real tokenizers, whose 128k-row heads make
+# every token cost: the represent stage scores each block with every source)
+TEXTS = [t[:1000] for _, t in sorted(pydoc_data.topics.topics.items()) if len(t) > 600][:5]
 
 
 # tiny random models of three of today's families, as transformers builds and saves them: a Llama-3.x-style
@@ -26,34 +31,50 @@ TEXTS = [t for _, t in sorted(pydoc_data.topics.topics.items()) if len(t) > 600]
 SIZE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=256)
 FAMILIES = [
-    ("target", "metaspace", 320, transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(
+    ("target", transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(
         tie_word_embeddings=True, rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                    "original_max_position_embeddings": 64})),
-    ("gemma2", "bytelevel", 400, transformers.Gemma2Config, transformers.Gemma2ForCausalLM, dict(
+    ("gemma2", transformers.Gemma2Config, transformers.Gemma2ForCausalLM, dict(
         head_dim=8, query_pre_attn_scalar=8, sliding_window=16, attn_logit_softcapping=50.0,
         final_logit_softcapping=30.0)),
-    ("phi3", "metaspace", 300, transformers.Phi3Config, transformers.Phi3ForCausalLM, dict(
+    ("phi3", transformers.Phi3Config, transformers.Phi3ForCausalLM, dict(
         original_max_position_embeddings=64, rope_parameters={
             "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
             "short_factor": [1.0, 1.5], "long_factor": [2.0, 4.0]})),
 ]
+# per family: a BPE trained on TEXTS (kind, vocabulary size), or a folder of ../shared/data/tokenizers (Llama 3's
+# with its chat template; Gemma 2 soft-caps its logits, so it gets the smaller vocabulary)
+TOKENIZERS = {
+    "trained": [("metaspace", 320), ("bytelevel", 400), ("metaspace", 300)],
+    "real": ["llama3", "llama2", "deepseek-v4"],
+}
+
+
+def _save_tokenizer(folder, spec, request):
+    """The tokenizer ``spec`` of :data:`TOKENIZERS` saved into ``folder``: trained here, or the shared folder's
+    files copied as they are (skips when ../shared/data is absent); returned as transformers loads it."""
+    if isinstance(spec, tuple):
+        bpe_tokenizer(*spec, TEXTS).save_pretrained(folder)
+    else:
+        shutil.copytree(request.getfixturevalue("shared_data") / "tokenizers" / spec, folder, dirs_exist_ok=True)
+    return transformers.AutoTokenizer.from_pretrained(folder)
 
 
 @pytest.mark.slow
-def test_all_stages_through_the_cli(tmp_path, capsys):
+@pytest.mark.parametrize("tokenizers", list(TOKENIZERS))
+def test_all_stages_through_the_cli(tmp_path, capsys, request, tokenizers):
     (tmp_path / "docs").mkdir()
     for i, text in enumerate(TEXTS):
         (tmp_path / "docs" / f"{i:02d}.txt").write_text(text)
     sources = []
-    for seed, (name, kind, vocab, config_class, model_class, options) in enumerate(FAMILIES):
+    for seed, ((name, config_class, model_class, options), spec) in enumerate(zip(FAMILIES, TOKENIZERS[tokenizers])):
         folder = tmp_path / name
-        tok = bpe_tokenizer(kind, vocab, TEXTS)
+        tok = _save_tokenizer(folder, spec, request)
         torch.manual_seed(seed)
         config = config_class(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                               pad_token_id=None, **SIZE, **options)
         model_class(config).save_pretrained(folder)
-        tok.save_pretrained(folder)
         sources.append({"name": name, "path": str(folder)})
     out = tmp_path / "run"
     config = {

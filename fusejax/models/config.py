@@ -37,11 +37,16 @@ scores of a batch of ``B`` sequences of ``T`` tokens):
   ``explicit``  the scores in one float32 tensor ``[B, H, T, T]``, masked and soft-maxed (the reference path)
   ``chunked``   the explicit path on blocks of ``attention_chunk`` queries (``lax.map``), each block recomputed
                 in the backward pass: scores ``[B, H, chunk, T]`` at a time
-  ``xla``       ``jax.nn.dot_product_attention`` with its default implementation, which in JAX 0.10 is XLA's own
-                einsum/softmax on every backend (it too materialises ``[B, H, T, T]``); cuDNN flash attention
-                would need ``implementation="cudnn"`` (half precision, padding as sequence lengths), not wired
-  ``auto``      ``chunked`` when ``T > attention_chunk``, else ``xla`` (``explicit`` with ``attn_logit_softcap``,
-                which ``jax.nn.dot_product_attention`` cannot apply; ``xla`` is refused with it)
+  ``xla``       ``jax.nn.dot_product_attention(implementation="xla")``: XLA's own einsum/softmax on every backend
+                (it too materialises ``[B, H, T, T]``); padding as a key mask
+  ``cudnn``     ``jax.nn.dot_product_attention(implementation="cudnn")``: cuDNN flash attention on GPUs, no
+                ``[B, H, T, T]`` tensor; padding as per-row lengths, so rows must be right-padded (every fusejax
+                batch is), the causal mask and the window as its own arguments. It serves neither soft-capped
+                scores nor ALiBi, computes in ``bfloat16`` or ``float16`` only, with ``head_dim`` a multiple of 8
+                up to 256 (128 before Hopper, which JAX checks when it compiles): :meth:`ModelConfig.cudnn_refusal`
+  ``auto``      ``cudnn`` on a GPU (``jax.default_backend() == "gpu"``) for a model it serves; else ``chunked``
+                when ``T > attention_chunk``, else ``xla`` (``explicit`` with ``attn_logit_softcap``, which
+                ``jax.nn.dot_product_attention`` cannot apply; ``xla`` and ``cudnn`` are refused with it)
 """
 
 from __future__ import annotations
@@ -87,7 +92,7 @@ MLPS = ("gated", "plain")  # gated: act(x W_gate) * (x W_up) (SwiGLU); plain: ac
 # Hugging Face activation names we implement (see transformer.ACTIVATIONS)
 ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTENTION_IMPLS = ("auto", "xla", "chunked", "explicit")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "chunked", "explicit")
 LAYER_TYPES = ("full_attention", "sliding_attention")  # Hugging Face names of per-layer attention kinds
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -209,6 +214,9 @@ class ModelConfig:
             raise ModelConfigError(f"ModelConfig.attention_impl='xla': jax.nn.dot_product_attention cannot "
                                    f"soft-cap scores (attn_logit_softcap={self.attn_logit_softcap}); use auto, "
                                    "chunked or explicit")
+        if self.attention_impl == "cudnn" and self.cudnn_refusal():
+            raise ModelConfigError(f"ModelConfig.attention_impl='cudnn': {self.cudnn_refusal()}; use auto, "
+                                   "chunked or explicit")
         if self.num_experts is not None and not 1 <= self.experts_per_token <= self.num_experts:
             raise ModelConfigError(
                 f"ModelConfig.experts_per_token={self.experts_per_token!r}: expected 1..num_experts={self.num_experts}"
@@ -234,6 +242,19 @@ class ModelConfig:
                                        f"rotary_dim // 2 = {self.rotary_dim // 2}")
         if s.rope_type == "dynamic" and self.rotary_dim <= 2:
             raise ModelConfigError(f"ModelConfig.rotary_dim={self.rotary_dim}: dynamic RoPE needs more than 2")
+
+    def cudnn_refusal(self) -> str | None:
+        """Why cuDNN flash attention (``attention_impl="cudnn"``) cannot serve this model, naming the field, or
+        None when it can (see :mod:`fusejax.models.config`)."""
+        if self.attn_logit_softcap is not None:
+            return f"attn_logit_softcap={self.attn_logit_softcap}: cuDNN cannot soft-cap scores"
+        if self.position == "alibi":
+            return "position='alibi': cuDNN would need ALiBi as a [H, T, T] bias"
+        if self.dtype not in ("bfloat16", "float16"):
+            return f"dtype={self.dtype!r}: cuDNN attention runs in bfloat16 or float16 only"
+        if self.head_dim % 8 or self.head_dim > 256:
+            return f"head_dim={self.head_dim}: cuDNN needs a multiple of 8, at most 256"
+        return None
 
     @property
     def padded_vocab_size(self) -> int:

@@ -136,13 +136,16 @@ class Transformer(nnx.Module):
         return constrain(logits, ("batch", "length", "vocab"), dict(self.rules))
 
     def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
-        """The decoder's output after the final norm: input_ids [B,T] int32 -> [B,T,D] in ``config.dtype``."""
+        """The decoder's output after the final norm: input_ids [B,T] int32 -> [B,T,D] in ``config.dtype``.
+        attention_mask [B,T] (1 = token) is right-padded, as every fusejax batch is (:mod:`fusejax.data`,
+        :mod:`fusejax.represent`, :mod:`fusejax.harness`): tokens sit at positions 0..T-1, and the cudnn
+        attention path reads only each row's length."""
         c = self.config
         B, T = input_ids.shape
         if c.position == "learned" and T > c.max_position_embeddings:
             raise ValueError(f"sequence length {T} exceeds max_position_embeddings={c.max_position_embeddings}")
         key_valid = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
-        # HF default positions 0..T-1 (right padding keeps them correct)
+        # HF default positions 0..T-1 (correct for right-padded rows)
         return self._decoder(input_ids, jnp.arange(T), T, key_valid)[0]
 
     def extend(self, input_ids: jax.Array, attention_mask: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
@@ -302,7 +305,9 @@ def _norm(c: ModelConfig, x: jax.Array, scale: jax.Array, bias: jax.Array | None
 
 class Visibility(NamedTuple):
     """Which keys a query may attend to: key s is a token (``key_valid`` [B, T] bool), s <= q, and, when this
-    layer's ``sliding`` flag (a scanned bool scalar) is set, q - s < ``config.sliding_window``."""
+    layer's ``sliding`` flag (a scanned bool scalar) is set, q - s < ``config.sliding_window``. ``key_valid``
+    is right-padded (a prefix of each row) in :meth:`Transformer.hidden_states`; in :meth:`Transformer.extend`
+    (left-padded rows in a KV cache) it is not, and attention there always takes the explicit path."""
 
     key_valid: jax.Array
     sliding: jax.Array
@@ -317,11 +322,17 @@ class Visibility(NamedTuple):
 
 
 def attention_impl(c: ModelConfig, T: int) -> str:
-    """The attention path ``_attention`` takes for sequences of ``T`` tokens: ``config.attention_impl``, or for
-    ``auto`` chunked when ``T > attention_chunk``, else ``xla``, or ``explicit`` for soft-capped scores (Gemma 2),
-    which ``jax.nn.dot_product_attention`` cannot compute (see :mod:`fusejax.models.config`)."""
+    """The attention path ``_attention`` takes for sequences of ``T`` tokens (see :mod:`fusejax.models.config`):
+    ``config.attention_impl``, or for ``auto`` cudnn on a GPU when :meth:`ModelConfig.cudnn_refusal` has no
+    objection, else chunked when ``T > attention_chunk``, else ``xla``, or ``explicit`` for soft-capped scores
+    (Gemma 2), which ``jax.nn.dot_product_attention`` cannot compute. ``cudnn`` asked off a GPU is a ValueError."""
+    backend = jax.default_backend()
+    if c.attention_impl == "cudnn" and backend != "gpu":
+        raise ValueError(f"ModelConfig.attention_impl='cudnn' needs a GPU; jax.default_backend() is {backend!r}")
     if c.attention_impl != "auto":
         return c.attention_impl
+    if backend == "gpu" and c.cudnn_refusal() is None:
+        return "cudnn"
     if T > c.attention_chunk:
         return "chunked"
     return "xla" if c.attn_logit_softcap is None else "explicit"
@@ -379,19 +390,27 @@ def _chunked_attention(c: ModelConfig, q, k, v, vis: Visibility, slopes) -> jax.
     return jnp.moveaxis(out, 0, 1).reshape(B, n * chunk, K, G, E)[:, :T]
 
 
-def _xla_attention(c: ModelConfig, q, k, v, vis: Visibility, slopes) -> jax.Array:
-    """``jax.nn.dot_product_attention`` (XLA's implementation) of q [B, T, K, G, E] -> [B, T, K, G, E]: causal,
-    padding as a [B, 1, 1, T] key mask, the sliding window as its ``local_window_size`` (both variants under
-    ``lax.cond`` when the flag varies by layer), ALiBi as its bias."""
+def _fused_attention(c: ModelConfig, q, k, v, vis: Visibility, slopes, implementation: str) -> jax.Array:
+    """``jax.nn.dot_product_attention`` of q [B, T, K, G, E] -> [B, T, K, G, E] with ``implementation`` ``xla``
+    or ``cudnn``: causal, the sliding window as its ``local_window_size`` (both variants under ``lax.cond`` when
+    the flag varies by layer), ALiBi as its bias (xla only). Padding: xla takes ``vis.key_valid`` as a
+    [B, 1, 1, T] key mask; cudnn takes no mask but per-row lengths (queries and keys), exact for right-padded
+    rows, the only ones :meth:`Transformer.hidden_states` takes (queries past a row's length give zeros)."""
     B, T, K, G, E = q.shape
     scale = c.head_dim**-0.5 if c.softmax_scale is None else c.softmax_scale
     pos = jnp.arange(T)
     bias = None if slopes is None else _alibi_bias(slopes, pos, pos)[None]
+    if implementation == "cudnn":
+        lengths = vis.key_valid.sum(-1, dtype=jnp.int32)
+        padding = dict(query_seq_lengths=lengths, key_value_seq_lengths=lengths)
+    else:
+        padding = dict(mask=vis.key_valid[:, None, None, :])
 
     def run(window: int | None):
         return jax.nn.dot_product_attention(
-            q.reshape(B, T, K * G, E), k, v, bias, vis.key_valid[:, None, None, :], scale=scale, is_causal=True,
-            local_window_size=None if window is None else (window - 1, 0)).reshape(B, T, K, G, E)
+            q.reshape(B, T, K * G, E), k, v, bias, scale=scale, is_causal=True,
+            local_window_size=None if window is None else (window - 1, 0), implementation=implementation,
+            **padding).reshape(B, T, K, G, E)
 
     sliding = set(c.sliding_layers)
     if sliding == {False}:
@@ -429,8 +448,8 @@ def _attention(c: ModelConfig, rules: dict, p: dict, h: jax.Array, vis: Visibili
         v = constrain(v, ("batch", "length", "kv_heads", "head_dim"), rules)
         cache = k, v
         out = _softmax_attention(c, q, k, v, start + jnp.arange(T), vis, slopes)
-    elif impl == "xla":
-        out = _xla_attention(c, q, k, v, vis, slopes)
+    elif impl in ("xla", "cudnn"):
+        out = _fused_attention(c, q, k, v, vis, slopes, impl)
     elif impl == "chunked":
         out = _chunked_attention(c, q, k, v, vis, slopes)
     else:
