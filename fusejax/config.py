@@ -212,10 +212,10 @@ class TrainConfig:
         "none", "rematerialization per layer: none, full (recompute all), dots (keep matmul outputs)"
     )
     attention_impl: Literal["auto", "xla", "cudnn", "chunked", "explicit"] = opt(
-        "auto", "attention path: xla (jax.nn.dot_product_attention), cudnn (its cuDNN flash attention: a GPU, "
-        "bfloat16, no soft-cap or ALiBi), chunked (blocks of attention_chunk queries, no [B, H, T, T] scores), "
-        "explicit; auto: cudnn on a GPU where it serves the model, else chunked when seq_len > attention_chunk, "
-        "else xla (explicit for soft-capped attention)")
+        "auto", "attention path: xla (jax.nn.dot_product_attention), cudnn (its cuDNN flash attention: an NVIDIA "
+        "GPU, bfloat16, no soft-cap or ALiBi), chunked (blocks of attention_chunk queries, no [B, H, T, T] scores), "
+        "explicit; auto: cudnn on an NVIDIA GPU where it serves the model, else chunked when seq_len > "
+        "attention_chunk, else xla (explicit for soft-capped attention)")
     attention_chunk: int = opt(512, "queries per block of the chunked attention path", POSITIVE)
     loss_chunk: int = opt(
         256, "positions of each sequence whose float32 logits the loss holds at once (never [B,T,V]); must divide "

@@ -16,6 +16,7 @@ import test_models
 from flax import nnx
 
 from fusejax.models import ModelConfig, ModelConfigError, Transformer
+from fusejax.models import transformer
 from fusejax.models.transformer import attention_impl
 
 LENGTHS = (13, 9, 5, 0)  # 13 queries: blocks of 4 leave a partial last block; the last row is all padding
@@ -107,26 +108,27 @@ def _assert_half_close(a, b, err_msg: str):
     np.testing.assert_allclose(a, b, rtol=0, atol=HALF_TOL * np.abs(b).max(), err_msg=err_msg)
 
 
-@pytest.mark.parametrize("backend,overrides,T,expected", [
+@pytest.mark.parametrize("where,overrides,T,expected", [
     ("cpu", {}, 8, "xla"),
     ("cpu", {}, 9, "chunked"),
     ("cpu", dict(attn_logit_softcap=5.0), 8, "explicit"),
     ("cpu", dict(attention_impl="explicit"), 9, "explicit"),
-    ("gpu", dict(dtype="bfloat16"), 9, "cudnn"),
-    ("gpu", dict(dtype="float16"), 8, "cudnn"),
-    ("gpu", dict(dtype="bfloat16", attention_impl="cudnn"), 9, "cudnn"),
-    ("gpu", dict(dtype="bfloat16", attention_impl="xla"), 8, "xla"),
-    ("gpu", {}, 8, "xla"),  # float32
-    ("gpu", {}, 9, "chunked"),
-    ("gpu", dict(dtype="bfloat16", attn_logit_softcap=5.0), 8, "explicit"),
-    ("gpu", dict(dtype="bfloat16", position="alibi"), 9, "chunked"),
-    ("gpu", dict(dtype="bfloat16", head_dim=12), 8, "xla"),
-    ("gpu", dict(dtype="bfloat16", head_dim=264), 8, "xla"),
+    ("cuda", dict(dtype="bfloat16"), 9, "cudnn"),
+    ("cuda", dict(dtype="float16"), 8, "cudnn"),
+    ("cuda", dict(dtype="bfloat16", attention_impl="cudnn"), 9, "cudnn"),
+    ("cuda", dict(dtype="bfloat16", attention_impl="xla"), 8, "xla"),
+    ("cuda", {}, 8, "xla"),  # float32
+    ("cuda", {}, 9, "chunked"),
+    ("cuda", dict(dtype="bfloat16", attn_logit_softcap=5.0), 8, "explicit"),
+    ("cuda", dict(dtype="bfloat16", position="alibi"), 9, "chunked"),
+    ("cuda", dict(dtype="bfloat16", head_dim=12), 8, "xla"),
+    ("cuda", dict(dtype="bfloat16", head_dim=264), 8, "xla"),
+    ("rocm", dict(dtype="bfloat16"), 9, "chunked"),
 ])
-def test_attention_impl_picks(monkeypatch, backend, overrides, T, expected):
-    """``auto`` takes cudnn only on a GPU and for a model cuDNN serves; else chunked beyond one block of
+def test_attention_impl_picks(monkeypatch, where, overrides, T, expected):
+    """``auto`` takes cudnn only on an NVIDIA GPU and for a model cuDNN serves; else chunked beyond one block of
     attention_chunk = 8 queries, else xla, or explicit for soft-capped scores; other settings stay as set."""
-    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    monkeypatch.setattr(transformer, "platform", lambda: where)
     assert attention_impl(test_models._tiny(attention_chunk=8, **overrides), T) == expected
 
 
@@ -142,10 +144,11 @@ def test_cudnn_refuses_what_it_cannot_serve(overrides, reason):
         test_models._tiny(**{"dtype": "bfloat16", "attention_impl": "cudnn", **overrides})
 
 
-def test_cudnn_needs_a_gpu(monkeypatch):
-    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    with pytest.raises(ValueError, match=re.escape("attention_impl='cudnn' needs a GPU; jax.default_backend() is "
-                                                   "'tpu'")):
+@pytest.mark.parametrize("where", ["tpu", "rocm"])
+def test_cudnn_needs_an_nvidia_gpu(monkeypatch, where):
+    monkeypatch.setattr(transformer, "platform", lambda: where)
+    with pytest.raises(ValueError, match=re.escape(f"attention_impl='cudnn' needs an NVIDIA GPU; this platform is "
+                                                   f"'{where}'")):
         attention_impl(test_models._tiny(dtype="bfloat16", attention_impl="cudnn"), 8)
 
 
@@ -165,15 +168,15 @@ def test_cudnn_arguments_are_the_explicit_paths(name, monkeypatch):
                            kwargs["query_seq_lengths"], kwargs["key_value_seq_lengths"])
         return real(*args, implementation="xla", **kwargs)
 
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(transformer, "platform", lambda: "cuda")
     monkeypatch.setattr(jax.nn, "dot_product_attention", recorded)
     out = _every_path(_config(name, dtype=HALF), ("explicit", "cudnn"), grads=False)
     assert lengths == [(list(LENGTHS), list(LENGTHS))] * _config(name).num_layers  # one call per layer
     _assert_half_close(_at_tokens(out["cudnn"][1]), _at_tokens(out["explicit"][1]), name)
 
 
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a GPU (and "
-                    "tests/conftest.py sets JAX_PLATFORMS=cpu)")
+@pytest.mark.skipif(transformer.platform() != "cuda", reason="cuDNN flash attention needs an NVIDIA GPU "
+                    "(JAX_PLATFORMS=cuda pytest -k on_gpu; tests/conftest.py defaults to cpu)")
 @pytest.mark.parametrize("name", CUDNN_CASES)
 def test_cudnn_agrees_with_explicit_on_gpu(name):
     """On a GPU: cuDNN flash attention and the explicit path, both in bfloat16, agree in logits at the real

@@ -44,8 +44,8 @@ scores of a batch of ``B`` sequences of ``T`` tokens):
                 batch is), the causal mask and the window as its own arguments. It serves neither soft-capped
                 scores nor ALiBi, computes in ``bfloat16`` or ``float16`` only, with ``head_dim`` a multiple of 8
                 up to 256 (128 before Hopper, which JAX checks when it compiles): :meth:`ModelConfig.cudnn_refusal`
-  ``auto``      ``cudnn`` on a GPU (``jax.default_backend() == "gpu"``) for a model it serves; else ``chunked``
-                when ``T > attention_chunk``, else ``xla`` (``explicit`` with ``attn_logit_softcap``, which
+  ``auto``      ``cudnn`` on an NVIDIA GPU (``transformer.platform() == "cuda"``) for a model it serves; else
+                ``chunked`` when ``T > attention_chunk``, else ``xla`` (``explicit`` with ``attn_logit_softcap``, which
                 ``jax.nn.dot_product_attention`` cannot apply; ``xla`` and ``cudnn`` are refused with it)
 """
 

@@ -321,17 +321,25 @@ class Visibility(NamedTuple):
         return allowed[None] & self.key_valid[:, None, :]
 
 
+def platform() -> str:
+    """``jax.default_backend()``, with a GPU named by its stack: ``cuda`` (NVIDIA, where cuDNN runs) or ``rocm``."""
+    backend = jax.default_backend()
+    if backend != "gpu":
+        return backend
+    return "rocm" if "rocm" in jax.devices()[0].client.platform_version.lower() else "cuda"
+
+
 def attention_impl(c: ModelConfig, T: int) -> str:
     """The attention path ``_attention`` takes for sequences of ``T`` tokens (see :mod:`fusejax.models.config`):
-    ``config.attention_impl``, or for ``auto`` cudnn on a GPU when :meth:`ModelConfig.cudnn_refusal` has no
-    objection, else chunked when ``T > attention_chunk``, else ``xla``, or ``explicit`` for soft-capped scores
-    (Gemma 2), which ``jax.nn.dot_product_attention`` cannot compute. ``cudnn`` asked off a GPU is a ValueError."""
-    backend = jax.default_backend()
-    if c.attention_impl == "cudnn" and backend != "gpu":
-        raise ValueError(f"ModelConfig.attention_impl='cudnn' needs a GPU; jax.default_backend() is {backend!r}")
+    ``config.attention_impl``, or for ``auto`` cudnn on an NVIDIA GPU when :meth:`ModelConfig.cudnn_refusal` has
+    no objection, else chunked when ``T > attention_chunk``, else ``xla``, or ``explicit`` for soft-capped scores
+    (Gemma 2), which ``jax.nn.dot_product_attention`` cannot compute. ``cudnn`` asked elsewhere is a ValueError."""
+    where = platform()
+    if c.attention_impl == "cudnn" and where != "cuda":
+        raise ValueError(f"ModelConfig.attention_impl='cudnn' needs an NVIDIA GPU; this platform is {where!r}")
     if c.attention_impl != "auto":
         return c.attention_impl
-    if backend == "gpu" and c.cudnn_refusal() is None:
+    if where == "cuda" and c.cudnn_refusal() is None:
         return "cudnn"
     if T > c.attention_chunk:
         return "chunked"
