@@ -102,7 +102,9 @@ def find_checkpoints(path: str | Path) -> tuple[Path, int | None]:
 def load_trained(path: str | Path, *, step: int | None = None, mesh=None, rules=None) -> tuple[Transformer, int, dict]:
     """``(model, step, meta)`` of checkpoint ``step`` (default: the latest, or the step folder given) of a run,
     checkpoints or step folder (see :func:`find_checkpoints`): only the parameters are restored, onto ``mesh``
-    (default: one device) by their logical axes under ``rules``; ``meta`` is the checkpoint's JSON metadata."""
+    (default: one device) by their logical axes under ``rules``; ``meta`` is the checkpoint's JSON metadata.
+    The model takes the attention path of the machine it runs on (``attention_impl="auto"``), not the training
+    machine's (e.g. ``cudnn``, which needs an NVIDIA GPU)."""
     folder, folder_step = find_checkpoints(path)
     if step is not None and folder_step is not None and step != folder_step:
         raise ValueError(f"step={step} given for the step folder {path}")
@@ -116,7 +118,8 @@ def load_trained(path: str | Path, *, step: int | None = None, mesh=None, rules=
         if step not in steps:
             raise FileNotFoundError(f"{folder}: no checkpoint for step {step}; available steps: {steps}")
         meta = read_meta(manager, step)
-        model = nnx.eval_shape(lambda: Transformer(ModelConfig(**meta["model"]), rngs=nnx.Rngs(0), rules=rules))
+        config = ModelConfig(**{**meta["model"], "attention_impl": "auto"})
+        model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0), rules=rules))
         abstract_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                        nnx.to_pure_dict(nnx.state(model)),
                                        nnx.to_pure_dict(model_shardings(model, mesh)))

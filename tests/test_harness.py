@@ -193,6 +193,23 @@ def test_fusejax_eval_runs_tasks_on_the_trained_checkpoint(run_config, scored, c
         assert tasks[model]["n-shot"]["fj_choice"] == 1
 
 
+def test_a_checkpoint_trained_with_cudnn_runs_here(folder, tmp_path):
+    """A run trained on a GPU with attention_impl=cudnn (bfloat16 compute) loads and runs on CPU: the loaded
+    model takes this machine's attention path, with the same logits as the model it was saved from."""
+    model = load_pretrained(folder)
+    manager = checkpoint_manager(tmp_path / "checkpoints")
+    trained_on_gpu = dataclasses.replace(model.config, dtype="bfloat16", attention_impl="cudnn")
+    save(manager, 3, nnx.to_pure_dict(nnx.state(model)), {"count": np.zeros((), np.int32)}, {
+        "step": 3, "data_position": 0, "seed": 0, "model": dataclasses.asdict(trained_on_gpu), "config": {}})
+    manager.wait_until_finished()
+    manager.close()
+    loaded, step, _ = load_trained(tmp_path)
+    assert step == 3 and loaded.config == trained_on_gpu.replace(attention_impl="auto")
+    ids = np.arange(2 * 9, dtype=np.int32).reshape(2, 9) % model.config.vocab_size
+    reference = load_pretrained(folder, compute_dtype="bfloat16")(ids)
+    np.testing.assert_array_equal(np.asarray(loaded(ids), np.float32), np.asarray(reference, np.float32))
+
+
 def test_path_may_be_a_training_run(run_config, folder):
     lm = FusejaxLM(path=str(run_config[1].parent / "train"))
     assert lm.tokenizer.name_or_path == str(folder) and lm.model.config == load_trained(
