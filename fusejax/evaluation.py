@@ -57,6 +57,7 @@ def block_domains(batches) -> list[str]:
     raise ValueError(f"store {store.path} (kind {store.kind!r}) has no 'doc_id' field to derive domains from")
 
 
+@functools.partial(nnx.jit, static_argnames="chunk")  # one compile per model architecture and batch shape
 def _row_sums(model, input_ids, attention_mask, labels, loss_mask, *, chunk: int):
     """Per row: summed next-token CE over scored positions [B] float32 and the number of them [B] int32.
 
@@ -100,7 +101,6 @@ def evaluate(model, batches, *, batch_size: int, max_batches: int | None = None,
         raise ValueError(f"evaluate: {len(domains)} domain labels for {n} rows")
     if chunk < 1:
         raise ValueError(f"evaluate: chunk must be >= 1, got {chunk}")
-    fn = nnx.jit(functools.partial(_row_sums, chunk=chunk))
     ce, tokens, n_bytes = np.zeros(n), np.zeros(n, np.int64), np.zeros(n, np.int64)
     for first in range(0, n, batch_size):
         real = np.arange(first, min(first + batch_size, n))
@@ -108,8 +108,9 @@ def evaluate(model, batches, *, batch_size: int, max_batches: int | None = None,
         rows = batches.rows(indices)
         keep = (np.arange(batch_size) < len(real)).astype(np.int32)
         loss_mask = np.asarray(rows["loss_mask"], np.int32) * keep[:, None]
-        sums, counts = fn(model, np.asarray(rows["input_ids"], np.int32), np.asarray(rows["attention_mask"], np.int32),
-                          np.asarray(rows["labels"], np.int32), loss_mask)
+        sums, counts = _row_sums(model, np.asarray(rows["input_ids"], np.int32),
+                                 np.asarray(rows["attention_mask"], np.int32), np.asarray(rows["labels"], np.int32),
+                                 loss_mask, chunk=chunk)
         ce[real] = np.asarray(sums, np.float64)[: len(real)]
         tokens[real] = np.asarray(counts)[: len(real)]
         n_bytes[real] = np.asarray(rows["n_bytes"])[: len(real)]
