@@ -3,7 +3,8 @@
 ``fusejax.plan.plan_training``, the step the trainer runs): per-device temporaries from XLA's memory analysis at
 several sequence lengths, against the size of one ``[B, H, T, T]`` float32 score tensor, and the time of a
 forward + backward pass at the shortest length, with ratios against the explicit path measured in this run.
-``--gpu`` computes in bfloat16 (cuDNN's precision) and needs a GPU: elsewhere it prints "needs a GPU" and exits 0.
+``--gpu`` computes in bfloat16 (cuDNN's precision) and needs an NVIDIA GPU: elsewhere it prints "needs a GPU" and
+exits 0.
 
 Usage: .venv/bin/python benchmarks/bench_attention.py [--seqs 1024 2048 4096 --hidden 256 --heads 8 --kv-heads 2
        --layers 2 --vocab 4096 --batch 1 --chunk 512 --steps 5 --gpu]
@@ -21,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from fusejax.config import TrainConfig
-from fusejax.models import ModelConfig, Transformer
+from fusejax.models import ModelConfig, Transformer, transformer
 from fusejax.plan import plan_training
 from fusejax.sharding import make_mesh
 
@@ -68,8 +69,8 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--gpu", action="store_true", help="bfloat16, with the cudnn path (needs a GPU)")
     args = parser.parse_args()
-    if args.gpu and jax.default_backend() != "gpu":
-        print(f"--gpu needs a GPU (cuDNN flash attention); jax.default_backend() is {jax.default_backend()!r}")
+    if args.gpu and transformer.platform() != "cuda":
+        print(f"--gpu needs a GPU (cuDNN flash attention: NVIDIA); this platform is {transformer.platform()!r}")
         return
     impls, dtype = (IMPLS + ("cudnn",), "bfloat16") if args.gpu else (IMPLS, "float32")
     model_config = ModelConfig(arch="llama", vocab_size=args.vocab, hidden_size=args.hidden,
