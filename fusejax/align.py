@@ -35,7 +35,7 @@ from fusejax.distributed import process_slice
 from fusejax.dtw import align_tokens
 from fusejax.files import write_json
 from fusejax.schema import (ALIGN_COUNTS, ALIGNED_KIND, CORPUS_KIND, TOPK_KIND, RunLayout, aligned_fields,
-                            check_existing, format_meta, open_checked, pack_tables)
+                            check_existing, format_meta, open_checked, pack_tables, unpack_tables)
 from fusejax.store import StoreError, StoreWriter, open_store
 from fusejax.vocab import Vocab, check_mode
 
@@ -417,6 +417,27 @@ def source_row(store, block_id: int, name: str, k: int) -> dict:
     return row
 
 
+def block_tables(row: dict, names: list[str], copied: dict, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every source's tables of one aligned-store ``row`` (``input_ids`` [m]): ``(table_ids [m, S, k] int32, -1
+    padded; table_logits [m, S, k] float32; token_ce [m, S] float32)`` for the S sources ``names``. The sources
+    in ``copied`` ({source position: its top-k store}: the target's own tokenizer) are read from their top-k
+    rows; the others are unpacked from the row. A copied row of another length: :class:`StoreError`."""
+    m, S = len(row["input_ids"]), len(names)
+    table_ids, table_logits = np.full((m, S, k), -1, np.int32), np.zeros((m, S, k), np.float32)
+    token_ce = np.zeros((m, S), np.float32)
+    stored = [n for n in range(S) if n not in copied]
+    table_ids[:, stored], table_logits[:, stored] = unpack_tables(row["table_counts"], row["table_ids"],
+                                                                  row["table_logits"], k)
+    token_ce[:, stored] = row["token_ce"]
+    for n, store in copied.items():
+        top = source_row(store, row["id"], names[n], k)
+        if len(top["input_ids"]) != m:
+            raise StoreError(f"{store.path}: block {row['id']} has {len(top['input_ids'])} input_ids; the "
+                             f"aligned store has {m} target tokens (source {names[n]!r})")
+        table_ids[:, n], table_logits[:, n], token_ce[:, n] = top["topk_ids"], top["topk_logits"], top["token_ce"]
+    return table_ids, table_logits, token_ce
+
+
 def run(cfg: Config) -> dict:
     """The ``fusejax align`` stage: every source's top-k store, aligned to the target's tokens, in one store.
 
@@ -488,24 +509,18 @@ def explain(cfg: Config, position: int = 0) -> dict:
     -1 padded), "source_ce" [S] or [T, S] float32 (the CE that ``train.ce_level`` and ``train.ce_unit`` have the
     fusion compare)}``; :func:`fusejax.fusion.fused_topk` of the tables gives the fused teacher.
     """
-    from fusejax.schema import unpack_tables
-
     aligner = BlockAligner(cfg, maps="require")
     if aligner.chat:
         raise ValueError(f"explain: {aligner.corpus.path} is a chat corpus; only plain-text blocks are explained")
     row = aligner.row(position)
-    tgt, t, k, S = row["input_ids"], aligner.target, aligner.k, len(aligner.names)
-    table_ids, table_logits = np.full((tgt.size, S, k), -1, np.int32), np.zeros((tgt.size, S, k), np.float32)
-    token_ce, paired = np.zeros((tgt.size, S), np.float32), [[None] * S for _ in range(tgt.size)]
-    aligned = [n for n in range(S) if n not in aligner.copied]
-    table_ids[:, aligned], table_logits[:, aligned] = unpack_tables(row["table_counts"], row["table_ids"],
-                                                                    row["table_logits"], k)
-    token_ce[:, aligned] = row["token_ce"]
+    tgt, t, S = row["input_ids"], aligner.target, len(aligner.names)
+    copied = {n: aligner.stores[n] for n in aligner.copied}
+    table_ids, table_logits, token_ce = block_tables(row, aligner.names, copied, aligner.k)
+    paired = [[None] * S for _ in range(tgt.size)]
     for n, (name, s, store) in enumerate(zip(aligner.names, aligner.vocabs, aligner.stores)):
-        top = source_row(store, row["id"], name, k)
-        if n in aligner.copied:
+        top = source_row(store, row["id"], name, aligner.k)
+        if n in copied:
             partner = np.arange(tgt.size)
-            table_ids[:, n], table_logits[:, n], token_ce[:, n] = top["topk_ids"], top["topk_logits"], top["token_ce"]
         else:
             partner = align_tokens(s, np.asarray(top["input_ids"], np.int64), t, tgt, mode=aligner.mode)
         for i, j in enumerate(partner.tolist()):

@@ -27,9 +27,9 @@ from typing import Protocol
 import numpy as np
 
 from fusejax import chat
-from fusejax.align import BlockAligner, source_row
+from fusejax.align import BlockAligner, block_tables
 from fusejax.schema import (ALIGNED_KIND, CE_FIELDS, CORPUS_KIND, IGNORE_LABEL, SPLITS, TOPK_KIND, RunLayout,
-                            empty_rows, open_checked, row_layout, unpack_tables)
+                            empty_rows, open_checked, row_layout)
 from fusejax.store import StoreError
 from fusejax.tokenizer import encode_block
 
@@ -112,7 +112,6 @@ class AlignedBatches:
             raise ValueError(f"{where}: no {split!r} blocks without a skip flag")
         self.sources = list(sources)
         self.num_sources, self.k, self.copied = len(self.sources), k, copied
-        self.aligned = [n for n in range(self.num_sources) if n not in copied]  # sources with stored tables
         self.layout = row_layout(seq_len, self.num_sources, k, ce_level)
 
     def _blocks(self, positions: np.ndarray) -> list[dict]:
@@ -130,18 +129,8 @@ class AlignedBatches:
                 raise ValueError(f"block {row['id']} has {m} target tokens, more than train.seq_len={T}")
             out["input_ids"][b, :m] = row["input_ids"]
             out["attention_mask"][b, :m] = 1
-            table_ids, table_logits = out["table_ids"][b, :m], out["table_logits"][b, :m]  # views [m, S, k]
-            table_ids[:, self.aligned], table_logits[:, self.aligned] = unpack_tables(
-                row["table_counts"], row["table_ids"], row["table_logits"], self.k)
-            token_ce = np.zeros((m, self.num_sources), np.float32)
-            token_ce[:, self.aligned] = row["token_ce"]
-            for n, store in self.copied.items():
-                top = source_row(store, row["id"], self.sources[n], self.k)
-                if len(top["input_ids"]) != m:
-                    raise StoreError(f"{store.path}: block {row['id']} has {len(top['input_ids'])} input_ids; the "
-                                     f"aligned store has {m} target tokens (source {self.sources[n]!r})")
-                table_ids[:, n], table_logits[:, n] = top["topk_ids"], top["topk_logits"]
-                token_ce[:, n] = top["token_ce"]
+            out["table_ids"][b, :m], out["table_logits"][b, :m], token_ce = block_tables(
+                row, self.sources, self.copied, self.k)
             out["n_bytes"][b] = row["n_bytes"]
             if "scored" in row:  # a chat block: only the assistant's tokens are scored
                 scored[b, :m] = row["scored"]
