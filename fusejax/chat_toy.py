@@ -25,13 +25,13 @@ import shutil
 import sys
 from pathlib import Path
 
-from fusejax.config import Config, config_to_dict, load_config
+from fusejax.config import CONFIGS, Config, config_to_dict, load_config
 from fusejax.files import write_json
 from fusejax.schema import RunLayout
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "chat-toy.yaml"
+DEFAULT_CONFIG = CONFIGS / "chat-toy.yaml"
 MULTI = "multi"  # folder of the single-run multi-source fusion, beside pairs/ and merge/
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

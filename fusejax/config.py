@@ -33,6 +33,10 @@ import yaml
 from fusejax.files import atomic_write
 
 RESOLVED_NAME = "config.resolved.yaml"
+# The shipped YAML files (demo, study, mesh presets): ``configs/`` beside the package in a source checkout,
+# ``fusejax/configs/`` inside an installed wheel (pyproject.toml maps the one onto the other).
+_PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+CONFIGS = _PACKAGED_CONFIGS if _PACKAGED_CONFIGS.is_dir() else _PACKAGED_CONFIGS.parents[1] / "configs"
 _SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 
 

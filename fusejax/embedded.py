@@ -41,13 +41,13 @@ import sys
 import time
 from pathlib import Path
 
-from fusejax.config import Config
+from fusejax.config import CONFIGS, Config
 from fusejax.files import write_json
 from fusejax.schema import SUMMARY, TENSORBOARD, RunLayout
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "embedded.yaml"
+DEFAULT_CONFIG = CONFIGS / "embedded.yaml"
 ASSET_VERSION = 1  # bump to rebuild every cached model
 DOMAINS = ("prose", "code")
 

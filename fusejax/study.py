@@ -35,12 +35,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fusejax.config import Config
+from fusejax.config import CONFIGS, Config
 from fusejax.schema import RunLayout
 
 log = logging.getLogger(__name__)
 
-STUDY_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "study"
+STUDY_CONFIGS = CONFIGS / "study"
 SAME_ARCH_CONFIG = STUDY_CONFIGS / "same_arch" / "fusellm.yaml"
 
 
