@@ -417,11 +417,14 @@ def source_row(store, block_id: int, name: str, k: int) -> dict:
     return row
 
 
-def block_tables(row: dict, names: list[str], copied: dict, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def block_tables(row: dict, names: list[str], copied: dict, k: int, *, ce_level: str,
+                 ce_unit: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every source's tables of one aligned-store ``row`` (``input_ids`` [m]): ``(table_ids [m, S, k] int32, -1
-    padded; table_logits [m, S, k] float32; token_ce [m, S] float32)`` for the S sources ``names``. The sources
-    in ``copied`` ({source position: its top-k store}: the target's own tokenizer) are read from their top-k
-    rows; the others are unpacked from the row. A copied row of another length: :class:`StoreError`."""
+    padded; table_logits [m, S, k] float32; source_ce)`` for the S sources ``names``, where ``source_ce`` is
+    the CE the fusion compares (``train.ce_level`` / ``train.ce_unit``): the token CE [m, S] float32 for
+    "token", else the row's ``byte_ce`` (unit "byte") or ``seq_ce`` [S]. The sources in ``copied`` ({source
+    position: its top-k store}: the target's own tokenizer) are read from their top-k rows; the others are
+    unpacked from the row. A copied row of another length: :class:`StoreError`."""
     m, S = len(row["input_ids"]), len(names)
     table_ids, table_logits = np.full((m, S, k), -1, np.int32), np.zeros((m, S, k), np.float32)
     token_ce = np.zeros((m, S), np.float32)
@@ -435,7 +438,9 @@ def block_tables(row: dict, names: list[str], copied: dict, k: int) -> tuple[np.
             raise StoreError(f"{store.path}: block {row['id']} has {len(top['input_ids'])} input_ids; the "
                              f"aligned store has {m} target tokens (source {names[n]!r})")
         table_ids[:, n], table_logits[:, n], token_ce[:, n] = top["topk_ids"], top["topk_logits"], top["token_ce"]
-    return table_ids, table_logits, token_ce
+    if ce_level == "token":
+        return table_ids, table_logits, token_ce
+    return table_ids, table_logits, np.asarray(row["byte_ce"] if ce_unit == "byte" else row["seq_ce"], np.float32)
 
 
 def run(cfg: Config) -> dict:
@@ -515,7 +520,8 @@ def explain(cfg: Config, position: int = 0) -> dict:
     row = aligner.row(position)
     tgt, t, S = row["input_ids"], aligner.target, len(aligner.names)
     copied = {n: aligner.stores[n] for n in aligner.copied}
-    table_ids, table_logits, token_ce = block_tables(row, aligner.names, copied, aligner.k)
+    table_ids, table_logits, source_ce = block_tables(row, aligner.names, copied, aligner.k,
+                                                      ce_level=cfg.train.ce_level, ce_unit=cfg.train.ce_unit)
     paired = [[None] * S for _ in range(tgt.size)]
     for n, (name, s, store) in enumerate(zip(aligner.names, aligner.vocabs, aligner.stores)):
         top = source_row(store, row["id"], name, aligner.k)
@@ -525,9 +531,5 @@ def explain(cfg: Config, position: int = 0) -> dict:
             partner = align_tokens(s, np.asarray(top["input_ids"], np.int64), t, tgt, mode=aligner.mode)
         for i, j in enumerate(partner.tolist()):
             paired[i][n] = s.tokens[top["input_ids"][j]] if j >= 0 else None
-    if cfg.train.ce_level == "token":
-        source_ce = token_ce
-    else:
-        source_ce = row["byte_ce"] if cfg.train.ce_unit == "byte" else row["seq_ce"]
     return {"sources": list(aligner.names), "target": [t.tokens[i] for i in tgt.tolist()], "paired": paired,
-            "table_ids": table_ids, "table_logits": table_logits, "source_ce": np.asarray(source_ce, np.float32)}
+            "table_ids": table_ids, "table_logits": table_logits, "source_ce": source_ce}

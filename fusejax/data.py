@@ -129,15 +129,15 @@ class AlignedBatches:
                 raise ValueError(f"block {row['id']} has {m} target tokens, more than train.seq_len={T}")
             out["input_ids"][b, :m] = row["input_ids"]
             out["attention_mask"][b, :m] = 1
-            out["table_ids"][b, :m], out["table_logits"][b, :m], token_ce = block_tables(
-                row, self.sources, self.copied, self.k)
+            out["table_ids"][b, :m], out["table_logits"][b, :m], source_ce = block_tables(
+                row, self.sources, self.copied, self.k, ce_level=self.ce_level, ce_unit=self.ce_unit)
             out["n_bytes"][b] = row["n_bytes"]
             if "scored" in row:  # a chat block: only the assistant's tokens are scored
                 scored[b, :m] = row["scored"]
             if self.ce_level == "token":
-                ce[b, :m] = token_ce
+                ce[b, :m] = source_ce
             else:
-                ce[b] = row["byte_ce"] if self.ce_unit == "byte" else row["seq_ce"]
+                ce[b] = source_ce
         out.update(next_token_targets(out["input_ids"], out["attention_mask"], scored))
         return out
 
