@@ -253,6 +253,16 @@ GEMMA3_ROPE = CASES["gemma3_text"][2]["rope_parameters"]
      r"field 'rope_parameters.full_attention'=.* is not supported by fusejax \(rope_type 'mrope'"),
     ("gemma3_text", dict(rope_parameters=None, rope_scaling={"rope_type": "linear"}),
      r"field 'rope_scaling': required field 'factor' is missing"),
+    # transformers' classes of these families rotate every dimension, whatever partial_rotary_factor says
+    ("llama_linear", dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}),
+     r"field 'rope_parameters.partial_rotary_factor'=0.5 is not supported by fusejax \(transformers' llama class "
+     r"rotates every dimension"),
+    ("qwen2_window", dict(rope_parameters=None, rope_theta=1e4, partial_rotary_factor=0.5),
+     r"field 'partial_rotary_factor'=0.5 is not supported by fusejax \(transformers' qwen2 class"),
+    ("gemma2", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.25}),
+     r"field 'rope_parameters.partial_rotary_factor'=0.25 is not supported by fusejax \(transformers' gemma2"),
+    ("gemma2", dict(query_pre_attn_scalar=0), r"field 'query_pre_attn_scalar'=0.0: expected a number > 0"),
+    ("gemma3_text", dict(query_pre_attn_scalar=-4), r"field 'query_pre_attn_scalar'=-4.0: expected a number > 0"),
 ])
 def test_bad_new_config_fields_name_file_and_field(tmp_path, name, changes, match):
     _write(tmp_path, name, **changes)
@@ -262,6 +272,9 @@ def test_bad_new_config_fields_name_file_and_field(tmp_path, name, changes, matc
 
 @pytest.mark.parametrize("name,changes,match", [
     ("gemma2", dict(qk_norm=True), r"ModelConfig.qk_norm=True: model_type 'gemma2' needs False"),
+    ("llama_linear", dict(rotary_dim=8), r"ModelConfig.rotary_dim=8: model_type 'llama' needs 16"),
+    ("mixtral", dict(rotary_dim=8), r"ModelConfig.rotary_dim=8: model_type 'mixtral' needs 16"),
+    ("mpt_expansion_ratio_2", dict(alibi_bias_max=4), r"ModelConfig.alibi_bias_max=4: model_type 'mpt' needs 8"),
     ("gemma3_text", dict(rope_local_theta=None), r"ModelConfig.rope_local_theta=None with rope_scaling="),
     ("llama_linear", dict(final_logit_softcap=30.0), r"ModelConfig.final_logit_softcap=30.0: model_type 'llama' "),
     ("mixtral", dict(num_experts=None), r"ModelConfig.num_experts=None: model_type 'mixtral' needs experts"),
@@ -270,6 +283,28 @@ def test_export_refuses_what_the_family_cannot_express(tmp_path, name, changes, 
     config = read_config(_write(tmp_path, name)).replace(**changes)
     with pytest.raises(ModelConfigError, match=match):
         config.to_hf()
+
+
+# the fields a config.json may leave out, which each family's transformers class fills with its own defaults
+DEFAULTED = ("max_position_embeddings", "num_key_value_heads", "head_dim", "rope_parameters", "rope_theta",
+             "rms_norm_eps", "sliding_window", "original_max_position_embeddings")
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "mixtral", "qwen2", "qwen3", "phi3", "gemma2",
+                                        "gemma3_text"])
+def test_absent_fields_take_the_defaults_of_the_family_as_transformers_does(tmp_path, model_type):
+    """A config.json with only the sizes: our config against the one transformers reads from the same file."""
+    sizes = dict(model_type=model_type, vocab_size=100, hidden_size=512, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=32)
+    (tmp_path / "config.json").write_text(json.dumps(sizes))
+    theirs, ours = transformers.AutoConfig.from_pretrained(tmp_path), read_config(tmp_path)
+    rope = theirs.rope_parameters.get("full_attention", theirs.rope_parameters)
+    head_dim = getattr(theirs, "head_dim", None) or theirs.hidden_size // theirs.num_attention_heads
+    assert (ours.max_position_embeddings, ours.num_kv_heads, ours.head_dim, ours.norm_eps) == (
+        theirs.max_position_embeddings, theirs.num_key_value_heads, head_dim, theirs.rms_norm_eps)
+    assert (ours.rope_theta, ours.rotary_dim) == (rope["rope_theta"], head_dim)
+    assert ours.sliding_window == (theirs.sliding_window if any(ours.sliding_layers) else None)
+    assert not set(DEFAULTED) & set(sizes)
 
 
 def _edit_tensors(folder, edit):

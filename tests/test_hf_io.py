@@ -4,6 +4,7 @@ import copy
 import json
 import pickle
 import shutil
+import warnings
 
 import jax.numpy as jnp
 import numpy as np
@@ -59,6 +60,7 @@ def test_missing_safetensors(ckpt):
 
 
 def test_index_lists_missing_file(ckpt):
+    (ckpt / "model.safetensors").unlink()
     index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors"}}
     (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
     match = r"index\.json: lists model-00001-of-00002\.safetensors, which is missing"
@@ -191,9 +193,17 @@ def test_model_config_refuses_zero_sizes():
             ModelConfig(**base, **{field: 0})
 
 
+def test_a_gemma_model_config_names_its_model_type():
+    """arch 'gemma' is two Hugging Face model types; without one of them the config could not be saved."""
+    with pytest.raises(ModelConfigError, match=r"ModelConfig.model_type=None: arch 'gemma' needs one of "
+                                               r"\['gemma2', 'gemma3_text'\]"):
+        ModelConfig(arch="gemma", vocab_size=100, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2)
+
+
 @pytest.mark.parametrize("field,value", [
     ("attn_config.clip_qkv", 6.0), ("attn_config.qk_ln", True), ("attn_config.prefix_lm", True),
     ("attn_config.alibi", False), ("logit_scale", 0.5), ("no_bias", False),
+    ("attn_config.alibi_bias_max", 4),  # transformers' MPT always uses 8
 ])
 def test_unsupported_mpt_options(tmp_path, field, value):
     config = transformers.MptConfig(d_model=32, n_heads=4, n_layers=1, vocab_size=100).to_dict()
@@ -254,6 +264,81 @@ def test_sharded_save_and_load(hf_llama, tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(out)
     for name, p in model.state_dict().items():
         np.testing.assert_array_equal(hf.state_dict()[name].numpy(), p.numpy(), err_msg=name)
+
+
+def test_a_folder_with_both_forms_is_read_as_transformers_reads_it(hf_llama, tmp_path):
+    """model.safetensors beside an index and its shards: transformers reads model.safetensors, and so do we."""
+    folder, model = hf_llama
+    torch.manual_seed(1)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).save_pretrained(tmp_path, max_shard_size="20KB")
+    shutil.copy(folder / "model.safetensors", tmp_path / "model.safetensors")
+    ids = np.arange(3, 19)[None]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        ref = hf(torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(load_pretrained(tmp_path)(jnp.asarray(ids)))[..., :130], ref, atol=1e-4)
+
+
+def test_a_switch_to_shards_cut_short_leaves_no_stale_single_file(hf_llama, tmp_path, monkeypatch):
+    """Saving shards over a single-file folder: the old model.safetensors, which would be read before the new
+    index, is gone before the index is written."""
+    from fusejax.models import hf_io
+
+    ours = load_pretrained(hf_llama[0])
+    save_pretrained(ours, tmp_path)
+    real = hf_io.atomic_write
+
+    def cut_at_index(path, data):
+        if path.name == "model.safetensors.index.json":
+            raise KeyboardInterrupt
+        return real(path, data)
+
+    monkeypatch.setattr(hf_io, "atomic_write", cut_at_index)
+    with pytest.raises(KeyboardInterrupt):
+        save_pretrained(ours, tmp_path, max_shard_bytes=20_000)
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.bool_])
+def test_a_weight_that_is_not_floating_point_is_refused(ckpt, dtype):
+    tensors = load_file(ckpt / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj.weight"
+    tensors[name] = (tensors[name] * 1000).astype(dtype)
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    tag = "I32" if dtype is np.int32 else "BOOL"
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor '{name}' has dtype {tag}; model weights "
+                                              "must be floating point"):
+        load_pretrained(ckpt)
+
+
+def test_tied_config_over_a_distinct_output_projection_loads_untied_as_transformers_does(hf_llama, tmp_path):
+    """config.json says tie_word_embeddings, but the folder holds an lm_head.weight of its own: transformers
+    keeps it (untied); we do the same, with a warning, and export the model untied."""
+    folder, model = hf_llama
+    ckpt = shutil.copytree(folder, tmp_path / "ckpt")
+    _edit_config(ckpt, tie_word_embeddings=True)
+    ids = np.arange(3, 19)[None]
+    with torch.no_grad():
+        ref = transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()(torch.from_numpy(ids)).logits.numpy()
+    with pytest.warns(UserWarning, match=r"ties the embeddings, but 'lm_head\.weight' differs from "
+                                         r"'model\.embed_tokens\.weight'; loading them untied"):
+        ours = load_pretrained(ckpt)
+    assert not ours.config.tie_embeddings
+    np.testing.assert_allclose(np.asarray(ours(jnp.asarray(ids)))[..., :130], ref, atol=1e-4)
+    save_pretrained(ours, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+def test_tied_config_with_an_equal_output_projection_stays_tied(hf_llama, tmp_path):
+    folder, _ = hf_llama
+    ckpt = shutil.copytree(folder, tmp_path / "ckpt")
+    _edit_config(ckpt, tie_word_embeddings=True)
+    tensors = load_file(ckpt / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].copy()
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_pretrained(ckpt).config.tie_embeddings
 
 
 def test_loads_hf_sharded_checkpoint(hf_llama, tmp_path):

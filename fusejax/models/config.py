@@ -166,6 +166,9 @@ class ModelConfig:
         check("dtype", self.dtype, DTYPES)
         check("param_dtype", self.param_dtype, DTYPES)
         if self.model_type is None:
+            if self.arch not in HF_MODEL_TYPES:
+                raise ModelConfigError(f"ModelConfig.model_type=None: arch {self.arch!r} needs one of "
+                                       f"{sorted(t for t, a in HF_MODEL_TYPES.items() if a == self.arch)}")
             object.__setattr__(self, "model_type", self.arch)
         elif HF_MODEL_TYPES.get(self.model_type) != self.arch:
             raise ModelConfigError(f"ModelConfig.model_type={self.model_type!r} is not a {self.arch!r} model type")
@@ -350,20 +353,29 @@ class _Reader:
         return value
 
 
-def _rope(r: _Reader, head_dim: int, default_partial: float, v4_theta: str, v4_partial: str,
-          aliases: Mapping[str, str] | None = None, original_max: int | None = None) -> dict[str, Any]:
-    """rope_theta, rotary_dim and rope_scaling from v5 ``rope_parameters`` or v4 fields (``rope_theta``,
-    ``rope_scaling``...). ``aliases``, ``original_max``: see :func:`_rope_scaling`."""
+def _rope(r: _Reader, head_dim: int, *, theta: float = 10000.0, v4_theta: str = "rope_theta",
+          partial: tuple[str, float] | None = None, aliases: Mapping[str, str] | None = None,
+          original_max: int | None = None) -> dict[str, Any]:
+    """rope_theta, rotary_dim and rope_scaling from v5 ``rope_parameters`` or v4 fields (``v4_theta``,
+    ``rope_scaling``...); ``theta``: the family's default base. ``partial``: (v4 field, default) of the partial
+    rotary factor of a family whose transformers class rotates only part of each head (Phi-3, GPT-NeoX); None:
+    the class rotates every dimension and ignores the factor, so a factor other than 1 is refused.
+    ``aliases``, ``original_max``: see :func:`_rope_scaling`."""
     params = dict(r.get("rope_parameters", {}, dict))
     scaling = r.get("rope_scaling", None, dict)
     if scaling is not None:  # v4 layout: rope_scaling holds only the scaling part
         params = {**scaling, **params}
     field = "rope_scaling" if scaling is not None and r.config.get("rope_parameters") is None else "rope_parameters"
-    theta = r.get("rope_theta", None, float, within=params)
-    theta = r.get(v4_theta, 10000.0, float) if theta is None else theta
-    partial = r.get("partial_rotary_factor", None, float, within=params)
-    partial = r.get(v4_partial, default_partial, float) if partial is None else partial
-    return {"position": "rope", "rope_theta": theta, "rotary_dim": int(head_dim * partial),
+    read_theta = r.get("rope_theta", None, float, within=params)
+    theta = r.get(v4_theta, theta, float) if read_theta is None else read_theta
+    v4_partial, default_partial = partial or ("partial_rotary_factor", 1.0)
+    factor_field = f"{field}.partial_rotary_factor" if "partial_rotary_factor" in params else v4_partial
+    factor = r.get("partial_rotary_factor", None, float, within=params)
+    factor = r.get(v4_partial, default_partial, float) if factor is None else factor
+    if partial is None and factor != 1.0:
+        raise r.unsupported(factor_field, factor, f" (transformers' {r.config['model_type']} class rotates every "
+                            "dimension of a head and ignores it)")
+    return {"position": "rope", "rope_theta": theta, "rotary_dim": int(head_dim * factor),
             "rope_scaling": _rope_scaling(r, params, field, aliases, original_max)}
 
 
@@ -416,15 +428,16 @@ def _read_sizes(r: _Reader, *, kv_heads: int | None, head_dim: int | None, max_p
     )
 
 
-def _llama(r: _Reader, *, head_dim: int | None = None, norm_eps: float = 1e-6, **rope) -> dict[str, Any]:
-    """The fields every Llama-style family shares; ``head_dim``, ``norm_eps``: the family's defaults; ``rope``:
-    options of :func:`_rope`."""
-    sizes = _read_sizes(r, kv_heads=None, head_dim=head_dim, max_positions=2048, norm_eps=norm_eps)
+def _llama(r: _Reader, *, kv_heads: int | None = None, head_dim: int | None = None, max_positions: int = 2048,
+           norm_eps: float = 1e-6, **rope) -> dict[str, Any]:
+    """The fields every Llama-style family shares; keyword arguments: the family's defaults for absent fields
+    (see :func:`_read_sizes`), ``rope``: options of :func:`_rope`."""
+    sizes = _read_sizes(r, kv_heads=kv_heads, head_dim=head_dim, max_positions=max_positions, norm_eps=norm_eps)
     return dict(
         arch="llama",
         **sizes,
         norm="rms",
-        **_rope(r, sizes["head_dim"], 1.0, "rope_theta", "partial_rotary_factor", **rope),
+        **_rope(r, sizes["head_dim"], **rope),
         mlp="gated",
         activation=r.activation("hidden_act", "silu"),
         tie_embeddings=r.get("tie_word_embeddings", False, bool),
@@ -437,7 +450,7 @@ def _llama_family(r: _Reader) -> dict[str, Any]:
 
 def _mistral(r: _Reader) -> dict[str, Any]:
     """No bias options; its own default window is 4096 when the field is absent."""
-    return dict(_llama(r), sliding_window=r.nullable("sliding_window", 4096, int))
+    return dict(_llama(r, kv_heads=8, max_positions=131072), sliding_window=r.nullable("sliding_window", 4096, int))
 
 
 def _mixtral(r: _Reader) -> dict[str, Any]:
@@ -445,7 +458,8 @@ def _mixtral(r: _Reader) -> dict[str, Any]:
     jitter = r.get("router_jitter_noise", 0.0, float)
     if jitter:
         raise r.unsupported("router_jitter_noise", jitter, " (only 0.0)")
-    return dict(_llama(r, norm_eps=1e-5), sliding_window=r.get("sliding_window", None, int),
+    return dict(_llama(r, kv_heads=8, max_positions=131072, norm_eps=1e-5, theta=1e6),
+                sliding_window=r.get("sliding_window", None, int),
                 num_experts=r.get("num_local_experts", 8, int), experts_per_token=r.get("num_experts_per_tok", 2, int))
 
 
@@ -464,18 +478,20 @@ def _qwen_window(r: _Reader) -> dict[str, Any]:
 
 
 def _qwen2(r: _Reader) -> dict[str, Any]:
-    return dict(_llama(r), attention_bias=True, attention_out_bias=False, **_qwen_window(r))
+    return dict(_llama(r, kv_heads=32, max_positions=32768), attention_bias=True, attention_out_bias=False,
+                **_qwen_window(r))
 
 
 def _qwen3(r: _Reader) -> dict[str, Any]:
-    return dict(_llama(r, head_dim=128), attention_bias=r.get("attention_bias", False, bool), qk_norm=True,
-                **_qwen_window(r))
+    return dict(_llama(r, kv_heads=32, head_dim=128, max_positions=32768),
+                attention_bias=r.get("attention_bias", False, bool), qk_norm=True, **_qwen_window(r))
 
 
 def _phi3(r: _Reader) -> dict[str, Any]:
     """Old rope types ``su`` and ``yarn`` mean LongRoPE; ``original_max_position_embeddings`` is a top-level field
     (default 4096); the window, when set, is on every layer."""
-    fields = _llama(r, norm_eps=1e-5, aliases={"su": "longrope", "yarn": "longrope"},
+    fields = _llama(r, max_positions=4096, norm_eps=1e-5, partial=("partial_rotary_factor", 1.0),
+                    aliases={"su": "longrope", "yarn": "longrope"},
                     original_max=r.get("original_max_position_embeddings", 4096, int))
     scaling = fields.get("rope_scaling")
     if scaling is not None and scaling.rope_type != "longrope":
@@ -499,7 +515,7 @@ def _gemma(r: _Reader, *, max_positions: int, pattern: int) -> dict[str, Any]:
         arch="gemma",
         **sizes,
         norm="rms_plus_one",
-        softmax_scale=r.get("query_pre_attn_scalar", 256, float) ** -0.5,
+        softmax_scale=_query_pre_attn_scalar(r) ** -0.5,
         mlp="gated",
         activation=r.activation("hidden_activation", "gelu_pytorch_tanh"),
         attention_bias=r.get("attention_bias", False, bool),
@@ -511,10 +527,18 @@ def _gemma(r: _Reader, *, max_positions: int, pattern: int) -> dict[str, Any]:
     )
 
 
+def _query_pre_attn_scalar(r: _Reader) -> float:
+    """Gemma's ``query_pre_attn_scalar`` (scores are scaled by its inverse square root): a number > 0."""
+    scalar = r.get("query_pre_attn_scalar", 256, float)
+    if not scalar > 0:
+        raise ModelConfigError(f"{r.source}: field 'query_pre_attn_scalar'={scalar!r}: expected a number > 0")
+    return scalar
+
+
 def _gemma2(r: _Reader) -> dict[str, Any]:
     """One RoPE for all layers; soft-capped attention scores and logits."""
     fields = _gemma(r, max_positions=8192, pattern=2)
-    return dict(fields, **_rope(r, fields["head_dim"], 1.0, "rope_theta", "partial_rotary_factor"),
+    return dict(fields, **_rope(r, fields["head_dim"]),
                 attn_logit_softcap=r.nullable("attn_logit_softcapping", 50.0, float),
                 final_logit_softcap=r.nullable("final_logit_softcapping", 30.0, float))
 
@@ -559,7 +583,7 @@ def _gpt_neox(r: _Reader) -> dict[str, Any]:
         norm="layer",
         norm_eps=r.get("layer_norm_eps", 1e-5, float),
         norm_bias=True,
-        **_rope(r, hidden // heads, 0.25, "rotary_emb_base", "rotary_pct"),
+        **_rope(r, hidden // heads, v4_theta="rotary_emb_base", partial=("rotary_pct", 0.25)),
         parallel_residual=r.get("use_parallel_residual", True, bool),
         mlp="plain",
         activation=r.activation("hidden_act", "gelu"),
@@ -578,10 +602,15 @@ _MPT_ATTN_DEFAULTS = {
     "attn_uses_sequence_id": False,
     "alibi": True,
 }
+_MPT_ALIBI_BIAS_MAX = 8  # the only value transformers' MPT uses (it never reads attn_config.alibi_bias_max)
 
 
 def _mpt(r: _Reader) -> dict[str, Any]:
     attn = r.get("attn_config", {}, dict)
+    bias_max = r.get("alibi_bias_max", _MPT_ALIBI_BIAS_MAX, int, within=attn)
+    if bias_max != _MPT_ALIBI_BIAS_MAX:
+        raise r.unsupported("attn_config.alibi_bias_max", bias_max, f" (transformers' MptForCausalLM always uses "
+                            f"{_MPT_ALIBI_BIAS_MAX}, whatever the field says)")
     for key, supported in _MPT_ATTN_DEFAULTS.items():
         if attn.get(key, supported) != supported:
             raise r.unsupported(f"attn_config.{key}", attn[key], f" (only {supported!r})")
@@ -601,7 +630,7 @@ def _mpt(r: _Reader) -> dict[str, Any]:
         norm_eps=r.get("layer_norm_epsilon", 1e-5, float),
         norm_bias=False,
         position="alibi",
-        alibi_bias_max=r.get("alibi_bias_max", 8, int, within=attn),
+        alibi_bias_max=_MPT_ALIBI_BIAS_MAX,
         softmax_scale=r.get("softmax_scale", None, float, within=attn),
         mlp="plain",
         activation="gelu",
@@ -686,8 +715,8 @@ def _write_layer_types(c: ModelConfig) -> list[str]:
 
 def _write_decoder(c: ModelConfig, **implied) -> dict[str, Any]:
     """The config.json fields every Llama-style family shares, for a config with the ``implied`` values (where
-    they do not say: those of ``_LLAMA_STYLE``)."""
-    _require(c, **{**_LLAMA_STYLE, **implied})
+    they do not say: those of ``_LLAMA_STYLE``, and every dimension of a head rotated)."""
+    _require(c, **{**_LLAMA_STYLE, "rotary_dim": c.head_dim, **implied})
     return dict(_write_sizes(c), rope_parameters=_rope_parameters(c), hidden_act=c.activation)
 
 
@@ -731,7 +760,7 @@ def _write_qwen3(c: ModelConfig) -> dict[str, Any]:
 def _write_phi3(c: ModelConfig) -> dict[str, Any]:
     """Phi3Config takes head_dim as hidden_size // num_heads and original_max_position_embeddings at top level."""
     out = _write_decoder(c, qk_norm=False, attention_bias=False, attention_out_bias=False, mlp_bias=False,
-                         layer_types=None, head_dim=c.hidden_size // c.num_heads)
+                         layer_types=None, head_dim=c.hidden_size // c.num_heads, rotary_dim=c.rotary_dim)
     if c.rope_scaling is not None and c.rope_scaling.rope_type != "longrope":
         raise ModelConfigError(f"ModelConfig.rope_scaling={c.rope_scaling}: model_type 'phi3' has only 'longrope'")
     out["sliding_window"] = c.sliding_window
@@ -802,7 +831,7 @@ def _write_gpt_neox(c: ModelConfig) -> dict[str, Any]:
 
 def _write_mpt(c: ModelConfig) -> dict[str, Any]:
     _require_classic(c, norm_bias=False, position="alibi", activation="gelu", attention_bias=False, mlp_bias=False,
-                     parallel_residual=False)
+                     parallel_residual=False, alibi_bias_max=_MPT_ALIBI_BIAS_MAX)
     if c.intermediate_size % c.hidden_size:
         raise ModelConfigError(f"ModelConfig.intermediate_size={c.intermediate_size}: model_type 'mpt' needs a "
                                f"multiple of hidden_size={c.hidden_size} (expansion_ratio)")
@@ -814,7 +843,7 @@ def _write_mpt(c: ModelConfig) -> dict[str, Any]:
         max_seq_len=c.max_position_embeddings,
         layer_norm_epsilon=c.norm_eps,
         no_bias=True,
-        attn_config={**_MPT_ATTN_DEFAULTS, "alibi_bias_max": c.alibi_bias_max, "softmax_scale": c.softmax_scale},
+        attn_config={**_MPT_ATTN_DEFAULTS, "alibi_bias_max": _MPT_ALIBI_BIAS_MAX, "softmax_scale": c.softmax_scale},
     )
 
 

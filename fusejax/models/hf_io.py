@@ -14,6 +14,11 @@ Transformers quirk: ``MptForCausalLM`` always builds a 4x MLP and ignores ``expa
 value it was given, so its folders may say ``expansion_ratio: 2`` over 4x tensors (MosaicML's own code honours
 the field). :func:`read_config` follows the tensors: the MLP width of an MPT folder is that of its first
 ``ffn.up_proj`` tensor when the folder has weights, so both kinds of folder load; we write the true ratio.
+Likewise, as transformers does, a folder whose config ties the embeddings but that holds an output projection
+(``lm_head.weight``) other than the embedding table loads untied, with a warning; and a folder holding both
+``model.safetensors`` and an index is read from ``model.safetensors``. MPT's ``attn_config.alibi_bias_max`` and
+the Llama-style families' ``partial_rotary_factor`` are refused (see :mod:`fusejax.models.config`): transformers
+ignores them.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 FINGERPRINT_WINDOWS, FINGERPRINT_WINDOW_BYTES = 16, 64 * 1024  # tensor data sampled by safetensors_fingerprint
 
-# safetensors dtype tag <-> numpy dtype (bfloat16 through ml_dtypes, as numpy has none)
+# safetensors dtype tag <-> numpy dtype (bfloat16 through ml_dtypes, as numpy has none); weights are floats
 _DTYPES = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
@@ -62,6 +67,7 @@ _DTYPES = {
     "BOOL": np.dtype(np.bool_),
 }
 _TAGS = {v: k for k, v in _DTYPES.items()}
+_WEIGHT_TAGS = ("F64", "F32", "F16", "BF16")
 
 
 class CheckpointError(ValueError):
@@ -269,12 +275,16 @@ class _SafetensorsFile:
 
 
 class CheckpointFiles:
-    """The safetensors file(s) of a checkpoint folder: ``model.safetensors`` or an index with sharded files."""
+    """The safetensors file(s) of a checkpoint folder: ``model.safetensors``, else an index with sharded files
+    (transformers' order)."""
 
     def __init__(self, folder: Path):
         index, single = folder / INDEX_NAME, folder / WEIGHTS_NAME
         self._files: dict[Path, _SafetensorsFile] = {}
-        if index.is_file():
+        if single.is_file():
+            self.source = single
+            self.where = dict.fromkeys(self._open(single).header, single)
+        elif index.is_file():
             self.source = index
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
@@ -289,9 +299,6 @@ class CheckpointFiles:
             for file in sorted(set(self.where.values())):
                 if not file.is_file():
                     raise CheckpointError(f"{index}: lists {file.name}, which is missing from {folder}")
-        elif single.is_file():
-            self.source = single
-            self.where = dict.fromkeys(self._open(single).header, single)
         else:
             pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
             if pickles:
@@ -320,6 +327,9 @@ class CheckpointFiles:
         file = self._open(self.where[name])
         if name not in file.header:
             raise CheckpointError(f"{file.path}: tensor {name!r} listed in {self.source.name} is missing")
+        if file.header[name]["dtype"] not in _WEIGHT_TAGS:
+            raise CheckpointError(f"{file.path}: tensor {name!r} has dtype {file.header[name]['dtype']}; model "
+                                  "weights must be floating point")
         array = file.get(name)
         if tuple(array.shape) != tuple(expected):
             raise CheckpointError(
@@ -387,19 +397,31 @@ def read_config(path: str | os.PathLike, **overrides) -> ModelConfig:
         raise CheckpointError(f"{file}: invalid JSON: {e}") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{file}: expected a JSON object, found {type(config).__name__}")
-    model = ModelConfig.from_hf(config, source=str(file), **overrides)
-    return _mpt_mlp_from_tensors(Path(path), model) if model.arch == "mpt" else model
+    return _follow_tensors(Path(path), ModelConfig.from_hf(config, source=str(file), **overrides))
 
 
-def _mpt_mlp_from_tensors(folder: Path, config: ModelConfig) -> ModelConfig:
-    """``config`` with the MLP width of the folder's first MPT ``ffn.up_proj`` tensor, when it has one (see the
-    module docstring: transformers saves ``expansion_ratio`` unchanged over its 4x MLP)."""
+def _follow_tensors(folder: Path, config: ModelConfig) -> ModelConfig:
+    """``config`` corrected where transformers follows the folder's tensors over its config.json (see the
+    module docstring): an MPT MLP as wide as its first ``ffn.up_proj`` tensor; untied embeddings when the
+    folder holds an output projection other than the embedding table. A config.json alone (fusejax plan), or
+    tensors absent or malformed (load_pretrained names them): the config as it is."""
     if not ((folder / INDEX_NAME).is_file() or (folder / WEIGHTS_NAME).is_file()):
-        return config  # a config.json alone (fusejax plan): take its word
-    shape = CheckpointFiles(folder).shape(f"{_HF_NAMES['mpt']['layer'].format(i=0)}{_HF_NAMES['mpt']['up']}.weight")
-    if shape is None or len(shape) != 2 or shape[0] == config.intermediate_size:
-        return config  # absent or malformed: load_pretrained names it
-    return config.replace(intermediate_size=shape[0])
+        return config
+    files = CheckpointFiles(folder)
+    if config.arch == "mpt":
+        shape = files.shape(f"{_HF_NAMES['mpt']['layer'].format(i=0)}{_HF_NAMES['mpt']['up']}.weight")
+        if shape is not None and len(shape) == 2 and shape[0] != config.intermediate_size:
+            config = config.replace(intermediate_size=shape[0])
+    if config.tie_embeddings:
+        rows = {row.ours: row.hf for row in _weight_map(config.replace(tie_embeddings=False))}
+        embed, head = (next((n for n in rows[key] if n in files.where), None) for key in (("embed",), ("lm_head",)))
+        if embed and head and (files.shape(embed) != files.shape(head)
+                               or not np.array_equal(files.read((embed,), files.shape(embed), folder),
+                                                     files.read((head,), files.shape(head), folder))):
+            warnings.warn(f"{files.source}: config.json ties the embeddings, but {head!r} differs from {embed!r}; "
+                          "loading them untied, as transformers does", stacklevel=3)
+            config = config.replace(tie_embeddings=False)
+    return config
 
 
 def _default_mesh():
@@ -529,6 +551,8 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, *, max_shard_by
     if not writer:
         return
     if len(shards) > 1:
+        # a model.safetensors of an earlier save would be read before the index: gone before the index exists
+        (folder / WEIGHTS_NAME).unlink(missing_ok=True)
         weight_map = {hf: name for name, shard in zip(names, shards) for hf, *_ in shard}
         total = sum(math.prod(t[1]) for t in tensors) * dtype.itemsize
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
