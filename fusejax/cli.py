@@ -84,7 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = stages.resolve(DEMO)(args.output)
         else:
             cfg = _config_from(args)
-            if args.command in stages.STAGE_NAMES and (conflicts := stages.output_conflicts(cfg)):
+            writes = args.command in (*stages.STAGE_NAMES, stages.MERGE.name, "generate")
+            if writes and (conflicts := stages.output_conflicts(cfg, args.command)):
                 raise ConfigError("; ".join(conflicts))
             initialize()  # join the other processes of a pod / cluster before any JAX use
             logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -193,6 +193,8 @@ def run_pairwise(cfg: Config, *, validate_first: bool = True, stop_after: str | 
     if validate_first:
         for _, pair in pairs:
             validate(pair, raise_error=True)
+        if merge_cfg is not None and (conflicts := output_conflicts(merge_cfg, stages.MERGE.name)):
+            raise ConfigError("; ".join(conflicts))
     main = is_main_process()
     outcome: dict = {}
     for name, pair in pairs:

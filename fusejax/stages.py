@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -63,6 +64,7 @@ PIPELINE: tuple[Stage, ...] = (
           "export", ("export",), after=("train",)),
 )
 STAGE_NAMES = tuple(s.name for s in PIPELINE)
+RECORD = "stage.json"  # a stage folder's record of its run (fusejax.pipeline)
 # `fusejax merge`; with run.pairwise, `fusejax run` runs it after the pairs, skipped while its inputs are unchanged
 MERGE = Stage("merge", "fusejax.merging:run", "merge models of one architecture in parameter space (docs/merging.md)",
               "merge", ("merge",), paths=lambda cfg: [p for p in (*cfg.merge.models, cfg.merge.base) if p])
@@ -120,25 +122,67 @@ def _overlap(a: Path, b: Path) -> bool:
     return a == b or a.is_relative_to(b) or b.is_relative_to(a)
 
 
-def output_conflicts(cfg: Config) -> list[str]:
+def output_conflicts(cfg: Config, command: str | None = None) -> list[str]:
     """One line for each way the outputs of ``cfg`` would overwrite or move one of its inputs, or each other:
     a folder a stage writes (or ``stale/``, where ``fusejax run`` moves outdated ones) that is, contains or
-    lies inside an input (model, tokenizer, corpus input), and an ``export.path`` that is or contains
-    ``run.output_dir`` or another stage's folder. Inputs elsewhere under ``run.output_dir`` are fine."""
+    lies inside an input (model, tokenizer, corpus input); an ``export.path`` that is or contains
+    ``run.output_dir`` or another stage's folder, or that already holds files no export wrote. Inputs
+    elsewhere under ``run.output_dir`` are fine. ``command`` adds the output of that command: ``merge``
+    (``merge.path``, checked as ``export.path``, against ``merge.models`` and ``merge.base`` too) or
+    ``generate`` (``generate.output``, against ``generate.prompts``, ``.model`` and ``.tokenizer`` too)."""
     layout = RunLayout.of(cfg)
     written = [(s.folder if s.name != "export" else "export.path", getattr(layout, s.folder)) for s in PIPELINE]
     written = [(name, path.resolve()) for name, path in written + [("stale", layout.stale)]]
+    inputs = _inputs(cfg)
+    if command == "merge":
+        written.append(("merge.path", layout.merge.resolve()))
+        inputs += [(f"merge.models.{i}", p) for i, p in enumerate(cfg.merge.models)]
+        inputs += [("merge.base", cfg.merge.base)] if cfg.merge.base else []
+    elif command == "generate":
+        written.append(("generate.output", Path(cfg.generate.output or layout.root / "generate.jsonl").resolve()))
+        g = cfg.generate
+        named = (("prompts", g.prompts), ("model", g.model), ("tokenizer", g.tokenizer))
+        inputs += [(f"generate.{key}", p) for key, p in named if p]
     problems = [f"{name} ({path}) would overwrite or move the input {key}={raw}; choose another "
-                f"{'export.path' if name == 'export.path' else 'run.output_dir'} or move the input"
-                for key, raw in _inputs(cfg) for name, path in written if _overlap(Path(raw).resolve(), path)]
-    export, root = layout.export.resolve(), layout.root.resolve()
-    if root.is_relative_to(export):
-        problems.append(f"export.path ({layout.export}) is or contains run.output_dir ({layout.root}); export to "
-                        "a folder of its own")
-    else:
-        problems += [f"export.path ({layout.export}) overlaps the {name} folder ({path}) of the run"
-                     for name, path in written if name != "export.path" and _overlap(export, path)]
+                f"{name if '.' in name else 'run.output_dir'} or move the input"
+                for key, raw in inputs for name, path in written if _overlap(Path(raw).resolve(), path)]
+    stage_folders = [(name, path) for name, path in written if "." not in name]
+    for key, stage in (("export.path", "export"), ("merge.path", "merge")):
+        if key == "merge.path" and command != "merge":
+            continue
+        folder = getattr(layout, stage)
+        if layout.root.resolve().is_relative_to(folder.resolve()):
+            problems.append(f"{key} ({folder}) is or contains run.output_dir ({layout.root}); write it to a "
+                            "folder of its own")
+            continue
+        problems += [f"{key} ({folder}) overlaps the {name} folder ({path}) of the run"
+                     for name, path in stage_folders if _overlap(folder.resolve(), path)]
+        problems += [f"{key} ({folder}) {why}" for why in [_not_replaceable(folder, stage)] if why]
     return problems
+
+
+def _not_replaceable(folder: Path, stage: str) -> str | None:
+    """Why stage ``stage`` may not write its model folder over ``folder``, or None: it may when ``folder`` is
+    absent, empty or an earlier output of that stage (its ``stage.json`` names the stage)."""
+    if not folder.exists():
+        return None
+    if not folder.is_dir():
+        return "is a file; name a folder"
+    entries = sorted(p.name for p in folder.iterdir())
+    if not entries or (read_record(folder) or {}).get("stage") == stage:
+        return None
+    shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+    return (f"already holds {len(entries)} entries that no fusejax {stage} wrote ({shown}); choose a new or "
+            "empty folder, or remove them")
+
+
+def read_record(folder: Path) -> dict | None:
+    """The ``stage.json`` record of a stage folder (:mod:`fusejax.pipeline`), or None when absent or unreadable."""
+    try:
+        record = json.loads((folder / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def resolve(spec: str) -> Callable:

@@ -164,7 +164,7 @@ def test_cli_merge_and_bad_weights(folders, tmp_path, capsys):
     assert main([*args, "merge.method=ties", f"merge.path={tmp_path}/bad"]) == 2
     assert "merge.base is not set" in capsys.readouterr().err
     assert main([*args, f"merge.path={folders['m1']}"]) == 2
-    assert "the output would replace an input" in capsys.readouterr().err
+    assert f"merge.path ({folders['m1']}) would overwrite or move the input merge.models.1" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
 
@@ -181,3 +181,10 @@ def test_sharded_base_keeps_its_layout(folders, tmp_path):
     want = _tensors(tmp_path / "b")
     assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
     LlamaForCausalLM.from_pretrained(tmp_path / "a")
+
+
+def test_merge_refuses_to_write_over_its_inputs(folders):
+    """The Python API's own check (the command line refuses earlier, naming the setting)."""
+    with pytest.raises(ValueError, match="overlaps merge.models.1 .*: the output would replace an input"):
+        merge([folders["m0"], folders["m1"]], folders["m1"], method="linear")
+    assert (folders["m1"] / "model.safetensors").is_file()

@@ -297,6 +297,22 @@ def test_outputs_never_overwrite_or_move_inputs(tmp_path, capsys):
         problems = stages.output_conflicts(cfg)
         assert any(message in p for p in problems), (overrides, problems)
         assert any(message in p for p in pipeline.validate(cfg, n_devices=8)), overrides
+    prompts = tmp_path / "prompts.txt"
+    command_cases = [  # the outputs of `fusejax merge` and `fusejax generate`
+        ("merge", [f"merge.path={target}"], f"merge.path ({target}) would overwrite or move the input target.path"),
+        ("merge", [f"merge.models=[{corpus}]", f"merge.path={corpus / 'm'}"],
+         "would overwrite or move the input merge.models.0"),
+        ("merge", [f"merge.path={out}"], f"merge.path ({out}) is or contains run.output_dir"),
+        ("merge", [f"merge.path={out / 'train'}"], "overlaps the train folder"),
+        ("generate", [f"generate.output={corpus / 'a.txt'}"], "generate.output (" + str(corpus / "a.txt") +
+         ") would overwrite or move the input corpus.inputs.0"),
+        ("generate", [f"generate.prompts={prompts}", f"generate.output={prompts}"],
+         "would overwrite or move the input generate.prompts"),
+    ]
+    for command, overrides, message in command_cases:
+        cfg = load_config(None, base + [f"run.output_dir={out}"] + overrides)
+        assert any(message in p for p in stages.output_conflicts(cfg, command)), (overrides, message)
+        assert not any(message in p for p in stages.output_conflicts(cfg)), overrides
     # a single stage refuses before it runs, in one line, and the input stays as it was
     assert cli.main(["export", *base, f"run.output_dir={out}", f"export.path={target}"]) == 2
     err = capsys.readouterr().err
@@ -306,3 +322,36 @@ def test_outputs_never_overwrite_or_move_inputs(tmp_path, capsys):
     cfg = load_config(None, [f"run.output_dir={tmp_path}", f"target.path={target}", "sources.0.name=a",
                              f"sources.0.path={target}", f"corpus.inputs=[{corpus}]"])
     assert stages.output_conflicts(cfg) == []
+
+
+def test_a_model_folder_is_written_only_over_an_earlier_one(tmp_path, capsys):
+    """export.path and merge.path replace an absent or empty folder or an earlier export / merge (its
+    stage.json says so); a folder holding anything else, or a file, is refused in one line and kept."""
+    from fusejax import cli
+
+    corpus, out, other = tmp_path / "docs", tmp_path / "out", tmp_path / "other"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("some text\n")
+    other.mkdir()
+    (other / "README.md").write_text("notes")
+    (other / "corpus").mkdir()
+    base = ["sources.0.name=a", f"sources.0.path={tmp_path / 'src'}", f"corpus.inputs=[{corpus}]",
+            f"run.output_dir={out}"]
+    for key, command, stage in (("export.path", None, "export"), ("merge.path", "merge", "merge")):
+        problems = "; ".join(stages.output_conflicts(load_config(None, base + [f"{key}={other}"]), command))
+        assert f"{key} ({other}) already holds 2 entries that no fusejax {stage} wrote (README.md, corpus)" in problems
+        problems = "; ".join(stages.output_conflicts(load_config(None, base + [f"{key}={corpus / 'a.txt'}"]), command))
+        assert f"{key} ({corpus / 'a.txt'}) is a file" in problems
+        empty, earlier, foreign = tmp_path / f"empty-{stage}", tmp_path / f"earlier-{stage}", tmp_path / f"x-{stage}"
+        for folder, record in ((empty, None), (earlier, stage), (foreign, "train")):
+            folder.mkdir()
+            if record:
+                (folder / "config.json").write_text("{}")
+                (folder / stages.RECORD).write_text(json.dumps({"stage": record, "status": "complete"}))
+        for folder in (empty, earlier):
+            assert stages.output_conflicts(load_config(None, base + [f"{key}={folder}"]), command) == []
+        assert stages.output_conflicts(load_config(None, base + [f"{key}={foreign}"]), command)
+    # the CLI refuses before writing anything
+    assert cli.main(["merge", *base, f"merge.models=[{tmp_path / 'src'}]", f"merge.path={other}"]) == 2
+    assert "merge.path" in capsys.readouterr().err
+    assert sorted(p.name for p in other.iterdir()) == ["README.md", "corpus"]
