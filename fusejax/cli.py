@@ -15,6 +15,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from fusejax import __version__, stages
 from fusejax.config import ConfigError, iter_fields, load_config, to_yaml
@@ -57,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the embedded default: three tiny sources fused into a tiny target on "
                                        "Python's own docs and source, vs CLM-only training (~10 min on 2 CPUs)")
-    demo.add_argument("--output", default="runs/embedded", metavar="DIR", help="output folder (default: %(default)s)")
+    demo.add_argument("--output", default="runs/embedded", metavar="DIR",
+                      help="output folder of the runs and the report (default: %(default)s; the tiny models and "
+                           "corpora stay in runs/embedded/assets, where configs/embedded.yaml reads them)")
 
     for name, (_, help_text) in stages.COMMANDS.items():
         _add_config_args(sub.add_parser(name, help=help_text, description=help_text))
@@ -81,6 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(to_yaml(_config_from(args)), end="")
             return 0
         if args.command == "demo":
+            if Path(args.output).exists() and not Path(args.output).is_dir():
+                raise ConfigError(f"--output {args.output}: is a file; name a folder")
             result = stages.resolve(DEMO)(args.output)
         else:
             cfg = _config_from(args)

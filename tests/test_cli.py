@@ -106,6 +106,15 @@ def test_demo_calls_demo_main_with_the_output_dir(monkeypatch, tmp_path):
     assert calls == [str(tmp_path / "d"), "runs/embedded"]
 
 
+def test_demo_output_that_is_a_file_is_refused_before_anything_runs(monkeypatch, tmp_path, capsys):
+    calls = []
+    fake_module(monkeypatch, "fusejax.embedded", demo=lambda output_dir: calls.append(output_dir))
+    (tmp_path / "afile").write_text("mine")
+    assert cli.main(["demo", "--output", str(tmp_path / "afile")]) == 2
+    assert capsys.readouterr().err == f"fusejax: error: --output {tmp_path / 'afile'}: is a file; name a folder\n"
+    assert calls == [] and (tmp_path / "afile").read_text() == "mine"
+
+
 def test_registered_stage_gets_the_resolved_config(monkeypatch, tmp_path, capsys):
     seen = []
 
