@@ -60,15 +60,17 @@ def messages_of(obj, where: str) -> list[dict[str, str]]:
 def chat_tokenizer(path, template_file: str | None, key: str):
     """The tokenizer of folder ``path`` with its chat template: the Jinja file ``template_file`` when given, else
     the tokenizer's own ``chat_template``; ValueError naming ``key`` (e.g. ``source 'a'``) when it has
-    neither."""
+    neither or the file cannot be read as UTF-8. ``tok.chat_template_name`` says where the template is from."""
     from fusejax.tokenizer import load_tokenizer
 
     tok = load_tokenizer(path)
+    tok.chat_template_name = f"the chat_template of tokenizer {path}"
     if template_file:
         try:
             tok.chat_template = Path(template_file).read_text("utf-8")
-        except OSError as err:
+        except (OSError, UnicodeDecodeError) as err:
             raise ValueError(f"{key}: cannot read its chat_template {template_file}: {err}") from None
+        tok.chat_template_name = f"chat_template {template_file}"
     if not getattr(tok, "chat_template", None):
         raise ValueError(f"{key}: tokenizer {path} has no chat_template; set its chat_template to a Jinja file")
     return tok
@@ -112,8 +114,16 @@ def _content_spans(text: str, messages: list[dict[str, str]], where: str) -> lis
 def encode(tok, messages: list[dict[str, str]], where: str = "conversation") -> tuple[np.ndarray, np.ndarray]:
     """``messages`` rendered with ``tok``'s chat template and tokenized as every stage sees them (no EOS or BOS
     added: the template has its own). Returns ``(ids [T] int64, spans [A, 2] int64)``: the token range
-    ``[a, b)`` of each assistant message's content (tokens whose characters overlap it)."""
-    text = tok.apply_chat_template(messages, tokenize=False)
+    ``[a, b)`` of each assistant message's content (tokens whose characters overlap it). A template that does
+    not compile or raises (``raise_exception``) is a ValueError naming ``where`` and the template."""
+    from jinja2 import TemplateError, TemplateSyntaxError
+
+    try:
+        text = tok.apply_chat_template(messages, tokenize=False)
+    except TemplateError as err:
+        line = f" (template line {err.lineno})" if isinstance(err, TemplateSyntaxError) else ""
+        name = getattr(tok, "chat_template_name", "the chat template")
+        raise ValueError(f"{where}: {name} failed{line}: {err}") from None
     chars = _content_spans(text, messages, where)
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     offsets = np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2)

@@ -241,25 +241,33 @@ def generate(model: Transformer, tokenizer, prompts: list[str], **options) -> li
 
 def read_prompts(path: str | Path) -> list[str]:
     """Prompts of a file: .jsonl, one object with a string ``prompt`` per line; otherwise one prompt per
-    non-empty line. Errors name the file and line."""
+    non-empty line. Errors (not UTF-8, a bad line, no prompt at all) name the file and line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"generate.prompts: {path} is not a file")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    if path.suffix != ".jsonl":
-        return [line for line in lines if line.strip()]
-    prompts = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            prompt = json.loads(line).get("prompt")
-        except (json.JSONDecodeError, AttributeError):
-            prompt = None
-        if not isinstance(prompt, str):
-            raise ValueError(f"{path}:{n}: expected a JSON object with a string field 'prompt'")
-        prompts.append(prompt)
+    data = path.read_bytes()
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ValueError(f"generate.prompts: {path}:{line}: not UTF-8 (byte {data[err.start]:#04x} at offset "
+                         f"{err.start})") from None
+    prompts = ([_jsonl_prompt(line, f"{path}:{n}") for n, line in enumerate(lines, 1) if line.strip()]
+               if path.suffix == ".jsonl" else [line for line in lines if line.strip()])
+    if not prompts:
+        raise ValueError(f"generate.prompts: {path} holds no prompts")
     return prompts
+
+
+def _jsonl_prompt(line: str, where: str) -> str:
+    """The string ``prompt`` of a JSON object line."""
+    try:
+        prompt = json.loads(line).get("prompt")
+    except (json.JSONDecodeError, AttributeError):
+        prompt = None
+    if not isinstance(prompt, str):
+        raise ValueError(f"{where}: expected a JSON object with a string field 'prompt'")
+    return prompt
 
 
 def run(cfg: Config) -> dict:

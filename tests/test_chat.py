@@ -24,6 +24,7 @@ DEEPSEEK = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}U
             "{% elif m['role'] == 'assistant' %}Assistant: {{ m['content'] }}{{ eos_token }}"
             "{% else %}{{ m['content'] }}\n\n{% endif %}{% endfor %}")
 DROPS = "{% for m in messages %}<{{ m['role'] }}>{% endfor %}"  # renders no content at all
+NO_SYSTEM = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
 EOT = {"meta": "<|im_end|>", "bytes": None, "llama3": "<|eot_id|>", "deepseek-v4": None}  # None: the EOS token
 KEYS = ("assignment", "if", "while", "for", "with", "try", "class", "function")
 
@@ -278,6 +279,11 @@ BAD_CASES = {
     "not a message": ({"messages": [{"role": "user", "content": 3}]}, None, ["line 2", "messages[0]", "'content'"]),
     "template drops content": (GOOD, DROPS, ["line 1", "drops or rewrites the content of message 0"]),
     "no template": (GOOD, "", ["target", "has no chat_template", "chat_template"]),
+    "template raises": (GOOD, NO_SYSTEM + CHATML, ["chat.jsonl line 1", "t.jinja", "System role not supported"]),
+    "template syntax error": (GOOD, "{% for m in messages %}{{ m.content ",
+                              ["chat.jsonl line 1", "t.jinja", "template line 1", "unexpected end of template"]),
+    "template not UTF-8": (GOOD, b"\xff\xfe" + CHATML.encode(),
+                           ["target", "cannot read its chat_template", "t.jinja", "can't decode byte 0xff"]),
 }
 
 
@@ -290,7 +296,7 @@ def test_bad_conversations_are_one_line_and_write_nothing(toks, tmp_path, capsys
     if template is not None:  # a template file of its own, or none at all (a tokenizer without one)
         own = None if template == "" else tmp_path / "t.jinja"
         if own:
-            own.write_text(template)
+            own.write_bytes(template if isinstance(template, bytes) else template.encode())
     data = write_jsonl(tmp_path / "chat.jsonl", [GOOD, record] if record is not GOOD else [record])
     config = tmp_path / "run.yaml"
     config.write_text(json.dumps({"run": {"output_dir": str(tmp_path / "out")},

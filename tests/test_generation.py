@@ -221,3 +221,19 @@ def test_cli_bad_input_is_one_line(tiny_with_tokenizer, override, match, capsys)
     assert cli.main(["generate", f"generate.model={folder}", "generate.prompts=missing.jsonl", override]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.search(match, err), err
+
+
+@pytest.mark.parametrize("name,content,match", [
+    ("bad.txt", b"fine\n\xff\xfe bad\n", r"generate.prompts: \S*bad.txt:2: not UTF-8 \(byte 0xff at offset 5\)$"),
+    ("blank.txt", b" \n\n", r"generate.prompts: \S*blank.txt holds no prompts$"),
+    ("empty.jsonl", b"", r"generate.prompts: \S*empty.jsonl holds no prompts$"),
+])
+def test_cli_bad_prompts_file_is_one_line(tiny_with_tokenizer, tmp_path, name, content, match, capsys):
+    (tmp_path / name).write_bytes(content)
+    folder = tiny_with_tokenizer[2]
+    args = ["generate", f"generate.model={folder}", f"generate.prompts={tmp_path / name}",
+            f"run.output_dir={tmp_path / 'run'}"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(match, err), err
+    assert not (tmp_path / "run" / "generate.jsonl").exists()
