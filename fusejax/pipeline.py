@@ -129,17 +129,20 @@ def _move_aside(cfg: Config, folder: Path, old_fingerprint: str) -> Path:
     return dest
 
 
-def _run_stage(cfg: Config, stage: Stage, fp: str, main: bool) -> str:
-    """Skip, resume or redo one stage (see the module docstring); returns what was done."""
+def _run_stage(cfg: Config, stage: Stage, fp: str, main: bool, after_change: bool = False) -> str:
+    """Skip, resume or redo one stage (see the module docstring); ``after_change``: an earlier stage was not
+    skipped, so a complete output is redone too. Returns what was done."""
     folder = stage.output(cfg)
     record = read_record(folder)
-    if record and record.get("fingerprint") == fp and record.get("status") == "complete":
+    complete = bool(record) and record.get("fingerprint") == fp and record.get("status") == "complete"
+    if complete and not after_change:
         _say(main, f"{stage.name}: complete, skipped ({folder})")
         return "skipped"
-    if record and record.get("fingerprint") != fp:
+    if record and (complete or record.get("fingerprint") != fp):
         if main:
             dest = _move_aside(cfg, folder, str(record.get("fingerprint")))
-            log.warning("%s: inputs changed since %s was written; moved it aside to %s", stage.name, folder, dest)
+            why = "an earlier stage ran again" if complete else "inputs changed"
+            log.warning("%s: %s since %s was written; moved it aside to %s", stage.name, why, folder, dest)
         barrier(f"pipeline-{stage.name}-moved")
         outcome = "redone"
     else:
@@ -171,9 +174,10 @@ def run(cfg: Config, *, validate_first: bool = True, stop_after: str | None = No
         validate(cfg, raise_error=True)
     prints = fingerprints(cfg)
     main = is_main_process()
-    outcome = {}
+    outcome: dict[str, str] = {}
     for stage in PIPELINE:
-        outcome[stage.name] = _run_stage(cfg, stage, prints[stage.name], main)
+        changed = any(done != "skipped" for done in outcome.values())
+        outcome[stage.name] = _run_stage(cfg, stage, prints[stage.name], main, changed)
         if stage.name == stop_after:
             break
     return outcome
@@ -201,7 +205,8 @@ def run_pairwise(cfg: Config, *, validate_first: bool = True, stop_after: str | 
     if merge_cfg is not None:
         _say(main, f"merge ({cfg.merge.method}) of {len(pairs)} pairs")
         fp = fingerprints(merge_cfg, (stages.MERGE,))[stages.MERGE.name]
-        outcome["merge"] = _run_stage(merge_cfg, stages.MERGE, fp, main)
+        changed = any(done != "skipped" for name, _ in pairs for done in outcome[name].values())
+        outcome["merge"] = _run_stage(merge_cfg, stages.MERGE, fp, main, changed)
     return outcome
 
 

@@ -10,6 +10,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from fusejax import pipeline, stages
 from fusejax.config import ConfigError, load_config, replace
+from fusejax.files import write_json
 from fusejax.models import ModelConfig, Transformer, save_pretrained
 
 ORDER = ["prepare", "represent", "vocab-map", "align", "train", "eval", "export"]
@@ -180,6 +181,25 @@ def test_output_without_record_is_adopted_by_resuming(setup):
     cfg, fake, tmp = setup
     (tmp / "out" / "corpus").mkdir(parents=True)  # e.g. written by `fusejax prepare` before
     assert pipeline.run(cfg, validate_first=False)["prepare"] == "resumed"
+
+
+def test_a_stage_run_again_redoes_the_later_complete_stages(setup):
+    """Once a stage is not skipped its output may have changed, so every later stage is redone even when its
+    own record is complete with the same fingerprint (the old output moved aside)."""
+    cfg, fake, tmp = setup
+    pipeline.run(cfg, validate_first=False)
+    train = stages.PIPELINE[ORDER.index("train")].output(cfg)
+    write_json(train / "stage.json", {**pipeline.read_record(train), "status": "running"})  # e.g. interrupted
+    fake.calls.clear()
+    outcome = pipeline.run(cfg, validate_first=False)
+    assert outcome == {**dict.fromkeys(ORDER[:4], "skipped"), "train": "resumed", "eval": "redone",
+                       "export": "redone"}
+    assert fake.calls == ["train", "eval", "export"]
+    prints = pipeline.fingerprints(cfg)
+    assert sorted(p.name for p in (tmp / "out" / "stale").iterdir()) == [
+        f"eval-{prints['eval'][:12]}", f"export-{prints['export'][:12]}"]
+    fake.calls.clear()
+    assert pipeline.run(cfg, validate_first=False) == dict.fromkeys(ORDER, "skipped") and fake.calls == []
 
 
 def test_fingerprints_chain_through_upstream_stages(setup):
