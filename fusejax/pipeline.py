@@ -148,16 +148,38 @@ def _run_stage(cfg: Config, stage: Stage, fp: str, main: bool, after_change: boo
     else:
         outcome = "resumed" if folder.exists() else "ran"
     _say(main, f"{stage.name}: {outcome.replace('ran', 'running')} -> {folder}")
+    _recorded(cfg, stage, fp, main)
+    return outcome
+
+
+def _recorded(cfg: Config, stage: Stage, fp: str, main: bool):
+    """Run ``stage`` between its ``stage.json`` records, ``running`` then ``complete`` (process 0 writes them;
+    all processes meet at a barrier after the stage); returns the stage's result. While the folder holds output
+    of another fingerprint, the running record holds none (null), so whatever becomes of the stage (refused,
+    interrupted), every later ``fusejax run`` moves the folder aside."""
+    folder = stage.output(cfg)
     started = time.time()
     if main:
-        _write_record(folder, {"stage": stage.name, "fingerprint": fp, "status": "running",
+        record = read_record(folder)
+        ours = record is None or record.get("fingerprint") == fp
+        _write_record(folder, {"stage": stage.name, "fingerprint": fp if ours else None, "status": "running",
                                "started": started, "finished": None})
-    stages.resolve(stage.fn)(cfg)  # (the merge replaces its whole folder, this record included)
+    result = stages.resolve(stage.fn)(cfg)  # (the merge replaces its whole folder, this record included)
     barrier(f"pipeline-{stage.name}")
     if main:
         _write_record(folder, {"stage": stage.name, "fingerprint": fp, "status": "complete",
                                "started": started, "finished": time.time()})
-    return outcome
+    return result
+
+
+def run_single(cfg: Config, name: str):
+    """A single-stage command (``fusejax train CONFIG``): the stage resumes or refuses by itself (never skipped
+    or moved aside) and records itself in ``stage.json`` with its fingerprint under ``cfg``, so that
+    ``fusejax run`` redoes it for another config. Returns the stage's result."""
+    from fusejax.distributed import is_main_process
+
+    upto = PIPELINE[:STAGE_NAMES.index(name) + 1]  # fingerprints chain backwards only
+    return _recorded(cfg, upto[-1], fingerprints(cfg, upto)[name], is_main_process())
 
 
 def run(cfg: Config, *, validate_first: bool = True, stop_after: str | None = None) -> dict[str, str]:

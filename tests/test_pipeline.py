@@ -202,6 +202,33 @@ def test_a_stage_run_again_redoes_the_later_complete_stages(setup):
     assert pipeline.run(cfg, validate_first=False) == dict.fromkeys(ORDER, "skipped") and fake.calls == []
 
 
+def test_single_stage_command_records_itself_so_run_redoes_what_it_changed(setup):
+    """The reported defect: `fusejax train` with other settings over a finished run, then `fusejax run` with the
+    run's config retrains (the command's output moved aside) and redoes eval and export instead of skipping."""
+    from fusejax import cli
+
+    cfg, fake, tmp = setup
+    args = [f"{k}={v}" for k, v in _overrides(cfg).items()]
+    pipeline.run(cfg, validate_first=False)
+    fake.calls.clear()
+    assert cli.main(["train", *args, "train.steps=7"]) == 0
+    assert fake.calls == ["train"] and not (tmp / "out" / "stale").exists()  # neither skipped nor moved aside
+    other = pipeline.fingerprints(load_config(None, args + ["train.steps=7"]))["train"]
+    record = json.loads((tmp / "out" / "train" / "stage.json").read_text())
+    assert record["fingerprint"] == other and record["status"] == "complete"
+    fake.calls.clear()
+    outcome = pipeline.run(cfg, validate_first=False)
+    assert outcome == {**dict.fromkeys(ORDER[:4], "skipped"), **dict.fromkeys(ORDER[4:], "redone")}
+    assert fake.calls == ORDER[4:] and (tmp / "out" / "stale" / f"train-{other[:12]}" / "done.txt").is_file()
+    # a command that stops (refused, interrupted) over output of other inputs leaves it for `run` to move aside
+    fake.fail, fake.calls = "prepare", []
+    assert cli.main(["prepare", *args, "corpus.block_size=64"]) == 130
+    record = json.loads((tmp / "out" / "corpus" / "stage.json").read_text())
+    assert record["fingerprint"] is None and record["status"] == "running"
+    assert pipeline.run(load_config(None, args + ["corpus.block_size=64"]), validate_first=False) == dict.fromkeys(
+        ORDER, "redone")
+
+
 def test_fingerprints_chain_through_upstream_stages(setup):
     cfg, _, _ = setup
     base = pipeline.fingerprints(cfg)
