@@ -8,12 +8,17 @@ The fingerprint of a stage is a sha256 over the config sections it reads, the fi
 reads from, and the name, size, modification time and a content hash of every file under the paths it reads
 (corpus inputs, model and tokenizer folders; see :func:`_file_stats`). On a rerun a stage is
 
-* **skipped** when its ``stage.json`` is complete with the same fingerprint;
+* **skipped** when its ``stage.json`` is complete with the same fingerprint and no earlier stage ran this time;
 * **resumed** (run again; every stage resumes its own partial output) when it is ``running`` with the same
-  fingerprint, or when its folder exists without ``stage.json`` (e.g. written by a single-stage command);
-* **redone** when the fingerprint differs: the old folder is *moved aside* to
-  ``<output_dir>/stale/<folder>-<old fingerprint[:12]>`` (never deleted; a warning names both paths), and
-  every later stage, whose fingerprint includes this one, is redone too.
+  fingerprint, or when its folder exists without ``stage.json`` (e.g. written by an older fusejax);
+* **redone** when the fingerprint differs, or when it is complete but an earlier stage was not skipped (its
+  input may have changed): the old folder is *moved aside* to ``<output_dir>/stale/<folder>-<old
+  fingerprint[:12]>`` (never deleted; a warning names both paths). Once a stage is not skipped, every later one
+  is therefore resumed, run or redone.
+
+A single-stage command (``fusejax train CONFIG``, :func:`run_single`) writes the same records with its stage's
+fingerprint under its own config, but neither skips nor moves aside: the stage resumes or refuses by itself.
+A later ``fusejax run`` with another config so redoes what the command changed.
 
 Before any stage runs, :func:`validate` checks the whole config and raises one ConfigError listing every
 problem found.

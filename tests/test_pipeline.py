@@ -179,7 +179,7 @@ def test_interrupted_stage_is_resumed_not_moved(setup):
 
 def test_output_without_record_is_adopted_by_resuming(setup):
     cfg, fake, tmp = setup
-    (tmp / "out" / "corpus").mkdir(parents=True)  # e.g. written by `fusejax prepare` before
+    (tmp / "out" / "corpus").mkdir(parents=True)  # e.g. written by an older fusejax
     assert pipeline.run(cfg, validate_first=False)["prepare"] == "resumed"
 
 
