@@ -18,7 +18,8 @@ reads from, and the name, size, modification time and a content hash of every fi
 
 A single-stage command (``fusejax train CONFIG``, :func:`run_single`) writes the same records with its stage's
 fingerprint under its own config, but neither skips nor moves aside: the stage resumes or refuses by itself.
-A later ``fusejax run`` with another config so redoes what the command changed.
+A later ``fusejax run`` with another config so redoes what the command changed. Over output of another
+fingerprint the records hold none (null): any later ``fusejax run`` redoes that folder.
 
 Before any stage runs, :func:`validate` checks the whole config and raises one ConfigError listing every
 problem found.
@@ -145,7 +146,7 @@ def _run_stage(cfg: Config, stage: Stage, fp: str, main: bool, after_change: boo
         return "skipped"
     if record and (complete or record.get("fingerprint") != fp):
         if main:
-            dest = _move_aside(cfg, folder, str(record.get("fingerprint")))
+            dest = _move_aside(cfg, folder, record.get("fingerprint") or "mixed")
             why = "an earlier stage ran again" if complete else "inputs changed"
             log.warning("%s: %s since %s was written; moved it aside to %s", stage.name, why, folder, dest)
         barrier(f"pipeline-{stage.name}-moved")
@@ -159,15 +160,15 @@ def _run_stage(cfg: Config, stage: Stage, fp: str, main: bool, after_change: boo
 
 def _recorded(cfg: Config, stage: Stage, fp: str, main: bool):
     """Run ``stage`` between its ``stage.json`` records, ``running`` then ``complete`` (process 0 writes them;
-    all processes meet at a barrier after the stage); returns the stage's result. While the folder holds output
-    of another fingerprint, the running record holds none (null), so whatever becomes of the stage (refused,
-    interrupted), every later ``fusejax run`` moves the folder aside."""
+    all processes meet at a barrier after the stage); returns the stage's result. Run over output of another
+    fingerprint (a single-stage command resumes or refuses there), the records hold none (null): the folder is
+    not what ``fp`` produces, so every later ``fusejax run`` moves it aside."""
     folder = stage.output(cfg)
     started = time.time()
     if main:
         record = read_record(folder)
-        ours = record is None or record.get("fingerprint") == fp
-        _write_record(folder, {"stage": stage.name, "fingerprint": fp if ours else None, "status": "running",
+        fp = fp if record is None or record.get("fingerprint") == fp else None
+        _write_record(folder, {"stage": stage.name, "fingerprint": fp, "status": "running",
                                "started": started, "finished": None})
     result = stages.resolve(stage.fn)(cfg)  # (the merge replaces its whole folder, this record included)
     barrier(f"pipeline-{stage.name}")
@@ -179,8 +180,8 @@ def _recorded(cfg: Config, stage: Stage, fp: str, main: bool):
 
 def run_single(cfg: Config, name: str):
     """A single-stage command (``fusejax train CONFIG``): the stage resumes or refuses by itself (never skipped
-    or moved aside) and records itself in ``stage.json`` with its fingerprint under ``cfg``, so that
-    ``fusejax run`` redoes it for another config. Returns the stage's result."""
+    or moved aside) and records itself in ``stage.json`` (:func:`_recorded`) with its fingerprint under ``cfg``,
+    so that ``fusejax run`` redoes it for another config. Returns the stage's result."""
     from fusejax.distributed import is_main_process
 
     upto = PIPELINE[:STAGE_NAMES.index(name) + 1]  # fingerprints chain backwards only

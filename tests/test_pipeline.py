@@ -213,20 +213,23 @@ def test_single_stage_command_records_itself_so_run_redoes_what_it_changed(setup
     fake.calls.clear()
     assert cli.main(["train", *args, "train.steps=7"]) == 0
     assert fake.calls == ["train"] and not (tmp / "out" / "stale").exists()  # neither skipped nor moved aside
-    other = pipeline.fingerprints(load_config(None, args + ["train.steps=7"]))["train"]
     record = json.loads((tmp / "out" / "train" / "stage.json").read_text())
-    assert record["fingerprint"] == other and record["status"] == "complete"
+    assert record["fingerprint"] is None and record["status"] == "complete"  # resumed over the run's output
     fake.calls.clear()
     outcome = pipeline.run(cfg, validate_first=False)
     assert outcome == {**dict.fromkeys(ORDER[:4], "skipped"), **dict.fromkeys(ORDER[4:], "redone")}
-    assert fake.calls == ORDER[4:] and (tmp / "out" / "stale" / f"train-{other[:12]}" / "done.txt").is_file()
-    # a command that stops (refused, interrupted) over output of other inputs leaves it for `run` to move aside
-    fake.fail, fake.calls = "prepare", []
-    assert cli.main(["prepare", *args, "corpus.block_size=64"]) == 130
-    record = json.loads((tmp / "out" / "corpus" / "stage.json").read_text())
-    assert record["fingerprint"] is None and record["status"] == "running"
-    assert pipeline.run(load_config(None, args + ["corpus.block_size=64"]), validate_first=False) == dict.fromkeys(
-        ORDER, "redone")
+    assert fake.calls == ORDER[4:] and (tmp / "out" / "stale" / "train-mixed" / "done.txt").is_file()
+    # on a fresh folder the command records its own fingerprint; `run` with another config redoes the stage
+    other = load_config(None, args + ["run.output_dir=" + str(tmp / "other")])
+    fake.fail, fake.calls = "prepare", []  # interrupted: resumed by a run with the same config
+    assert cli.main(["prepare", *args, f"run.output_dir={tmp / 'other'}"]) == 130
+    running = json.loads((tmp / "other" / "corpus" / "stage.json").read_text())
+    assert cli.main(["prepare", *args, f"run.output_dir={tmp / 'other'}"]) == 0
+    record = json.loads((tmp / "other" / "corpus" / "stage.json").read_text())
+    assert running["status"] == "running" and record["status"] == "complete"
+    assert running["fingerprint"] == record["fingerprint"] == pipeline.fingerprints(other)["prepare"]
+    assert pipeline.run(other, validate_first=False)["prepare"] == "skipped"
+    assert pipeline.run(replace(other, "corpus.block_size", 64), validate_first=False)["prepare"] == "redone"
 
 
 def test_fingerprints_chain_through_upstream_stages(setup):
