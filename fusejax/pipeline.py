@@ -27,6 +27,7 @@ problem found.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -164,18 +165,36 @@ def _recorded(cfg: Config, stage: Stage, fp: str, main: bool):
     fingerprint (a single-stage command resumes or refuses there), the records hold none (null): the folder is
     not what ``fp`` produces, so every later ``fusejax run`` moves it aside."""
     folder = stage.output(cfg)
-    started = time.time()
+    started, record = time.time(), read_record(folder)
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]  # created by writing the record
     if main:
-        record = read_record(folder)
         fp = fp if record is None or record.get("fingerprint") == fp else None
         _write_record(folder, {"stage": stage.name, "fingerprint": fp, "status": "running",
                                "started": started, "finished": None})
-    result = stages.resolve(stage.fn)(cfg)  # (the merge replaces its whole folder, this record included)
+    try:
+        result = stages.resolve(stage.fn)(cfg)  # (the merge replaces its whole folder, this record included)
+    except BaseException:
+        if main:
+            _undo_record(folder, missing, record, fp)
+        raise
     barrier(f"pipeline-{stage.name}")
     if main:
         _write_record(folder, {"stage": stage.name, "fingerprint": fp, "status": "complete",
                                "started": started, "finished": time.time()})
     return result
+
+
+def _undo_record(folder: Path, missing: list[Path], record: dict | None, fp: str | None) -> None:
+    """After the stage raised (refused, interrupted): put back its record when that was complete with ``fp`` (the
+    stage reruns to the same output), or remove the ``missing`` folders writing the record created while they
+    hold nothing else."""
+    if record and record.get("fingerprint") == fp and record.get("status") == "complete":
+        _write_record(folder, record)
+    elif missing and [p.name for p in folder.glob("*")] == [RECORD]:  # (none when the merge removed it)
+        (folder / RECORD).unlink()
+        for path in missing:
+            with contextlib.suppress(OSError):  # a folder that holds something now stays
+                path.rmdir()
 
 
 def run_single(cfg: Config, name: str):
