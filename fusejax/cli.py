@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fusejax import __version__, stages
+from fusejax import __version__, pipeline, stages
 from fusejax.config import ConfigError, iter_fields, load_config, to_yaml
 from fusejax.distributed import initialize
 from fusejax.errors import debug, quiet_background_errors, user_error_message
@@ -97,7 +97,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             logging.getLogger("fusejax").setLevel(logging.INFO)  # our progress notes; libraries: warnings only
             if not debug():
                 quiet_background_errors()
-            result = stages.resolve(stages.COMMANDS[args.command][0])(cfg)
+            if args.command in stages.STAGE_NAMES:  # recorded in its stage.json, as `fusejax run` does
+                result = pipeline.run_single(cfg, args.command)
+            else:
+                result = stages.resolve(stages.COMMANDS[args.command][0])(cfg)
             if isinstance(result, dict):  # every stage returns its summary: show it
                 print(json.dumps(result, indent=2, sort_keys=True, default=str))
     except KeyboardInterrupt as e:  # Ctrl-C: one line, the shell's exit code for SIGINT

@@ -8,12 +8,18 @@ The fingerprint of a stage is a sha256 over the config sections it reads, the fi
 reads from, and the name, size, modification time and a content hash of every file under the paths it reads
 (corpus inputs, model and tokenizer folders; see :func:`_file_stats`). On a rerun a stage is
 
-* **skipped** when its ``stage.json`` is complete with the same fingerprint;
+* **skipped** when its ``stage.json`` is complete with the same fingerprint and no earlier stage ran this time;
 * **resumed** (run again; every stage resumes its own partial output) when it is ``running`` with the same
-  fingerprint, or when its folder exists without ``stage.json`` (e.g. written by a single-stage command);
-* **redone** when the fingerprint differs: the old folder is *moved aside* to
-  ``<output_dir>/stale/<folder>-<old fingerprint[:12]>`` (never deleted; a warning names both paths), and
-  every later stage, whose fingerprint includes this one, is redone too.
+  fingerprint, or when its folder exists without ``stage.json`` (e.g. written by an older fusejax);
+* **redone** when the fingerprint differs, or when it is complete but an earlier stage was not skipped (its
+  input may have changed): the old folder is *moved aside* to ``<output_dir>/stale/<folder>-<old
+  fingerprint[:12]>`` (never deleted; a warning names both paths). Once a stage is not skipped, every later one
+  is therefore resumed, run or redone.
+
+A single-stage command (``fusejax train CONFIG``, :func:`run_single`) writes the same records with its stage's
+fingerprint under its own config, but neither skips nor moves aside: the stage resumes or refuses by itself.
+A later ``fusejax run`` with another config so redoes what the command changed. Over output of another
+fingerprint the records hold none (null): any later ``fusejax run`` redoes that folder.
 
 Before any stage runs, :func:`validate` checks the whole config and raises one ConfigError listing every
 problem found.
@@ -21,6 +27,7 @@ problem found.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -129,32 +136,75 @@ def _move_aside(cfg: Config, folder: Path, old_fingerprint: str) -> Path:
     return dest
 
 
-def _run_stage(cfg: Config, stage: Stage, fp: str, main: bool) -> str:
-    """Skip, resume or redo one stage (see the module docstring); returns what was done."""
+def _run_stage(cfg: Config, stage: Stage, fp: str, main: bool, after_change: bool = False) -> str:
+    """Skip, resume or redo one stage (see the module docstring); ``after_change``: an earlier stage was not
+    skipped, so a complete output is redone too. Returns what was done."""
     folder = stage.output(cfg)
     record = read_record(folder)
-    if record and record.get("fingerprint") == fp and record.get("status") == "complete":
+    complete = bool(record) and record.get("fingerprint") == fp and record.get("status") == "complete"
+    if complete and not after_change:
         _say(main, f"{stage.name}: complete, skipped ({folder})")
         return "skipped"
-    if record and record.get("fingerprint") != fp:
+    if record and (complete or record.get("fingerprint") != fp):
         if main:
-            dest = _move_aside(cfg, folder, str(record.get("fingerprint")))
-            log.warning("%s: inputs changed since %s was written; moved it aside to %s", stage.name, folder, dest)
+            dest = _move_aside(cfg, folder, record.get("fingerprint") or "mixed")
+            why = "an earlier stage ran again" if complete else "inputs changed"
+            log.warning("%s: %s since %s was written; moved it aside to %s", stage.name, why, folder, dest)
         barrier(f"pipeline-{stage.name}-moved")
         outcome = "redone"
     else:
         outcome = "resumed" if folder.exists() else "ran"
     _say(main, f"{stage.name}: {outcome.replace('ran', 'running')} -> {folder}")
-    started = time.time()
+    _recorded(cfg, stage, fp, main)
+    return outcome
+
+
+def _recorded(cfg: Config, stage: Stage, fp: str, main: bool):
+    """Run ``stage`` between its ``stage.json`` records, ``running`` then ``complete`` (process 0 writes them;
+    all processes meet at a barrier after the stage); returns the stage's result. Run over output of another
+    fingerprint (a single-stage command resumes or refuses there), the records hold none (null): the folder is
+    not what ``fp`` produces, so every later ``fusejax run`` moves it aside."""
+    folder = stage.output(cfg)
+    started, record = time.time(), read_record(folder)
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]  # created by writing the record
     if main:
+        fp = fp if record is None or record.get("fingerprint") == fp else None
         _write_record(folder, {"stage": stage.name, "fingerprint": fp, "status": "running",
                                "started": started, "finished": None})
-    stages.resolve(stage.fn)(cfg)  # (the merge replaces its whole folder, this record included)
+    try:
+        result = stages.resolve(stage.fn)(cfg)  # (the merge replaces its whole folder, this record included)
+    except BaseException:
+        if main:
+            _undo_record(folder, missing, record, fp)
+        raise
     barrier(f"pipeline-{stage.name}")
     if main:
         _write_record(folder, {"stage": stage.name, "fingerprint": fp, "status": "complete",
                                "started": started, "finished": time.time()})
-    return outcome
+    return result
+
+
+def _undo_record(folder: Path, missing: list[Path], record: dict | None, fp: str | None) -> None:
+    """After the stage raised (refused, interrupted): put back its record when that was complete with ``fp`` (the
+    stage reruns to the same output), or remove the ``missing`` folders writing the record created while they
+    hold nothing else."""
+    if record and record.get("fingerprint") == fp and record.get("status") == "complete":
+        _write_record(folder, record)
+    elif missing and [p.name for p in folder.glob("*")] == [RECORD]:  # (none when the merge removed it)
+        (folder / RECORD).unlink()
+        for path in missing:
+            with contextlib.suppress(OSError):  # a folder that holds something now stays
+                path.rmdir()
+
+
+def run_single(cfg: Config, name: str):
+    """A single-stage command (``fusejax train CONFIG``): the stage resumes or refuses by itself (never skipped
+    or moved aside) and records itself in ``stage.json`` (:func:`_recorded`) with its fingerprint under ``cfg``,
+    so that ``fusejax run`` redoes it for another config. Returns the stage's result."""
+    from fusejax.distributed import is_main_process
+
+    upto = PIPELINE[:STAGE_NAMES.index(name) + 1]  # fingerprints chain backwards only
+    return _recorded(cfg, upto[-1], fingerprints(cfg, upto)[name], is_main_process())
 
 
 def run(cfg: Config, *, validate_first: bool = True, stop_after: str | None = None) -> dict[str, str]:
@@ -171,9 +221,10 @@ def run(cfg: Config, *, validate_first: bool = True, stop_after: str | None = No
         validate(cfg, raise_error=True)
     prints = fingerprints(cfg)
     main = is_main_process()
-    outcome = {}
+    outcome: dict[str, str] = {}
     for stage in PIPELINE:
-        outcome[stage.name] = _run_stage(cfg, stage, prints[stage.name], main)
+        changed = any(done != "skipped" for done in outcome.values())
+        outcome[stage.name] = _run_stage(cfg, stage, prints[stage.name], main, changed)
         if stage.name == stop_after:
             break
     return outcome
@@ -203,7 +254,8 @@ def run_pairwise(cfg: Config, *, validate_first: bool = True, stop_after: str | 
     if merge_cfg is not None:
         _say(main, f"merge ({cfg.merge.method}) of {len(pairs)} pairs")
         fp = fingerprints(merge_cfg, (stages.MERGE,))[stages.MERGE.name]
-        outcome["merge"] = _run_stage(merge_cfg, stages.MERGE, fp, main)
+        changed = any(done != "skipped" for name, _ in pairs for done in outcome[name].values())
+        outcome["merge"] = _run_stage(merge_cfg, stages.MERGE, fp, main, changed)
     return outcome
 
 

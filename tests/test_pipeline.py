@@ -10,6 +10,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from fusejax import pipeline, stages
 from fusejax.config import ConfigError, load_config, replace
+from fusejax.files import write_json
 from fusejax.models import ModelConfig, Transformer, save_pretrained
 
 ORDER = ["prepare", "represent", "vocab-map", "align", "train", "eval", "export"]
@@ -178,8 +179,57 @@ def test_interrupted_stage_is_resumed_not_moved(setup):
 
 def test_output_without_record_is_adopted_by_resuming(setup):
     cfg, fake, tmp = setup
-    (tmp / "out" / "corpus").mkdir(parents=True)  # e.g. written by `fusejax prepare` before
+    (tmp / "out" / "corpus").mkdir(parents=True)  # e.g. written by an older fusejax
     assert pipeline.run(cfg, validate_first=False)["prepare"] == "resumed"
+
+
+def test_a_stage_run_again_redoes_the_later_complete_stages(setup):
+    """Once a stage is not skipped its output may have changed, so every later stage is redone even when its
+    own record is complete with the same fingerprint (the old output moved aside)."""
+    cfg, fake, tmp = setup
+    pipeline.run(cfg, validate_first=False)
+    train = stages.PIPELINE[ORDER.index("train")].output(cfg)
+    write_json(train / "stage.json", {**pipeline.read_record(train), "status": "running"})  # e.g. interrupted
+    fake.calls.clear()
+    outcome = pipeline.run(cfg, validate_first=False)
+    assert outcome == {**dict.fromkeys(ORDER[:4], "skipped"), "train": "resumed", "eval": "redone",
+                       "export": "redone"}
+    assert fake.calls == ["train", "eval", "export"]
+    prints = pipeline.fingerprints(cfg)
+    assert sorted(p.name for p in (tmp / "out" / "stale").iterdir()) == [
+        f"eval-{prints['eval'][:12]}", f"export-{prints['export'][:12]}"]
+    fake.calls.clear()
+    assert pipeline.run(cfg, validate_first=False) == dict.fromkeys(ORDER, "skipped") and fake.calls == []
+
+
+def test_single_stage_command_records_itself_so_run_redoes_what_it_changed(setup):
+    """The reported defect: `fusejax train` with other settings over a finished run, then `fusejax run` with the
+    run's config retrains (the command's output moved aside) and redoes eval and export instead of skipping."""
+    from fusejax import cli
+
+    cfg, fake, tmp = setup
+    args = [f"{k}={v}" for k, v in _overrides(cfg).items()]
+    pipeline.run(cfg, validate_first=False)
+    fake.calls.clear()
+    assert cli.main(["train", *args, "train.steps=7"]) == 0
+    assert fake.calls == ["train"] and not (tmp / "out" / "stale").exists()  # neither skipped nor moved aside
+    record = json.loads((tmp / "out" / "train" / "stage.json").read_text())
+    assert record["fingerprint"] is None and record["status"] == "complete"  # resumed over the run's output
+    fake.calls.clear()
+    outcome = pipeline.run(cfg, validate_first=False)
+    assert outcome == {**dict.fromkeys(ORDER[:4], "skipped"), **dict.fromkeys(ORDER[4:], "redone")}
+    assert fake.calls == ORDER[4:] and (tmp / "out" / "stale" / "train-mixed" / "done.txt").is_file()
+    # on a fresh folder the command records its own fingerprint; `run` with another config redoes the stage
+    other = load_config(None, args + ["run.output_dir=" + str(tmp / "other")])
+    fake.fail, fake.calls = "prepare", []  # interrupted: resumed by a run with the same config
+    assert cli.main(["prepare", *args, f"run.output_dir={tmp / 'other'}"]) == 130
+    running = json.loads((tmp / "other" / "corpus" / "stage.json").read_text())
+    assert cli.main(["prepare", *args, f"run.output_dir={tmp / 'other'}"]) == 0
+    record = json.loads((tmp / "other" / "corpus" / "stage.json").read_text())
+    assert running["status"] == "running" and record["status"] == "complete"
+    assert running["fingerprint"] == record["fingerprint"] == pipeline.fingerprints(other)["prepare"]
+    assert pipeline.run(other, validate_first=False)["prepare"] == "skipped"
+    assert pipeline.run(replace(other, "corpus.block_size", 64), validate_first=False)["prepare"] == "redone"
 
 
 def test_fingerprints_chain_through_upstream_stages(setup):
