@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             logging.getLogger("fusejax").setLevel(logging.INFO)  # our progress notes; libraries: warnings only
             if not debug():
                 quiet_background_errors()
-            if args.command in stages.STAGE_NAMES:  # recorded in its stage.json, as `fusejax run` does
+            if args.command in (*stages.STAGE_NAMES, stages.MERGE.name):  # recorded in stage.json, as by `run`
                 result = pipeline.run_single(cfg, args.command)
             else:
                 result = stages.resolve(stages.COMMANDS[args.command][0])(cfg)

@@ -16,10 +16,10 @@ reads from, and the name, size, modification time and a content hash of every fi
   fingerprint[:12]>`` (never deleted; a warning names both paths). Once a stage is not skipped, every later one
   is therefore resumed, run or redone.
 
-A single-stage command (``fusejax train CONFIG``, :func:`run_single`) writes the same records with its stage's
-fingerprint under its own config, but neither skips nor moves aside: the stage resumes or refuses by itself.
-A later ``fusejax run`` with another config so redoes what the command changed. Over output of another
-fingerprint the records hold none (null): any later ``fusejax run`` redoes that folder.
+A single-stage command (``fusejax train CONFIG``, also ``fusejax merge``; :func:`run_single`) writes the same
+records with its stage's fingerprint under its own config, but neither skips nor moves aside: the stage
+resumes or refuses by itself. A later ``fusejax run`` with another config so redoes what the command changed.
+Over output of another fingerprint the records hold none (null): any later ``fusejax run`` redoes that folder.
 
 Before any stage runs, :func:`validate` checks the whole config and raises one ConfigError listing every
 problem found.
@@ -40,12 +40,9 @@ from fusejax.config import Config, ConfigError, config_to_dict
 from fusejax.distributed import barrier
 from fusejax.files import write_json
 from fusejax.schema import RunLayout
-from fusejax.stages import PIPELINE, STAGE_NAMES, Stage, output_conflicts
+from fusejax.stages import MERGE, PIPELINE, RECORD, STAGE_NAMES, Stage, output_conflicts, read_record
 
 log = logging.getLogger(__name__)
-
-RECORD = "stage.json"
-
 
 # settings that change how a stage reports or checkpoints, not what it computes: left out of fingerprints,
 # so changing them resumes the stage instead of redoing it
@@ -112,14 +109,6 @@ def fingerprints(cfg: Config, pipeline: tuple[Stage, ...] = PIPELINE) -> dict[st
         }
         out[stage.name] = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
     return out
-
-
-def read_record(folder: Path) -> dict | None:
-    """The ``stage.json`` of a stage folder, or None when absent or unreadable."""
-    try:
-        return json.loads((folder / RECORD).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _write_record(folder: Path, record: dict) -> None:
@@ -203,7 +192,7 @@ def run_single(cfg: Config, name: str):
     so that ``fusejax run`` redoes it for another config. Returns the stage's result."""
     from fusejax.distributed import is_main_process
 
-    upto = PIPELINE[:STAGE_NAMES.index(name) + 1]  # fingerprints chain backwards only
+    upto = (MERGE,) if name == MERGE.name else PIPELINE[:STAGE_NAMES.index(name) + 1]  # they chain backwards
     return _recorded(cfg, upto[-1], fingerprints(cfg, upto)[name], is_main_process())
 
 
@@ -244,7 +233,7 @@ def run_pairwise(cfg: Config, *, validate_first: bool = True, stop_after: str | 
     if validate_first:
         for _, pair in pairs:
             validate(pair, raise_error=True)
-        if merge_cfg is not None and (conflicts := output_conflicts(merge_cfg, stages.MERGE.name)):
+        if merge_cfg is not None and (conflicts := output_conflicts(merge_cfg, MERGE.name)):
             raise ConfigError("; ".join(conflicts))
     main = is_main_process()
     outcome: dict = {}
@@ -253,9 +242,9 @@ def run_pairwise(cfg: Config, *, validate_first: bool = True, stop_after: str | 
         outcome[name] = run(pair, validate_first=False, stop_after=stop_after)
     if merge_cfg is not None:
         _say(main, f"merge ({cfg.merge.method}) of {len(pairs)} pairs")
-        fp = fingerprints(merge_cfg, (stages.MERGE,))[stages.MERGE.name]
+        fp = fingerprints(merge_cfg, (MERGE,))[MERGE.name]
         changed = any(done != "skipped" for name, _ in pairs for done in outcome[name].values())
-        outcome["merge"] = _run_stage(merge_cfg, stages.MERGE, fp, main, changed)
+        outcome["merge"] = _run_stage(merge_cfg, MERGE, fp, main, changed)
     return outcome
 
 

@@ -158,6 +158,10 @@ def test_cli_merge_and_bad_weights(folders, tmp_path, capsys):
     assert main([*args, "merge.weights=[1,2]"]) == 0
     assert set(_tensors(tmp_path / "merge")) == set(_tensors(folders["base"]))
     assert (tmp_path / "merge" / "config.json").is_file()
+    # recorded in its stage.json, so that merging again replaces it (a folder fusejax did not write is refused)
+    assert json.loads((tmp_path / "merge" / "stage.json").read_text())["status"] == "complete"
+    assert main([*args, "merge.weights=[2,1]"]) == 0
+    assert json.loads((tmp_path / "merge" / "stage.json").read_text())["stage"] == "merge"
     capsys.readouterr()
     assert main([*args, "merge.weights=[1,-1]", f"merge.path={tmp_path}/bad"]) == 2
     assert "merge.weights [1.0, -1.0] sum to 0" in capsys.readouterr().err
