@@ -486,7 +486,10 @@ def test_export_killed_while_writing_reruns_to_identical_files(trained, tmp_path
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     proc = _drive(config, "export", cache=root / "jax-cache")
     assert proc.returncode == 0, proc.stderr
-    assert _files(out / "export") == _store_files(ref / "export")  # no leftover temporary file either
+    assert _store_files(out / "export") == _store_files(ref / "export")
+    # no leftover temporary file either; the command's own record says it completed
+    assert set(_files(out / "export")) == {*_store_files(ref / "export"), "stage.json"}
+    assert json.loads((out / "export" / "stage.json").read_text())["status"] == "complete"
 
 
 @pytest.mark.slow
