@@ -405,6 +405,8 @@ def _follow_tensors(folder: Path, config: ModelConfig) -> ModelConfig:
     module docstring): an MPT MLP as wide as its first ``ffn.up_proj`` tensor; untied embeddings when the
     folder holds an output projection other than the embedding table. A config.json alone (fusejax plan), or
     tensors absent or malformed (load_pretrained names them): the config as it is."""
+    if not (config.arch == "mpt" or config.tie_embeddings):
+        return config
     if not ((folder / INDEX_NAME).is_file() or (folder / WEIGHTS_NAME).is_file()):
         return config
     files = CheckpointFiles(folder)
