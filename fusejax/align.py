@@ -100,10 +100,16 @@ def align_topk(
         raise ValueError(
             f"source_topk_ids {top_ids.shape} / source_topk_logits {top_logits.shape}: expected [{src.size}, k]"
         )
+    if not np.issubdtype(top_ids.dtype, np.integer) or (top_ids < 0).any():
+        raise ValueError(f"source_topk_ids: expected source token ids (integers >= 0), got dtype {top_ids.dtype} "
+                         f"and minimum {top_ids.min() if top_ids.size else None}")
     if vocab_map is not None:
         vocab_map = np.asarray(vocab_map)
         if vocab_map.shape != (s.size,):
             raise ValueError(f"vocab_map: expected shape ({s.size},) (the source vocabulary), got {vocab_map.shape}")
+        if not np.issubdtype(vocab_map.dtype, np.integer) or ((vocab_map < -1) | (vocab_map >= t.size)).any():
+            raise ValueError(f"vocab_map: expected target ids in [0, {t.size}) or -1 (unmapped), got dtype "
+                             f"{vocab_map.dtype}, values {vocab_map.min()} .. {vocab_map.max()}")
     if next_target_id is not None:
         t.check_ids([next_target_id], "next_target_id")
 

@@ -31,6 +31,23 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint that does not belong to this model (different architecture or shapes)."""
 
 
+class CheckpointDamagedError(ValueError):
+    """A complete checkpoint whose files cannot be read back (truncated, deleted or corrupted)."""
+
+
+def _restore(manager, step: int, items: dict) -> dict:
+    """``manager.restore`` of the ``items`` of checkpoint ``step``; a file Orbax cannot read is a
+    :class:`CheckpointDamagedError` naming the step folder, with the way out."""
+    try:
+        return manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # Orbax and TensorStore raise ValueError, KeyError, OSError or a bare Exception
+        first = (str(e.args[0] if isinstance(e, KeyError) and e.args else e).strip().splitlines() or [""])[0][:300]
+        raise CheckpointDamagedError(
+            f"checkpoint {Path(manager.directory) / str(step)} cannot be read ({type(e).__name__}: {first}); if "
+            "its files were damaged (truncated, deleted), move that step folder aside to resume from the previous "
+            "checkpoint") from e
+
+
 def checkpoint_manager(directory: str | Path, *, max_to_keep: int | None = None, read_only: bool = False):
     """The Orbax CheckpointManager of a ``checkpoints`` folder (items: params, opt_state, meta)."""
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only, read_only=read_only)
@@ -53,7 +70,7 @@ def save(manager, step: int, params, opt_state, meta: dict) -> None:
 
 def read_meta(manager, step: int) -> dict:
     """The JSON metadata of checkpoint ``step``: step, data_position, seed, model (ModelConfig fields), config."""
-    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return _restore(manager, step, {"meta": ocp.args.JsonRestore()})["meta"]
 
 
 def architecture(config: ModelConfig | dict) -> dict:
@@ -80,7 +97,7 @@ def restore(manager, step: int, abstract_params, abstract_opt_state=None) -> dic
     items = {"params": ocp.args.StandardRestore(abstract_params)}
     if abstract_opt_state is not None:
         items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    restored = _restore(manager, step, items)
     return {name: restored[name] for name in items}
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -103,9 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 result = stages.resolve(stages.COMMANDS[args.command][0])(cfg)
             if isinstance(result, dict):  # every stage returns its summary: show it
                 print(json.dumps(result, indent=2, sort_keys=True, default=str))
-    except KeyboardInterrupt as e:  # Ctrl-C: one line, the shell's exit code for SIGINT
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM in training: one line, the shell's exit code for the signal
         print(f"fusejax: {e or 'interrupted'}", file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signum", signal.SIGINT)
     except Exception as e:  # a user error is one line and exit code 2; a bug keeps its traceback
         message = None if debug() else user_error_message(e)
         if message is None:

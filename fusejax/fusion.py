@@ -319,8 +319,9 @@ def fused_topk(table_ids, table_logits, source_ce, *, top: int, **options) -> tu
     score = np.where(first & (total > 0), total, -1.0)
     order = np.argsort(-score, axis=-1, kind="stable")[..., :top]
     keep = np.take_along_axis(score, order, -1) > 0
-    return (np.where(keep, np.take_along_axis(ids, order, -1), -1).astype(np.int32),
-            np.where(keep, np.take_along_axis(score, order, -1), 0).astype(np.float32))
+    pad = [(0, 0)] * (ids.ndim - 1) + [(0, top - order.shape[-1])]  # fewer than top entries (S·k < top)
+    return (np.pad(np.where(keep, np.take_along_axis(ids, order, -1), -1), pad, constant_values=-1).astype(np.int32),
+            np.pad(np.where(keep, np.take_along_axis(score, order, -1), 0), pad).astype(np.float32))
 
 
 def _weighted_ce(coef, lse, picked):

@@ -136,7 +136,7 @@ def _run_stage(cfg: Config, stage: Stage, fp: str, main: bool, after_change: boo
         return "skipped"
     if record and (complete or record.get("fingerprint") != fp):
         if main:
-            dest = _move_aside(cfg, folder, record.get("fingerprint") or "mixed")
+            dest = _move_aside(cfg, folder, str(record.get("fingerprint") or "mixed"))
             why = "an earlier stage ran again" if complete else "inputs changed"
             log.warning("%s: %s since %s was written; moved it aside to %s", stage.name, why, folder, dest)
         barrier(f"pipeline-{stage.name}-moved")
@@ -154,7 +154,7 @@ def _recorded(cfg: Config, stage: Stage, fp: str, main: bool):
     fingerprint (a single-stage command resumes or refuses there), the records hold none (null): the folder is
     not what ``fp`` produces, so every later ``fusejax run`` moves it aside."""
     folder = stage.output(cfg)
-    started, record = time.time(), read_record(folder)
+    started, record, before = time.time(), read_record(folder), _listing(folder)
     missing = [p for p in (folder, *folder.parents) if not p.exists()]  # created by writing the record
     if main:
         fp = fp if record is None or record.get("fingerprint") == fp else None
@@ -164,7 +164,7 @@ def _recorded(cfg: Config, stage: Stage, fp: str, main: bool):
         result = stages.resolve(stage.fn)(cfg)  # (the merge replaces its whole folder, this record included)
     except BaseException:
         if main:
-            _undo_record(folder, missing, record, fp)
+            _undo_record(folder, missing, record, fp, unchanged=_listing(folder) == before)
         raise
     barrier(f"pipeline-{stage.name}")
     if main:
@@ -173,17 +173,23 @@ def _recorded(cfg: Config, stage: Stage, fp: str, main: bool):
     return result
 
 
-def _undo_record(folder: Path, missing: list[Path], record: dict | None, fp: str | None) -> None:
-    """After the stage raised (refused, interrupted): put back its record when that was complete with ``fp`` (the
-    stage reruns to the same output), or remove the ``missing`` folders writing the record created while they
-    hold nothing else."""
-    if record and record.get("fingerprint") == fp and record.get("status") == "complete":
+def _undo_record(folder: Path, missing: list[Path], record: dict | None, fp: str | None, *, unchanged: bool) -> None:
+    """After the stage raised (refused, interrupted): put back its record when the stage wrote nothing
+    (``unchanged``) or when that was complete with ``fp`` (the stage reruns to the same output), or remove the
+    ``missing`` folders writing the record created while they hold nothing else."""
+    if record and (unchanged or record.get("fingerprint") == fp and record.get("status") == "complete"):
         _write_record(folder, record)
     elif missing and [p.name for p in folder.glob("*")] == [RECORD]:  # (none when the merge removed it)
         (folder / RECORD).unlink()
         for path in missing:
             with contextlib.suppress(OSError):  # a folder that holds something now stays
                 path.rmdir()
+
+
+def _listing(folder: Path) -> dict[str, tuple[int, int]]:
+    """``{relative path: (size, mtime_ns)}`` of every file under ``folder`` but its record: what a stage wrote."""
+    files = (p for p in folder.rglob("*") if p.name != RECORD and p.is_file()) if folder.is_dir() else ()
+    return {p.relative_to(folder).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns) for p in files}
 
 
 def run_single(cfg: Config, name: str):

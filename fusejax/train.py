@@ -61,7 +61,13 @@ class NonFiniteError(ValueError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """Training stopped by SIGINT (Ctrl-C) after saving a checkpoint; the CLI exits 130 with this message."""
+    """Training stopped by SIGTERM (preemption) or SIGINT (Ctrl-C) after saving a checkpoint; the CLI prints the
+    message and exits 128 + ``signum`` (143, 130), so that neither a scheduler nor ``fusejax run`` takes the
+    stage for finished."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = int(signum)
 
 
 def build_target(tc: TrainConfig, mesh, *, path: str | None = None, config: ModelConfig | None = None, rules=None,
@@ -278,8 +284,8 @@ class Trainer:
         Every ``train.log_every`` steps (and at the end) the means since the last log, with ``tokens_per_s``
         and ``mfu`` (both count every position of the padded ``[batch_size, seq_len]`` batch: the work the
         device does), go to the progress bar, TensorBoard (``<out_dir>/tb``) and ``log_fn(dict)``. Saves every
-        ``train.checkpoint_every`` steps (0: never before the end), at the end, and on SIGTERM (then stops) or
-        SIGINT / Ctrl-C (then raises :class:`Interrupted`, a KeyboardInterrupt). A step whose loss or gradient
+        ``train.checkpoint_every`` steps (0: never before the end), at the end, and on SIGTERM or SIGINT / Ctrl-C
+        (then raises :class:`Interrupted`, a KeyboardInterrupt). A step whose loss or gradient
         norm is not finite is never applied (see :func:`fusejax.step.make_train_step`); with
         ``train.nonfinite: stop`` the run then raises :class:`NonFiniteError` without saving again, with
         ``skip`` it goes on and counts the step in ``skipped_steps``.
@@ -288,6 +294,10 @@ class Trainer:
 
         tc = self.tc
         start = self.step
+        if start > self.total_steps:
+            raise ValueError(f"train.steps={tc.steps} ({self.total_steps} steps): the latest checkpoint in "
+                             f"{self.ckpt.directory} is already at step {start}; raise train.steps, or train in "
+                             "another run.output_dir")
         end = self.total_steps if stop_after is None else min(self.total_steps, start + stop_after)
         main = jax.process_index() == 0
         writer = _tb_writer(self.out_dir / TENSORBOARD) if main else None
@@ -345,9 +355,9 @@ class Trainer:
                 signal.signal(signum, handler)
             if writer is not None:
                 writer.close()
-        if stop["signal"] == signal.SIGINT:
-            raise Interrupted(f"interrupted: saved a checkpoint at step {self.step} in {self.ckpt.directory}; "
-                              "rerun the same command to resume")
+        if stop["signal"] is not None:
+            raise Interrupted(f"interrupted by {stop['signal'].name}: saved a checkpoint at step {self.step} in "
+                              f"{self.ckpt.directory}; rerun the same command to resume", stop["signal"])
         return history
 
     def _check_finite(self, skipped: list[tuple[int, float]]) -> None:

@@ -451,6 +451,15 @@ def test_bad_input_errors(hand):
         align.align_topk(s, [1, 2], np.zeros((3, 2), int), np.zeros((3, 2)), t, [3])
     with pytest.raises(ValueError, match="vocab_map"):
         align.align_topk(s, [1], np.zeros((1, 2), int), np.zeros((1, 2)), t, [3], vocab_map=np.zeros(3, int))
+    # -1 padding or float ids in the top-k, a map onto ids the target does not have: named, never wrapped around
+    with pytest.raises(ValueError, match=r"source_topk_ids: expected source token ids \(integers >= 0\).*minimum -1"):
+        align.align_topk(s, [1], np.array([[1, -1]]), np.zeros((1, 2)), t, [3])
+    with pytest.raises(ValueError, match="source_topk_ids: .*got dtype float64"):
+        align.align_topk(s, [1], np.array([[1.0, 2.0]]), np.zeros((1, 2)), t, [3])
+    n_s, n_t = vocab.Vocab.of(s).size, vocab.Vocab.of(t).size
+    for bad in (np.full(n_s, 10**6), np.full(n_s, -2), np.zeros(n_s) + 0.5):
+        with pytest.raises(ValueError, match=rf"vocab_map: expected target ids in \[0, {n_t}\) or -1"):
+            align.align_topk(s, [1], np.zeros((1, 2), int), np.zeros((1, 2)), t, [3], vocab_map=bad)
     with pytest.raises(ValueError, match="method"):
         vocab_maps.vocab_map(s, t, method="fuzzy")
 

@@ -150,6 +150,21 @@ def test_ctrl_c_is_one_line_and_exit_code_130(monkeypatch, capsys):
     assert capsys.readouterr().err == "fusejax: interrupted: saved a checkpoint at step 3\n"
 
 
+def test_training_stopped_by_sigterm_exits_143(monkeypatch, capsys):
+    """A preempted training saved its checkpoint but did not finish: the shell's exit code for SIGTERM."""
+    import signal
+
+    from fusejax.train import Interrupted
+
+    def preempted(cfg):
+        raise Interrupted("interrupted by SIGTERM: saved a checkpoint at step 3", signal.SIGTERM)
+
+    fake_module(monkeypatch, "fake_stage_module", preempted=preempted)
+    monkeypatch.setitem(stages.COMMANDS, "slow", ("fake_stage_module:preempted", "a stage that gets SIGTERM"))
+    assert cli.main(["slow"]) == 143
+    assert capsys.readouterr().err == "fusejax: interrupted by SIGTERM: saved a checkpoint at step 3\n"
+
+
 def test_listed_stages_exist():
     for name, (spec, help_text) in stages.COMMANDS.items():
         module, _, function = spec.partition(":")

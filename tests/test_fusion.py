@@ -211,18 +211,20 @@ def test_min_ce_ties_go_to_the_lowest_source_index():
 
 
 @pytest.mark.parametrize("fusion", FUSIONS)
-def test_fused_topk_is_the_naive_teacher(fusion):
+@pytest.mark.parametrize("more", [False, True], ids=["top5", "top_beyond_S_k"])
+def test_fused_topk_is_the_naive_teacher(fusion, more):
     _, labels, _, ids, tlogits, ce = make_batch(5, token_level=True)
+    top = ids.shape[-2] * ids.shape[-1] + 3 if more else 5  # more than the tables hold: -1 / 0 padded
     # the naive reference's gradient at a uniform student with λ = 0 is (q - P) / (positions with a source)
     present = (ids >= 0).any(axis=(-2, -1))
     uniform = np.zeros((*labels.shape, V_PAD), np.float32)
     grad = naive_fusion(uniform, np.zeros_like(labels), np.ones(labels.shape, bool), ids, tlogits, ce, fusion=fusion,
                         lm_weight=0.0, temperature=0.7)[3]
     teacher = np.where(present[..., None], 1 / V_PAD - grad * present.sum(), 0.0)  # [B,T,V]
-    got_ids, got_p = fused_topk(ids, tlogits, ce, top=5, fusion=fusion, temperature=0.7)
-    assert got_ids.shape == got_p.shape == (*labels.shape, 5)
+    got_ids, got_p = fused_topk(ids, tlogits, ce, top=top, fusion=fusion, temperature=0.7)
+    assert got_ids.shape == got_p.shape == (*labels.shape, top)
     for b, t in np.ndindex(labels.shape):
-        n = min(5, int((teacher[b, t] > 1e-9).sum()))
+        n = min(top, int((teacher[b, t] > 1e-9).sum()))
         want = np.argsort(-teacher[b, t], kind="stable")[:n]
         assert got_ids[b, t, :n].tolist() == want.tolist() and np.all(got_ids[b, t, n:] == -1)
         np.testing.assert_allclose(got_p[b, t, :n], teacher[b, t, want], atol=1e-5)

@@ -18,10 +18,11 @@ ORDER = ["prepare", "represent", "vocab-map", "align", "train", "eval", "export"
 
 class FakeStages:
     """Stand-ins for the stage functions: each records its call and writes ``done.txt`` in its folder;
-    ``fail`` names a stage that writes ``partial.txt`` and raises once (an interrupted run)."""
+    ``fail`` names a stage that writes ``partial.txt`` and raises once (an interrupted run); ``refuse`` one that
+    raises a ConfigError once, having written nothing (a refused command)."""
 
     def __init__(self, monkeypatch):
-        self.calls, self.fail = [], None
+        self.calls, self.fail, self.refuse = [], None, None
         by_fn = {s.fn: s for s in (*stages.PIPELINE, stages.MERGE)}
 
         def resolve(spec):
@@ -30,6 +31,9 @@ class FakeStages:
             def fn(cfg):
                 self.calls.append(stage.name)
                 folder = stage.output(cfg)
+                if self.refuse == stage.name:
+                    self.refuse = None
+                    raise ConfigError(f"{stage.name}: refused")
                 folder.mkdir(parents=True, exist_ok=True)
                 if self.fail == stage.name:
                     self.fail = None
@@ -230,6 +234,23 @@ def test_single_stage_command_records_itself_so_run_redoes_what_it_changed(setup
     assert running["fingerprint"] == record["fingerprint"] == pipeline.fingerprints(other)["prepare"]
     assert pipeline.run(other, validate_first=False)["prepare"] == "skipped"
     assert pipeline.run(replace(other, "corpus.block_size", 64), validate_first=False)["prepare"] == "redone"
+
+
+def test_a_refused_single_stage_command_leaves_the_record_as_it_was(setup, capsys):
+    """A command with other settings that is refused before writing anything (e.g. train.seq_len too short for
+    the blocks) keeps the finished run's record, so `fusejax run` still skips every stage."""
+    from fusejax import cli
+
+    cfg, fake, tmp = setup
+    args = [f"{k}={v}" for k, v in _overrides(cfg).items()]
+    pipeline.run(cfg, validate_first=False)
+    record = (tmp / "out" / "train" / "stage.json").read_text()
+    fake.refuse = "train"
+    assert cli.main(["train", *args, "train.steps=7"]) == 2
+    assert "train: refused" in capsys.readouterr().err
+    assert (tmp / "out" / "train" / "stage.json").read_text() == record
+    fake.calls.clear()
+    assert set(pipeline.run(cfg, validate_first=False).values()) == {"skipped"} and fake.calls == []
 
 
 def test_fingerprints_chain_through_upstream_stages(setup):

@@ -224,8 +224,8 @@ def test_tensorboard_events_hold_the_logged_metrics(straight):
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_sigterm_then_resume_gives_the_uninterrupted_run(straight, tmp_path, signum):
-    """SIGTERM stops after the step and a checkpoint; SIGINT (Ctrl-C) alike, then raises Interrupted (never
-    swallowed). A new trainer resumes to the uninterrupted run."""
+    """SIGTERM (preemption) and SIGINT (Ctrl-C) stop after the step and a checkpoint, then raise Interrupted
+    with the signal (never swallowed: the run is not finished). A new trainer resumes to the uninterrupted run."""
     _, history, params0, data, _ = straight
 
     def stop(summary):
@@ -237,12 +237,10 @@ def test_sigterm_then_resume_gives_the_uninterrupted_run(straight, tmp_path, sig
     first = Trainer(initial_model(params0), data, tc, tmp_path, mesh=mesh, seed=SEED)
     launched = signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
     try:  # as in a terminal (a CI job may start with SIGINT ignored, and the trainer then leaves it ignored)
-        if signum == signal.SIGINT:
-            with pytest.raises(Interrupted, match="saved a checkpoint at step 2"):
-                first.fit(log_fn=stop)
-            part1 = history[:2]
-        else:
-            part1 = first.fit(log_fn=stop)  # stops after step 2 and saves
+        with pytest.raises(Interrupted, match=f"interrupted by {signum.name}: saved a checkpoint at step 2") as e:
+            first.fit(log_fn=stop)
+        assert e.value.signum == signum
+        part1 = history[:2]
         assert signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler)  # restored after fit
     finally:
         signal.signal(signum, launched)
@@ -266,6 +264,38 @@ def test_a_finished_run_keeps_its_final_metrics(straight, tmp_path):
     again.close()
     assert again.last_metrics["step"] == history[-1]["step"] == TC.steps
     assert again.last_metrics["loss"] == history[-1]["loss"] and again.last_metrics["skipped_steps"] == 0
+
+
+def test_fewer_steps_than_the_latest_checkpoint_are_refused(straight, tmp_path):
+    """train.steps below the step a run already reached is a mistake, not a finished run."""
+    _, _, _, data, out = straight
+    shutil.copytree(out / "checkpoints", tmp_path / "checkpoints")
+    tc = dataclasses.replace(TC, steps=TC.steps - 1)
+    again = Trainer(Transformer(MODEL, rngs=nnx.Rngs(5)), data, tc, tmp_path, mesh=make_mesh(fsdp=8), seed=SEED)
+    with pytest.raises(ValueError, match=rf"train.steps={TC.steps - 1} .*is already at step {TC.steps}; raise "):
+        again.fit()
+    again.close()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "no meta"])
+def test_a_damaged_checkpoint_is_named_with_the_way_out(straight, tmp_path, damage):
+    """A latest checkpoint whose files cannot be read: one error naming the step folder (training and
+    load_trained alike), not Orbax's traceback."""
+    from fusejax.checkpoint import CheckpointDamagedError, load_trained
+
+    _, _, _, data, out = straight
+    shutil.copytree(out / "checkpoints", tmp_path / "checkpoints")
+    last = tmp_path / "checkpoints" / str(TC.steps)
+    if damage == "truncated":
+        biggest = max((p for p in (last / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+        os.truncate(biggest, 100)
+    else:
+        shutil.rmtree(last / "meta")
+    match = rf"checkpoint {last} cannot be read \(.*\); if its files were damaged .*, move that step folder aside"
+    with pytest.raises(CheckpointDamagedError, match=match):
+        Trainer(Transformer(MODEL, rngs=nnx.Rngs(5)), data, TC, tmp_path, mesh=make_mesh(fsdp=8), seed=SEED)
+    with pytest.raises(CheckpointDamagedError, match=match):
+        load_trained(tmp_path)
 
 
 def _with_inf_weight(params0):
