@@ -97,7 +97,11 @@ def tokenizer_fingerprint(tok: PreTrainedTokenizerBase) -> str:
 
 def _add_listed_tokens(backend: Tokenizer, path: Path, special: set) -> None:
     """Append the tokens of an `added_tokens.json` ({token: id}, ids right after the vocabulary) to `backend`."""
-    for token, index in sorted(_read_json(path).items(), key=lambda item: item[1]):
+    listed = _read_json(path)
+    for token, index in listed.items():
+        if not isinstance(index, int) or isinstance(index, bool):
+            raise ValueError(f"{path}: token {token!r} has id {index!r}; expected an integer")
+    for token, index in sorted(listed.items(), key=lambda item: item[1]):
         if backend.token_to_id(token) == index:
             continue
         if index != backend.get_vocab_size(with_added_tokens=True):
@@ -107,11 +111,13 @@ def _add_listed_tokens(backend: Tokenizer, path: Path, special: set) -> None:
         backend.add_tokens([AddedToken(token, special=token in special, normalized=False)])
 
 
-def _read_file(path: Path, reader):
+def _read_file(path: Path, reader, *, also: Path | None = None):
+    """``reader(path)``; any failure is a ValueError naming ``path`` (and ``also``, a file read with it)."""
     try:
         return reader(str(path))
     except Exception as err:  # tokenizers / protobuf raise assorted types for corrupt files
-        raise ValueError(f"cannot read tokenizer file {path}: {err}") from err
+        with_file = f" or {also}" if also else ""
+        raise ValueError(f"cannot read tokenizer file {path}{with_file}: {err}") from err
 
 
 def _read_json(path: Path) -> dict:
@@ -212,7 +218,7 @@ def _sentencepiece_backend(path: Path) -> tuple[Tokenizer, dict[str, str | None]
 def _byte_level_bpe_backend(folder: Path, add_prefix_space: bool) -> Tokenizer:
     """GPT-2 style `vocab.json` + `merges.txt` -> byte-level BPE `tokenizers.Tokenizer`."""
     vocab, merges = folder / "vocab.json", folder / "merges.txt"
-    bpe = _read_file(vocab, lambda name: models.BPE.from_file(name, str(merges)))
+    bpe = _read_file(vocab, lambda name: models.BPE.from_file(name, str(merges)), also=merges)
     backend = Tokenizer(bpe)
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
     backend.decoder = decoders.ByteLevel()

@@ -6,6 +6,7 @@ tokenizer.json / vocab+merges folders, and the HF test vectors shipped with llam
 
 import io
 import json
+import re
 import sys
 
 import pytest
@@ -159,6 +160,9 @@ def test_sentencepiece_added_tokens_json(spm_folder, tmp_path):
 
     (folder / "added_tokens.json").write_text(json.dumps({"[PAD]": 1005}))
     with pytest.raises(ValueError, match=r"added_tokens.json: token '\[PAD\]' has id 1005, expected 1000"):
+        load_tokenizer(folder)
+    (folder / "added_tokens.json").write_text(json.dumps({"[PAD]": 1000, "<extra>": "1001"}))  # ids of two types
+    with pytest.raises(ValueError, match=r"added_tokens.json: token '<extra>' has id '1001'; expected an integer"):
         load_tokenizer(folder)
 
 
@@ -324,13 +328,16 @@ def test_missing_folder_and_files(tmp_path):
         ("tokenizer.model", b"\x00garbage\xff" * 10),
         ("tokenizer.model", b""),
         ("vocab.json", b"[1, 2]"),
+        ("merges.txt", b"#version: 0.2\nnot-a-merge-line\n"),
     ],
 )
 def test_unreadable_file_named(tmp_path, name, content):
     (tmp_path / name).write_bytes(content)
     if name == "vocab.json":
         (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    with pytest.raises(ValueError, match=str(tmp_path / name)):
+    if name == "merges.txt":
+        (tmp_path / "vocab.json").write_text(json.dumps({"a": 0, "b": 1}))
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / name))):
         load_tokenizer(tmp_path)
 
 
