@@ -147,9 +147,8 @@ def output_conflicts(cfg: Config, command: str | None = None) -> list[str]:
                 f"{name if '.' in name else 'run.output_dir'} or move the input"
                 for key, raw in inputs for name, path in written if _overlap(Path(raw).resolve(), path)]
     stage_folders = [(name, path) for name, path in written if "." not in name]
-    for key, stage in (("export.path", "export"), ("merge.path", "merge")):
-        if key == "merge.path" and command != "merge":
-            continue
+    model_folders = [("export.path", "export")] + ([("merge.path", "merge")] if command == "merge" else [])
+    for key, stage in model_folders:
         folder = getattr(layout, stage)
         if layout.root.resolve().is_relative_to(folder.resolve()):
             problems.append(f"{key} ({folder}) is or contains run.output_dir ({layout.root}); write it to a "
