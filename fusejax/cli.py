@@ -90,15 +90,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = stages.resolve(DEMO)(args.output)
         else:
             cfg = _config_from(args)
-            writes = args.command in (*stages.STAGE_NAMES, stages.MERGE.name, "generate")
-            if writes and (conflicts := stages.output_conflicts(cfg, args.command)):
+            recorded = args.command in (*stages.STAGE_NAMES, stages.MERGE.name)  # in stage.json, as by `run`
+            if (recorded or args.command == "generate") and (conflicts := stages.output_conflicts(cfg, args.command)):
                 raise ConfigError("; ".join(conflicts))
             initialize()  # join the other processes of a pod / cluster before any JAX use
             logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
             logging.getLogger("fusejax").setLevel(logging.INFO)  # our progress notes; libraries: warnings only
             if not debug():
                 quiet_background_errors()
-            if args.command in (*stages.STAGE_NAMES, stages.MERGE.name):  # recorded in stage.json, as by `run`
+            if recorded:
                 result = pipeline.run_single(cfg, args.command)
             else:
                 result = stages.resolve(stages.COMMANDS[args.command][0])(cfg)

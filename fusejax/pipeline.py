@@ -154,9 +154,10 @@ def _recorded(cfg: Config, stage: Stage, fp: str, main: bool):
     fingerprint (a single-stage command resumes or refuses there), the records hold none (null): the folder is
     not what ``fp`` produces, so every later ``fusejax run`` moves it aside."""
     folder = stage.output(cfg)
-    started, record, before = time.time(), read_record(folder), _listing(folder)
+    started, record = time.time(), read_record(folder)
     missing = [p for p in (folder, *folder.parents) if not p.exists()]  # created by writing the record
     if main:
+        before = _listing(folder)
         fp = fp if record is None or record.get("fingerprint") == fp else None
         _write_record(folder, {"stage": stage.name, "fingerprint": fp, "status": "running",
                                "started": started, "finished": None})
@@ -189,7 +190,7 @@ def _undo_record(folder: Path, missing: list[Path], record: dict | None, fp: str
 def _listing(folder: Path) -> dict[str, tuple[int, int]]:
     """``{relative path: (size, mtime_ns)}`` of every file under ``folder`` but its record: what a stage wrote."""
     files = (p for p in folder.rglob("*") if p.name != RECORD and p.is_file()) if folder.is_dir() else ()
-    return {p.relative_to(folder).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns) for p in files}
+    return {p.relative_to(folder).as_posix(): (st.st_size, st.st_mtime_ns) for p in files for st in [p.stat()]}
 
 
 def run_single(cfg: Config, name: str):
